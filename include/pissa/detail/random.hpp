@@ -1,0 +1,54 @@
+/// \file detail/random.hpp
+/// \brief Portable, seedable random numbers: splitmix64, uniforms and Gaussians.
+///
+/// std::normal_distribution differs between standard libraries, so pissa draws its own numbers:
+/// the same seed gives the same bits on every platform and thread count.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace pissa::detail {
+
+/// splitmix64 (Steele, Lea, Flood 2014), the generator of the toy-experiment protocol:
+/// state += 0x9E3779B97F4A7C15, then two xor-shift-multiply rounds.
+class SplitMix64 {
+public:
+    explicit SplitMix64(std::uint64_t seed) : m_state(seed) {}
+
+    /// The next 64 random bits.
+    std::uint64_t next() {
+        m_state += 0x9E3779B97F4A7C15ULL;
+        std::uint64_t z = m_state;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+
+    /// Uniform double in [0, 1) with 53 random bits.
+    double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+
+    /// Uniform double in (0, 1]: never zero, safe for log().
+    double uniform_open_zero() { return static_cast<double>((next() >> 11) + 1) * 0x1.0p-53; }
+
+    /// Standard normal draw by the Box-Muller transform (the cosine branch only, so each draw
+    /// consumes exactly two 64-bit outputs and a stream is reproducible element by element).
+    double normal() {
+        const double u1 = uniform_open_zero();
+        const double u2 = uniform();
+        constexpr double two_pi = 6.283185307179586476925286766559;
+        return std::sqrt(-2.0 * std::log(u1)) * std::cos(two_pi * u2);
+    }
+
+private:
+    std::uint64_t m_state;
+};
+
+/// Mixes a seed with a stream index so that independent streams (e.g. one per matrix column)
+/// do not overlap: the stream's generator starts from splitmix64(seed ^ f(stream)).
+inline std::uint64_t stream_seed(std::uint64_t seed, std::uint64_t stream) {
+    SplitMix64 mix(seed ^ (0xD1B54A32D192ED03ULL * (stream + 1)));
+    return mix.next();
+}
+
+}  // namespace pissa::detail

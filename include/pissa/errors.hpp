@@ -1,0 +1,51 @@
+/// \file errors.hpp
+/// \brief The three tiers of failure in pissa.
+///
+/// 1. Bad caller input (rank out of range, shape mismatch, non-finite weights) throws
+///    pissa::invalid_argument, a std::invalid_argument, with a message naming the sizes.
+/// 2. A numerical failure (an Eigen decomposition that did not succeed) throws pissa::numerical_error.
+/// 3. Internal invariants use PISSA_ASSERT, which defaults to assert() and may be redefined before
+///    including any pissa header (the tests redefine it to throw).
+#pragma once
+
+#include <cassert>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#ifndef PISSA_ASSERT
+#define PISSA_ASSERT(condition) assert(condition)
+#endif
+
+namespace pissa {
+
+/// Thrown for bad caller input; the message names the problem and the sizes involved.
+class invalid_argument : public std::invalid_argument {
+public:
+    using std::invalid_argument::invalid_argument;
+};
+
+/// Thrown when a numerical routine fails (e.g. an Eigen decomposition reports an error).
+class numerical_error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+/// Builds a message from any streamable pieces: concat("rank ", r, " > ", n).
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+    std::ostringstream out;
+    (out << ... << parts);
+    return out.str();
+}
+
+/// Throws pissa::invalid_argument with the concatenated message when `condition` is false.
+template <class... Parts>
+void require(bool condition, const Parts&... parts) {
+    if (!condition) throw invalid_argument(concat(parts...));
+}
+
+}  // namespace detail
+}  // namespace pissa
