@@ -1,0 +1,178 @@
+// Tests for io/safetensors_header.hpp, io/safetensors.hpp and io/tensor.hpp: round trips of every
+// dtype, header layout, and the malformed corpus rejected with clear messages.
+#include "support.hpp"
+#include "io_support.hpp"
+
+#include <pissa/io/safetensors.hpp>
+#include <pissa/io/tensor.hpp>
+
+#include <fstream>
+#include <sstream>
+
+using namespace pissa::io;
+using pissa_test::ScratchDir;
+
+namespace {
+const Dtype all_dtypes[] = {Dtype::BOOL, Dtype::U8,  Dtype::I8,   Dtype::F8_E5M2, Dtype::F8_E4M3,
+                            Dtype::I16,  Dtype::U16, Dtype::F16,  Dtype::BF16,    Dtype::I32,
+                            Dtype::U32,  Dtype::F32, Dtype::F64,  Dtype::I64,     Dtype::U64};
+}
+
+TEST_CASE("every dtype round-trips byte for byte, with metadata and odd shapes") {
+    ScratchDir dir("st-roundtrip");
+    std::vector<OwnedTensor> tensors;
+    std::uint32_t seed = 1;
+    for (Dtype d : all_dtypes) {
+        const std::vector<std::vector<std::uint64_t>> shapes = {{3, 5}, {7}, {}, {2, 0, 4}, {2, 3, 1, 2}};
+        for (std::size_t s = 0; s < shapes.size(); ++s) {
+            std::uint64_t n = 1;
+            for (auto v : shapes[s]) n *= v;
+            tensors.push_back({{std::string(dtype_name(d)) + ".t" + std::to_string(s), d, shapes[s]},
+                               pissa_test::random_bytes(n * dtype_size(d), seed++)});
+        }
+    }
+    const std::map<std::string, std::string> metadata = {{"format", "pt"}, {"note", "grüße \"quoted\""}};
+    const auto path = dir / "all.safetensors";
+    write_safetensors(path, tensors, metadata);
+
+    SafetensorsFile file(path);
+    CHECK(file.metadata() == metadata);
+    REQUIRE(file.tensors().size() == tensors.size());
+    for (const auto& t : tensors) {
+        const TensorInfo& info = file.at(t.spec.name);
+        CHECK(info.dtype == t.spec.dtype);
+        CHECK(info.shape == t.spec.shape);
+        const ByteView view = file.bytes(info);
+        REQUIRE(view.size == t.bytes.size());
+        CHECK(std::equal(t.bytes.begin(), t.bytes.end(), view.data));
+    }
+    // Written in declared order: the data area follows the declaration.
+    for (std::size_t i = 0; i < tensors.size(); ++i) CHECK(file.tensors()[i].name == tensors[i].spec.name);
+}
+
+TEST_CASE("header is padded with spaces to a multiple of 8 and the file is rewritten identically") {
+    ScratchDir dir("st-pad");
+    for (int len = 1; len <= 9; ++len) {
+        const std::string name(static_cast<std::size_t>(len), 'w');
+        const auto path = dir / (name + ".safetensors");
+        write_safetensors(path, {matrix_tensor(name, pissa::Matrix<float>::Ones(2, 3))});
+        const std::string bytes = pissa_test::read_bytes(path);
+        std::uint64_t n = 0;
+        for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+        CHECK((8 + n) % 8 == 0);
+        CHECK(bytes[8] == '{');
+        const std::string json = bytes.substr(8, n);
+        CHECK(json.find_last_not_of(' ') == json.rfind('}'));
+        CHECK(bytes.size() == 8 + n + 24);
+        // Reading and writing again reproduces the file exactly.
+        SafetensorsFile file(path);
+        std::vector<OwnedTensor> again;
+        for (const auto& t : file.tensors()) {
+            const ByteView v = file.bytes(t);
+            again.push_back({{t.name, t.dtype, t.shape}, std::vector<unsigned char>(v.data, v.data + v.size)});
+        }
+        write_safetensors(dir / "again.safetensors", again, file.metadata());
+        CHECK(pissa_test::read_bytes(dir / "again.safetensors") == bytes);
+    }
+}
+
+TEST_CASE_TEMPLATE("float matrices convert through every float dtype", Storage, float, double, Eigen::half,
+                   Eigen::bfloat16) {
+    ScratchDir dir("st-float");
+    const pissa::Matrix<double> W = pissa_test::gaussian<double>(5, 7, 42);
+    const Dtype dtype = dtype_of<Storage>();
+    const auto path = dir / "m.safetensors";
+    write_safetensors(path, {matrix_tensor("w", W, dtype)});
+    SafetensorsFile file(path);
+    const TensorInfo& t = file.at("w");
+    CHECK(t.shape == std::vector<std::uint64_t>{5, 7});
+    const pissa::RowMatrix<double> back = read_matrix<double>(file, t);
+    const double tol = dtype == Dtype::BF16 ? 1e-2 : dtype == Dtype::F16 ? 1e-3 : dtype == Dtype::F32 ? 1e-7 : 0;
+    CHECK(pissa_test::relative_error(back, W) <= tol);
+    // Row-major: element (i, j) is at byte (i * cols + j) * size.
+    bool ok = false;
+    const auto map = map_matrix<Storage>(file, t, ok);
+    if (ok) {
+        CHECK(static_cast<double>(map(2, 3)) == static_cast<double>(static_cast<Storage>(W(2, 3))));
+        CHECK(static_cast<double>(map(4, 0)) == static_cast<double>(static_cast<Storage>(W(4, 0))));
+    }
+}
+
+TEST_CASE("writer refuses wrong sizes and leaves nothing behind when not committed") {
+    ScratchDir dir("st-writer");
+    const auto path = dir / "x.safetensors";
+    {
+        SafetensorsWriter writer(path, {{"a", Dtype::F32, {2}}, {"b", Dtype::I8, {3}}});
+        const float a[2] = {1, 2};
+        writer.write(a, sizeof a);
+        CHECK_THROWS_WITH_AS(writer.write(a, 2), doctest::Contains("tensor 'b': got 2 bytes"), pissa::invalid_argument);
+        CHECK_THROWS_AS(writer.commit(), pissa::invalid_argument);
+    }
+    CHECK(std::filesystem::is_empty(dir.path()));
+    CHECK_THROWS_WITH_AS(SafetensorsWriter(path, {{"a", Dtype::F32, {1}}, {"a", Dtype::F32, {1}}}),
+                         doctest::Contains("duplicated"), pissa::invalid_argument);
+    CHECK(std::filesystem::is_empty(dir.path()));
+}
+
+TEST_CASE("the malformed corpus is rejected, each file with its message naming the file") {
+    const std::filesystem::path corpus = PISSA_IO_CORPUS;
+    std::ifstream expected(corpus / "expected.txt");
+    std::string line;
+    int count = 0;
+    while (std::getline(expected, line)) {
+        const auto tab = line.find('\t');
+        const std::string name = line.substr(0, tab), message = line.substr(tab + 1);
+        INFO("corpus file ", name, ", expected message ", message);
+        const auto path = corpus / name;
+        bool threw = false;
+        try {
+            SafetensorsFile file(path);
+        } catch (const format_error& e) {
+            threw = true;
+            const std::string what = e.what();
+            INFO("got: ", what);
+            CHECK(what.find(message) != std::string::npos);
+            CHECK(what.find(name) != std::string::npos);
+        }
+        CHECK(threw);
+        // The same bytes parsed from memory, as the fuzzer does, are rejected the same way.
+        const std::string bytes = pissa_test::read_bytes(path);
+        CHECK_THROWS_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(),
+                                                 bytes.size(), name),
+                        format_error);
+        ++count;
+    }
+    CHECK(count >= 25);
+    CHECK_NOTHROW(SafetensorsFile(corpus / "valid_small.safetensors"));
+    CHECK(SafetensorsFile(corpus / "valid_empty.safetensors").tensors().empty());
+}
+
+TEST_CASE("truncating a valid file anywhere is rejected, never read past the end") {
+    ScratchDir dir("st-trunc");
+    const auto path = dir / "v.safetensors";
+    write_safetensors(path, {matrix_tensor("a", pissa::Matrix<float>::Ones(3, 3)),
+                             matrix_tensor("b", pissa::Matrix<float>::Ones(2, 2), Dtype::BF16)},
+                      {{"format", "pt"}});
+    const std::string bytes = pissa_test::read_bytes(path);
+    for (std::size_t cut = 0; cut < bytes.size(); ++cut) {
+        INFO("cut at ", cut);
+        CHECK_THROWS_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), cut, cut, "v"),
+                        format_error);
+    }
+    // Changing one digit of an offset breaks the tiling.
+    std::string broken = bytes;
+    const auto at = broken.find("[36,44]");
+    REQUIRE(at != std::string::npos);
+    broken.replace(at, 7, "[36,40]");
+    CHECK_THROWS_WITH_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(broken.data()),
+                                                  broken.size(), broken.size(), "v"),
+                         doctest::Contains("needs 8"), format_error);
+}
+
+TEST_CASE("dtype names") {
+    for (Dtype d : all_dtypes) CHECK(dtype_from_name(dtype_name(d)) == d);
+    CHECK_THROWS_WITH_AS(dtype_from_name("Q4"), doctest::Contains("unknown safetensors dtype 'Q4'"),
+                         pissa::invalid_argument);
+    CHECK(is_float_dtype(Dtype::BF16));
+    CHECK_FALSE(is_float_dtype(Dtype::I8));
+}
