@@ -85,6 +85,15 @@ public:
     const unsigned char* data() const { return m_data; }
     std::size_t size() const { return m_size; }
 
+    /// Drops the whole pages inside [offset, offset + length) from memory (MADV_DONTNEED on a
+    /// read-only private mapping: the file is untouched and the pages are faulted in again on use).
+    void release(std::uint64_t offset, std::uint64_t length) const {
+        const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+        const std::uint64_t first = (offset + page - 1) / page * page, last = (offset + length) / page * page;
+        if (m_data && last > first)
+            ::madvise(const_cast<unsigned char*>(m_data) + first, static_cast<std::size_t>(last - first), MADV_DONTNEED);
+    }
+
 private:
     const unsigned char* m_data = nullptr;
     std::size_t m_size = 0;
@@ -138,6 +147,10 @@ public:
     ByteView bytes(const TensorInfo& t) const {
         return {m_map.data() + m_header.data_offset + t.begin, static_cast<std::size_t>(t.nbytes())};
     }
+
+    /// Tells the kernel the tensor's pages are no longer needed (they are re-read from the file if
+    /// touched again), so streaming through a large checkpoint keeps resident memory flat.
+    void release(const TensorInfo& t) const { m_map.release(m_header.data_offset + t.begin, t.nbytes()); }
 
 private:
     std::filesystem::path m_path;

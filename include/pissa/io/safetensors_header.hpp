@@ -150,24 +150,26 @@ inline bool json_u64(const nlohmann::json& value, std::uint64_t& out) {
 }
 
 /// Parses JSON text, rejecting duplicate keys in any object (nlohmann would keep the last one).
-inline nlohmann::json parse_json_strict(const char* first, const char* last, const std::string& file) {
+/// `Json` is nlohmann::json, or nlohmann::ordered_json where the order of keys matters.
+template <class Json = nlohmann::json>
+Json parse_json_strict(const char* first, const char* last, const std::string& file) {
     std::vector<std::set<std::string>> keys;  // one set per open object
     std::string duplicate;
-    auto callback = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-        using E = nlohmann::json::parse_event_t;
+    auto callback = [&](int, typename Json::parse_event_t event, Json& parsed) {
+        using E = typename Json::parse_event_t;
         if (event == E::object_start) {
             keys.emplace_back();
         } else if (event == E::object_end) {
             if (!keys.empty()) keys.pop_back();
         } else if (event == E::key && !keys.empty() && duplicate.empty()) {
-            const auto& key = parsed.get_ref<const std::string&>();
+            const auto& key = parsed.template get_ref<const std::string&>();
             if (!keys.back().insert(key).second) duplicate = key;
         }
         return true;
     };
-    nlohmann::json doc;
+    Json doc;
     try {
-        doc = nlohmann::json::parse(first, last, callback);
+        doc = Json::parse(first, last, callback);
     } catch (const nlohmann::json::exception& e) {
         fail(file, "invalid JSON: ", e.what());
     }

@@ -1,0 +1,346 @@
+/// \file io/peft.hpp
+/// \brief peft's LoRA adapter folder: `adapter_config.json` + `adapter_model.safetensors`, key
+/// naming, target-module selection and per-module rank/alpha, all as peft does them.
+///
+/// peft's conventions (checked against peft's source, see tests/io/test_peft.cpp):
+/// - keys: for a base weight `<module>.weight` the adapter holds
+///   `base_model.model.<module>.lora_A.weight` `[r, in]` and `base_model.model.<module>.lora_B.weight`
+///   `[out, r]`, float32; the adapter name ("default") does not appear.
+/// - target_modules (peft `check_target_module_exists`): a string is a regular expression that must
+///   match the whole module name (`re.fullmatch`); a list matches a module whose name equals an
+///   entry or ends with `"." + entry`.
+/// - rank_pattern / alpha_pattern (peft `get_pattern_key`): the first key `k`, in file order, with
+///   `re.match(rf"(.*\.)?({k})$", module)` gives the module's rank / alpha; otherwise `r` / `lora_alpha`.
+/// - scaling: alpha / r, or alpha / sqrt(r) with `use_rslora`.
+/// Regular expressions use std::regex (ECMAScript), which agrees with Python's `re` on the patterns
+/// peft configs use (alternation, classes, `.*`, `\d`, groups); lookbehind and named groups differ.
+#pragma once
+
+#include <pissa/convert.hpp>
+#include <pissa/errors.hpp>
+#include <pissa/io/checkpoint.hpp>
+#include <pissa/io/safetensors.hpp>
+#include <pissa/io/tensor.hpp>
+#include <pissa/types.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace pissa::io {
+
+inline constexpr const char* adapter_config_name = "adapter_config.json";
+inline constexpr const char* adapter_weights_name = "adapter_model.safetensors";
+
+/// The fields of peft's LoraConfig that pissa reads and writes (names as in adapter_config.json).
+/// Unknown fields are ignored on read and kept in `extra` so that a rewrite preserves them.
+struct AdapterConfig {
+    std::string peft_type = "LORA";
+    std::string task_type = "CAUSAL_LM";
+    std::string base_model_name_or_path;
+    Index r = 8;
+    double lora_alpha = 8;
+    double lora_dropout = 0.0;
+    std::vector<std::string> target_modules;  ///< suffix list (used when target_regex is empty)
+    std::string target_regex;                 ///< target_modules given as a string: a full-match regex
+    nlohmann::ordered_json init_lora_weights = true;  ///< true, false, "pissa", "pissa_niter_4", ...
+    bool use_rslora = false;
+    bool fan_in_fan_out = false;
+    std::string bias = "none";
+    std::vector<std::pair<std::string, Index>> rank_pattern;   ///< in file order
+    std::vector<std::pair<std::string, double>> alpha_pattern;  ///< in file order
+    nlohmann::ordered_json extra = nlohmann::ordered_json::object();  ///< other fields, kept as read
+
+    /// True when peft would put a LoRA layer on the module (see the file comment).
+    bool targets(const std::string& module) const {
+        if (!target_regex.empty()) return std::regex_match(module, std::regex(target_regex));
+        for (const auto& t : target_modules)
+            if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
+                                module[module.size() - t.size() - 1] == '.'))
+                return true;
+        return false;
+    }
+    /// The module's rank: the first matching rank_pattern entry, else r.
+    Index rank_for(const std::string& module) const {
+        for (const auto& [key, value] : rank_pattern)
+            if (pattern_matches(key, module)) return value;
+        return r;
+    }
+    /// The module's lora_alpha: the first matching alpha_pattern entry, else lora_alpha.
+    double alpha_for(const std::string& module) const {
+        for (const auto& [key, value] : alpha_pattern)
+            if (pattern_matches(key, module)) return value;
+        return lora_alpha;
+    }
+    /// The module's scaling s = alpha / r (or alpha / sqrt(r) with rsLoRA).
+    double scaling_for(const std::string& module) const {
+        const double rank = static_cast<double>(rank_for(module));
+        return use_rslora ? alpha_for(module) / std::sqrt(rank) : alpha_for(module) / rank;
+    }
+    /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
+    static bool pattern_matches(const std::string& key, const std::string& module) {
+        return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
+    }
+};
+
+/// Parses adapter_config.json text. \throws pissa::io::format_error naming `file` for a wrong type
+/// or a non-LORA peft_type.
+inline AdapterConfig parse_adapter_config(const std::string& text, const std::string& file) {
+    const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), file);
+    if (!doc.is_object()) throw format_error(file + ": not a JSON object");
+    AdapterConfig c;
+    c.extra = nlohmann::ordered_json::object();
+    auto bad = [&](const std::string& key, const char* want) {
+        throw format_error(file + ": field '" + key + "' must be " + want);
+    };
+    try {
+        for (const auto& [key, value] : doc.items()) {
+            if (key == "peft_type") {
+                if (!value.is_string()) bad(key, "a string");
+                c.peft_type = value.get<std::string>();
+            } else if (key == "task_type") {
+                c.task_type = value.is_string() ? value.get<std::string>() : "";
+            } else if (key == "base_model_name_or_path") {
+                c.base_model_name_or_path = value.is_string() ? value.get<std::string>() : "";
+            } else if (key == "r") {
+                if (!value.is_number_integer() || value.get<std::int64_t>() < 1) bad(key, "an integer >= 1");
+                c.r = value.get<Index>();
+            } else if (key == "lora_alpha") {
+                if (!value.is_number()) bad(key, "a number");
+                c.lora_alpha = value.get<double>();
+            } else if (key == "lora_dropout") {
+                if (!value.is_number()) bad(key, "a number");
+                c.lora_dropout = value.get<double>();
+            } else if (key == "target_modules") {
+                if (value.is_string()) {
+                    c.target_regex = value.get<std::string>();
+                } else if (value.is_array()) {
+                    for (const auto& t : value) {
+                        if (!t.is_string()) bad(key, "a string or a list of strings");
+                        c.target_modules.push_back(t.get<std::string>());
+                    }
+                } else if (!value.is_null()) {
+                    bad(key, "a string or a list of strings");
+                }
+            } else if (key == "init_lora_weights") {
+                c.init_lora_weights = value;
+            } else if (key == "use_rslora") {
+                if (!value.is_boolean()) bad(key, "true or false");
+                c.use_rslora = value.get<bool>();
+            } else if (key == "fan_in_fan_out") {
+                if (!value.is_boolean()) bad(key, "true or false");
+                c.fan_in_fan_out = value.get<bool>();
+            } else if (key == "bias") {
+                if (!value.is_string()) bad(key, "a string");
+                c.bias = value.get<std::string>();
+            } else if (key == "rank_pattern" || key == "alpha_pattern") {
+                if (value.is_null()) continue;
+                if (!value.is_object()) bad(key, "an object");
+                for (const auto& [k, v] : value.items()) {
+                    if (key == "rank_pattern") {
+                        if (!v.is_number_integer() || v.get<std::int64_t>() < 1) bad(key, "an object of integers >= 1");
+                        c.rank_pattern.emplace_back(k, v.get<Index>());
+                    } else {
+                        if (!v.is_number()) bad(key, "an object of numbers");
+                        c.alpha_pattern.emplace_back(k, v.get<double>());
+                    }
+                }
+            } else {
+                c.extra[key] = value;
+            }
+        }
+    } catch (const nlohmann::json::exception& e) {
+        throw format_error(file + ": " + e.what());
+    }
+    if (c.peft_type != "LORA") throw format_error(file + ": peft_type '" + c.peft_type + "' is not LORA");
+    try {
+        if (!c.target_regex.empty()) std::regex check(c.target_regex);
+        for (const auto& [k, v] : c.rank_pattern) std::regex check("(.*\\.)?(" + k + ")");
+        for (const auto& [k, v] : c.alpha_pattern) std::regex check("(.*\\.)?(" + k + ")");
+    } catch (const std::regex_error& e) {
+        throw format_error(file + ": invalid regular expression in target_modules or a pattern: " + e.what());
+    }
+    return c;
+}
+
+/// adapter_config.json for a config: peft's field names, then any extra fields read earlier.
+inline nlohmann::ordered_json to_json(const AdapterConfig& c) {
+    nlohmann::ordered_json j;
+    j["alpha_pattern"] = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : c.alpha_pattern) j["alpha_pattern"][k] = v;
+    j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? nlohmann::ordered_json(nullptr)
+                                                                     : nlohmann::ordered_json(c.base_model_name_or_path);
+    j["bias"] = c.bias;
+    j["fan_in_fan_out"] = c.fan_in_fan_out;
+    j["inference_mode"] = true;
+    j["init_lora_weights"] = c.init_lora_weights;
+    j["lora_alpha"] = c.lora_alpha;
+    j["lora_dropout"] = c.lora_dropout;
+    j["modules_to_save"] = nullptr;
+    j["peft_type"] = c.peft_type;
+    j["r"] = c.r;
+    j["rank_pattern"] = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : c.rank_pattern) j["rank_pattern"][k] = v;
+    if (c.target_regex.empty()) {
+        j["target_modules"] = c.target_modules;
+    } else {
+        j["target_modules"] = c.target_regex;
+    }
+    j["task_type"] = c.task_type.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(c.task_type);
+    j["use_dora"] = false;
+    j["use_rslora"] = c.use_rslora;
+    for (const auto& [k, v] : c.extra.items()) j[k] = v;
+    return j;
+}
+
+/// One adapted module: its name (`model.layers.0.self_attn.q_proj`), A `[r, in]`, B `[out, r]`.
+struct LoraModule {
+    std::string name;
+    Matrix<float> A;
+    Matrix<float> B;
+};
+
+/// An adapter folder in memory: config, modules (in file order) and the weights file's metadata.
+struct Adapter {
+    AdapterConfig config;
+    std::vector<LoraModule> modules;
+    std::map<std::string, std::string> metadata = {{"format", "pt"}};
+
+    /// The module called `name`, or nullptr.
+    const LoraModule* find(const std::string& name) const {
+        for (const auto& m : modules)
+            if (m.name == name) return &m;
+        return nullptr;
+    }
+};
+
+/// peft's key for a module's A or B: `base_model.model.<module>.lora_A.weight`.
+inline std::string lora_key(const std::string& module, char which) {
+    return "base_model.model." + module + ".lora_" + which + ".weight";
+}
+
+/// The module name of a base weight (`x.q_proj.weight` -> `x.q_proj`); empty if not a `.weight`.
+inline std::string module_of_weight(const std::string& tensor) {
+    const std::string suffix = ".weight";
+    if (tensor.size() <= suffix.size() || tensor.compare(tensor.size() - suffix.size(), suffix.size(), suffix) != 0)
+        return {};
+    return tensor.substr(0, tensor.size() - suffix.size());
+}
+
+/// True for a folder holding adapter_config.json.
+inline bool is_adapter_folder(const std::filesystem::path& path) {
+    return std::filesystem::is_directory(path) && std::filesystem::exists(path / adapter_config_name);
+}
+
+/// Reads an adapter folder. Every key of the weights file must be a peft LoRA key, each module must
+/// have both A and B with B.cols() == A.rows() == its rank (rank_pattern or r).
+/// \throws pissa::io::format_error naming the file and key.
+inline Adapter read_adapter(const std::filesystem::path& dir) {
+    Adapter adapter;
+    const auto config_path = dir / adapter_config_name;
+    if (!std::filesystem::exists(config_path)) throw format_error(dir.string() + ": no " + adapter_config_name);
+    adapter.config = parse_adapter_config(detail::read_text_file(config_path), config_path.string());
+    const auto weights_path = dir / adapter_weights_name;
+    if (!std::filesystem::exists(weights_path)) throw format_error(dir.string() + ": no " + adapter_weights_name);
+    SafetensorsFile file(weights_path);
+    adapter.metadata = file.metadata();
+    const std::string prefix = "base_model.model.";
+    std::map<std::string, std::size_t> index;
+    for (const auto& t : file.tensors()) {
+        const auto& key = t.name;
+        const bool is_a = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_A.weight") == 0;
+        const bool is_b = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_B.weight") == 0;
+        if (key.compare(0, prefix.size(), prefix) != 0 || (!is_a && !is_b) || key.size() <= prefix.size() + 14)
+            throw format_error(weights_path.string() + ": key '" + key +
+                               "' is not a LoRA key base_model.model.<module>.lora_{A,B}.weight "
+                               "(DoRA, embedding adapters and modules_to_save are not supported)");
+        if (!is_float_matrix(t))
+            throw format_error(weights_path.string() + ": tensor '" + key + "' must be a 2-D float tensor");
+        const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - 14);
+        auto [it, fresh] = index.emplace(module, adapter.modules.size());
+        if (fresh) adapter.modules.push_back({module, {}, {}});
+        LoraModule& m = adapter.modules[it->second];
+        (is_a ? m.A : m.B) = read_matrix<float>(file, t);
+    }
+    for (const auto& m : adapter.modules) {
+        if (m.A.size() == 0 && m.A.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'A'));
+        if (m.B.size() == 0 && m.B.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'B'));
+        const Index rank = adapter.config.rank_for(m.name);
+        if (m.A.rows() != rank || m.B.cols() != rank)
+            throw format_error(weights_path.string() + ": module '" + m.name + "': A [" + std::to_string(m.A.rows()) +
+                               ", " + std::to_string(m.A.cols()) + "] and B [" + std::to_string(m.B.rows()) + ", " +
+                               std::to_string(m.B.cols()) + "] do not have the configured rank " +
+                               std::to_string(rank));
+    }
+    return adapter;
+}
+
+/// Writes an adapter folder (created if missing): adapter_config.json and adapter_model.safetensors
+/// with peft's keys, A and B as F32, modules in order, each file written atomically.
+inline void write_adapter(const std::filesystem::path& dir, const Adapter& adapter) {
+    std::filesystem::create_directories(dir);
+    std::vector<OwnedTensor> tensors;
+    for (const auto& m : adapter.modules) {
+        tensors.push_back(matrix_tensor(lora_key(m.name, 'A'), m.A, Dtype::F32));
+        tensors.push_back(matrix_tensor(lora_key(m.name, 'B'), m.B, Dtype::F32));
+    }
+    write_safetensors(dir / adapter_weights_name, tensors, adapter.metadata);
+    detail::write_text_file(dir / adapter_config_name, to_json(adapter.config).dump(2) + "\n");
+}
+
+/// The names of the weights a config targets in a checkpoint: `<module>.weight` tensors that are
+/// 2-D float (F32/F16/BF16/F64) and whose module the config targets, in checkpoint order.
+/// \throws pissa::invalid_argument when nothing matches, listing the module names the model has
+///         (grouped by their last component, with counts).
+inline std::vector<std::string> select_targets(const Checkpoint& model, const AdapterConfig& config) {
+    std::vector<std::string> out;
+    std::map<std::string, int> available;
+    for (const auto& shard : model.shards())
+        for (const auto& t : shard->tensors()) {
+            const std::string module = module_of_weight(t.name);
+            if (module.empty() || !is_float_matrix(t)) continue;
+            available[module.substr(module.rfind('.') + 1)]++;
+            if (config.targets(module)) out.push_back(t.name);
+        }
+    if (out.empty()) {
+        std::string list;
+        for (const auto& [name, count] : available) list += (list.empty() ? "" : ", ") + name + " (" + std::to_string(count) + ")";
+        std::string wanted;
+        if (!config.target_regex.empty()) {
+            wanted = "regex '" + config.target_regex + "'";
+        } else {
+            for (const auto& t : config.target_modules) wanted += (wanted.empty() ? "" : ",") + t;
+            wanted = "target modules '" + wanted + "'";
+        }
+        throw pissa::invalid_argument(model.root().string() + ": " + wanted +
+                                      " match no 2-D float weight; the model's weight modules are: " +
+                                      (list.empty() ? "(none)" : list));
+    }
+    return out;
+}
+
+/// The config of the rank-2r LoRA that a trained PiSSA adapter converts to (peft save_pretrained
+/// with path_initial_model_for_weight_conversion): init_lora_weights true, r doubled, lora_alpha
+/// doubled (times sqrt(2) with rsLoRA), every rank_pattern / alpha_pattern value doubled.
+/// \throws pissa::invalid_argument for rsLoRA together with rank_pattern or alpha_pattern, which
+///         peft refuses too (the per-module alpha cannot keep alpha / sqrt(r) fixed by doubling).
+inline AdapterConfig converted_config(const AdapterConfig& trained) {
+    pissa::detail::require(!(trained.use_rslora && (!trained.rank_pattern.empty() || !trained.alpha_pattern.empty())),
+                           "PiSSA -> LoRA conversion is not supported when using rank_pattern or alpha_pattern at the "
+                           "same time as use_rslora (peft refuses it too)");
+    AdapterConfig c = trained;
+    c.init_lora_weights = true;
+    c.r = 2 * trained.r;
+    c.lora_alpha = convert_lora_alpha(trained.lora_alpha, trained.use_rslora);
+    for (auto& [k, v] : c.rank_pattern) v *= 2;
+    for (auto& [k, v] : c.alpha_pattern) v *= 2;
+    return c;
+}
+
+}  // namespace pissa::io

@@ -1,0 +1,132 @@
+// Tests for io/checkpoint.hpp: single files, folders, sharded folders read as one model and
+// rewritten with the same layout; bad indexes rejected.
+#include "support.hpp"
+#include "io_support.hpp"
+
+#include <pissa/io/checkpoint.hpp>
+#include <pissa/io/tensor.hpp>
+
+using namespace pissa::io;
+using pissa_test::ScratchDir;
+
+namespace {
+
+/// A sharded folder: 3 shards, mixed dtypes, an index, a config.json and a tokenizer file.
+void make_sharded(const std::filesystem::path& dir) {
+    std::filesystem::create_directories(dir);
+    nlohmann::ordered_json index;
+    index["metadata"] = {{"total_size", 0}, {"producer", "test"}};
+    int k = 0;
+    for (int shard = 1; shard <= 3; ++shard) {
+        const std::string file = "model-0000" + std::to_string(shard) + "-of-00003.safetensors";
+        std::vector<OwnedTensor> tensors;
+        for (int i = 0; i < 3; ++i, ++k) {
+            const std::string name = "layers." + std::to_string(k) + ".proj.weight";
+            const Dtype d = k % 3 == 0 ? Dtype::BF16 : k % 3 == 1 ? Dtype::F32 : Dtype::F16;
+            tensors.push_back(matrix_tensor(name, pissa_test::gaussian<float>(4 + k, 3, static_cast<unsigned>(k)), d));
+            index["weight_map"][name] = file;
+        }
+        tensors.push_back({{"counter" + std::to_string(shard), Dtype::I64, {2}}, pissa_test::random_bytes(16, 9)});
+        index["weight_map"]["counter" + std::to_string(shard)] = file;
+        write_safetensors(dir / file, tensors, {{"format", "pt"}});
+    }
+    detail::write_text_file(dir / index_file_name, index.dump(2));
+    detail::write_text_file(dir / "config.json", "{\"model_type\": \"llama\"}");
+    detail::write_text_file(dir / "tokenizer.json", "{}");
+}
+
+}  // namespace
+
+TEST_CASE("a sharded folder reads as one model and is rewritten with the same sharding") {
+    ScratchDir dir("ckpt-sharded");
+    make_sharded(dir / "in");
+    Checkpoint in(dir / "in");
+    CHECK(in.is_sharded());
+    CHECK(in.shards().size() == 3);
+    CHECK(in.size() == 12);
+    CHECK(in.find("layers.4.proj.weight") != nullptr);
+    CHECK(in.file_of("layers.4.proj.weight").path().filename() == "model-00002-of-00003.safetensors");
+    CHECK(in.other_files().size() == 2);
+
+    std::filesystem::create_directories(dir / "out");
+    std::size_t calls = 0;
+    rewrite_checkpoint(
+        in, dir / "out",
+        [&](const SafetensorsFile& file, const TensorInfo& t) -> std::optional<std::vector<unsigned char>> {
+            if (t.name != "layers.4.proj.weight") return std::nullopt;
+            const pissa::RowMatrix<float> m = read_matrix<float>(file, t) * 2.0f;
+            return matrix_bytes(m, t.dtype);
+        },
+        [&](std::size_t i, std::size_t n, const TensorInfo&) {
+            CHECK(i == calls++);
+            CHECK(n == 12);
+        });
+    CHECK(calls == 12);
+    Checkpoint out(dir / "out");
+    CHECK(out.is_sharded());
+    REQUIRE(out.shards().size() == 3);
+    CHECK(out.tensor_names() == in.tensor_names());
+    for (const auto& name : in.tensor_names()) {
+        const auto& a = in.file_of(name);
+        const auto& b = out.file_of(name);
+        CHECK(a.path().filename() == b.path().filename());
+        CHECK(a.metadata() == b.metadata());
+        const TensorInfo& ta = a.at(name);
+        const TensorInfo& tb = b.at(name);
+        CHECK(ta.dtype == tb.dtype);
+        CHECK(ta.shape == tb.shape);
+        const ByteView va = a.bytes(ta), vb = b.bytes(tb);
+        const bool same = va.size == vb.size && std::equal(va.data, va.data + va.size, vb.data);
+        if (name == "layers.4.proj.weight") {
+            CHECK_FALSE(same);
+            CHECK(pissa_test::relative_error(read_matrix<double>(b, tb), 2.0 * read_matrix<double>(a, ta)) < 1e-7);
+        } else {
+            CHECK(same);  // untouched tensors byte-identical
+        }
+    }
+    CHECK(out.index()["metadata"]["total_size"] == in.total_size());
+    CHECK(out.index()["metadata"]["producer"] == "test");
+    CHECK(out.index()["weight_map"] == in.index()["weight_map"]);
+    CHECK(pissa_test::read_bytes(dir / "out" / "config.json") == pissa_test::read_bytes(dir / "in" / "config.json"));
+    CHECK(std::filesystem::exists(dir / "out" / "tokenizer.json"));
+}
+
+TEST_CASE("single files and single-file folders") {
+    ScratchDir dir("ckpt-single");
+    std::filesystem::create_directories(dir / "m");
+    write_safetensors(dir / "m" / "model.safetensors", {matrix_tensor("w", pissa::Matrix<float>::Ones(2, 2))});
+    Checkpoint folder(dir / "m");
+    CHECK(folder.is_folder());
+    CHECK_FALSE(folder.is_sharded());
+    Checkpoint file(dir / "m" / "model.safetensors");
+    CHECK_FALSE(file.is_folder());
+    CHECK(file.other_files().empty());
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "nothing"), doctest::Contains("no such file"), format_error);
+    std::filesystem::create_directories(dir / "empty");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "empty"), doctest::Contains("no .safetensors file"), format_error);
+}
+
+TEST_CASE("inconsistent indexes are rejected, naming the index and the tensor") {
+    ScratchDir dir("ckpt-bad");
+    auto with_index = [&](const std::function<void(nlohmann::ordered_json&)>& edit) {
+        std::filesystem::remove_all(dir / "m");
+        make_sharded(dir / "m");
+        auto index = nlohmann::ordered_json::parse(pissa_test::read_bytes(dir / "m" / index_file_name));
+        edit(index);
+        detail::write_text_file(dir / "m" / index_file_name, index.dump());
+    };
+    with_index([](auto& j) { j["weight_map"].erase("counter2"); });
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("'counter2' is not listed"), format_error);
+    with_index([](auto& j) { j["weight_map"]["counter2"] = "model-00001-of-00003.safetensors"; });
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("does not hold it"), format_error);
+    with_index([](auto& j) { j["weight_map"]["ghost"] = "model-00009-of-00003.safetensors"; });
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("does not exist"), format_error);
+    with_index([](auto& j) { j["weight_map"]["counter1"] = "../outside.safetensors"; });
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("must name a shard file"), format_error);
+    with_index([](auto& j) { j.erase("weight_map"); });
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("no \"weight_map\""), format_error);
+    make_sharded(dir / "d");
+    detail::write_text_file(dir / "d" / index_file_name,
+                            "{\"weight_map\": {\"counter1\": \"a\", \"counter1\": \"model-00001-of-00003.safetensors\"}}");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "d"), doctest::Contains("duplicate key 'counter1'"), format_error);
+}

@@ -1,0 +1,166 @@
+// Tests for io/peft.hpp: peft's key names, config fields, target matching and rank/alpha patterns,
+// and the conversion config; plus pissa::pissa_to_lora (convert.hpp) on in-memory adapters.
+#include "support.hpp"
+#include "io_support.hpp"
+
+#include <pissa/convert.hpp>
+#include <pissa/io/peft.hpp>
+
+using namespace pissa::io;
+using pissa_test::ScratchDir;
+
+TEST_CASE("adapter folders use peft's key names, shapes and config fields") {
+    ScratchDir dir("peft-keys");
+    Adapter adapter;
+    adapter.config.r = 4;
+    adapter.config.lora_alpha = 16;
+    adapter.config.target_modules = {"q_proj", "v_proj"};
+    adapter.config.init_lora_weights = true;
+    adapter.config.base_model_name_or_path = "tiny-llama";
+    adapter.modules.push_back({"model.layers.0.self_attn.q_proj", pissa_test::gaussian<float>(4, 12, 1),
+                               pissa_test::gaussian<float>(10, 4, 2)});
+    write_adapter(dir / "a", adapter);
+
+    SafetensorsFile weights(dir / "a" / adapter_weights_name);
+    const TensorInfo& A = weights.at("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    const TensorInfo& B = weights.at("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+    CHECK(A.shape == std::vector<std::uint64_t>{4, 12});
+    CHECK(B.shape == std::vector<std::uint64_t>{10, 4});
+    CHECK(A.dtype == Dtype::F32);
+    CHECK(weights.metadata().at("format") == "pt");
+
+    const auto json = nlohmann::json::parse(pissa_test::read_bytes(dir / "a" / adapter_config_name));
+    CHECK(json["peft_type"] == "LORA");
+    CHECK(json["task_type"] == "CAUSAL_LM");
+    CHECK(json["r"] == 4);
+    CHECK(json["lora_alpha"] == 16.0);
+    CHECK(json["target_modules"] == nlohmann::json::array({"q_proj", "v_proj"}));
+    CHECK(json["init_lora_weights"] == true);
+    CHECK(json["use_rslora"] == false);
+    CHECK(json["fan_in_fan_out"] == false);
+    CHECK(json["bias"] == "none");
+    CHECK(json["lora_dropout"] == 0.0);
+    CHECK(json["base_model_name_or_path"] == "tiny-llama");
+    CHECK(json["rank_pattern"].is_object());
+
+    const Adapter back = read_adapter(dir / "a");
+    REQUIRE(back.modules.size() == 1);
+    CHECK(back.modules[0].name == "model.layers.0.self_attn.q_proj");
+    CHECK(back.modules[0].A == adapter.modules[0].A);
+    CHECK(back.modules[0].B == adapter.modules[0].B);
+    CHECK(back.config.r == 4);
+    CHECK(back.config.scaling_for("model.layers.0.self_attn.q_proj") == doctest::Approx(4.0));
+}
+
+TEST_CASE("unknown config fields are ignored on read and kept on rewrite; wrong types are refused") {
+    const std::string text = R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"model\\..*\\.q_proj",
+        "layer_replication":null,"megatron_core":"megatron.core","use_rslora":true,"init_lora_weights":"pissa_niter_4"})";
+    const AdapterConfig c = parse_adapter_config(text, "cfg.json");
+    CHECK(c.target_regex == "model\\..*\\.q_proj");
+    CHECK(c.use_rslora);
+    CHECK(c.init_lora_weights == "pissa_niter_4");
+    CHECK(c.extra.contains("megatron_core"));
+    CHECK(to_json(c)["megatron_core"] == "megatron.core");
+    CHECK(c.scaling_for("x") == doctest::Approx(16.0 / std::sqrt(8.0)));
+    CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"r":"8"})", "cfg.json"), doctest::Contains("cfg.json: field 'r'"),
+                         format_error);
+    CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"peft_type":"IA3"})", "c"), doctest::Contains("not LORA"),
+                         format_error);
+    CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"r":8,"r":4})", "c"), doctest::Contains("duplicate key 'r'"),
+                         format_error);
+}
+
+TEST_CASE("target matching as peft: suffix on whole components, exact name, or full-match regex") {
+    AdapterConfig c;
+    c.target_modules = {"q_proj", "v_proj"};
+    CHECK(c.targets("model.layers.0.self_attn.q_proj"));
+    CHECK(c.targets("q_proj"));
+    CHECK_FALSE(c.targets("model.layers.0.self_attn.xq_proj"));  // suffix must follow a dot
+    CHECK_FALSE(c.targets("model.layers.0.self_attn.q_proj.lora"));
+    c.target_modules = {"self_attn.q_proj"};
+    CHECK(c.targets("model.layers.3.self_attn.q_proj"));
+    c.target_modules.clear();
+    c.target_regex = R"(.*\.(0|1)\.self_attn\.(q|k)_proj)";
+    CHECK(c.targets("model.layers.1.self_attn.k_proj"));
+    CHECK_FALSE(c.targets("model.layers.2.self_attn.k_proj"));
+    CHECK_FALSE(c.targets("model.layers.1.self_attn.k_proj.x"));  // full match
+}
+
+TEST_CASE("rank_pattern and alpha_pattern: first key in file order with (.*\\.)?(key)$") {
+    const AdapterConfig c = parse_adapter_config(
+        R"({"r":8,"lora_alpha":16,"rank_pattern":{"layers.1.self_attn.q_proj":4,"q_proj":2},
+            "alpha_pattern":{"v_proj":32}})",
+        "c");
+    CHECK(c.rank_for("model.layers.1.self_attn.q_proj") == 4);
+    CHECK(c.rank_for("model.layers.0.self_attn.q_proj") == 2);
+    CHECK(c.rank_for("model.layers.0.self_attn.xq_proj") == 8);
+    CHECK(c.alpha_for("model.layers.0.self_attn.v_proj") == 32);
+    CHECK(c.scaling_for("model.layers.0.self_attn.v_proj") == doctest::Approx(32.0 / 8));
+    CHECK(c.scaling_for("model.layers.0.self_attn.q_proj") == doctest::Approx(16.0 / 2));
+
+    const AdapterConfig conv = converted_config(c);
+    CHECK(conv.r == 16);
+    CHECK(conv.lora_alpha == 32);
+    CHECK(conv.rank_pattern[0].second == 8);
+    CHECK(conv.rank_pattern[1].second == 4);
+    CHECK(conv.alpha_pattern[0].second == 64);
+    CHECK(conv.init_lora_weights == true);
+    for (const char* m : {"model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "a.k_proj"})
+        CHECK(conv.scaling_for(m) == doctest::Approx(c.scaling_for(m)));
+
+    AdapterConfig rs = c;
+    rs.use_rslora = true;
+    CHECK_THROWS_WITH_AS(converted_config(rs), doctest::Contains("use_rslora"), pissa::invalid_argument);
+    rs.rank_pattern.clear();
+    rs.alpha_pattern.clear();
+    const AdapterConfig rs2 = converted_config(rs);
+    CHECK(rs2.lora_alpha == doctest::Approx(16 * std::sqrt(2.0)));
+    CHECK(rs2.scaling_for("x") == doctest::Approx(rs.scaling_for("x")));
+}
+
+TEST_CASE("adapter files with foreign keys or wrong ranks are refused") {
+    ScratchDir dir("peft-bad");
+    Adapter a;
+    a.config.r = 2;
+    a.modules.push_back({"m.q_proj", pissa_test::gaussian<float>(2, 5, 1), pissa_test::gaussian<float>(3, 2, 2)});
+    write_adapter(dir / "a", a);
+    // rank mismatch against the config
+    detail::write_text_file(dir / "a" / adapter_config_name, R"({"peft_type":"LORA","r":4,"target_modules":["q_proj"]})");
+    CHECK_THROWS_WITH_AS(read_adapter(dir / "a"), doctest::Contains("configured rank 4"), format_error);
+    // a DoRA magnitude key
+    write_adapter(dir / "b", a);
+    write_safetensors(dir / "b" / adapter_weights_name,
+                      {matrix_tensor("base_model.model.m.q_proj.lora_magnitude_vector", pissa::Matrix<float>::Ones(1, 3))});
+    CHECK_THROWS_WITH_AS(read_adapter(dir / "b"), doctest::Contains("is not a LoRA key"), format_error);
+    // A without B
+    write_safetensors(dir / "b" / adapter_weights_name,
+                      {matrix_tensor(lora_key("m.q_proj", 'A'), pissa_test::gaussian<float>(2, 5, 1))});
+    CHECK_THROWS_WITH_AS(read_adapter(dir / "b"), doctest::Contains("lora_B"), format_error);
+}
+
+TEST_CASE_TEMPLATE("pissa_to_lora: merging the converted LoRA into W equals merging the trained adapter into W_res",
+                   Scalar, float, double) {
+    const pissa::Index out = 20, in = 14, r = 3;
+    const double s = 16.0 / r;
+    const auto W = pissa_test::gaussian<Scalar>(out, in, 5);
+    const auto A0 = pissa_test::gaussian<Scalar>(r, in, 6);
+    const auto B0 = pissa_test::gaussian<Scalar>(out, r, 7);
+    const pissa::Matrix<Scalar> W_res = W - static_cast<Scalar>(s) * B0 * A0;
+    const pissa::Matrix<Scalar> A = A0 + pissa_test::gaussian<Scalar>(r, in, 8) * Scalar(0.1);
+    const pissa::Matrix<Scalar> B = B0 + pissa_test::gaussian<Scalar>(out, r, 9) * Scalar(0.1);
+    const auto lora = pissa::pissa_to_lora(A, B, A0, B0);
+    CHECK(lora.A.rows() == 2 * r);
+    CHECK(lora.B.cols() == 2 * r);
+    const double s2 = pissa::convert_lora_alpha(16.0, false) / (2 * r);
+    CHECK(s2 == doctest::Approx(s));
+    const pissa::Matrix<Scalar> via_lora = W + static_cast<Scalar>(s2) * lora.B * lora.A;
+    const pissa::Matrix<Scalar> via_pissa = W_res + static_cast<Scalar>(s) * B * A;
+    const double err = pissa_test::relative_error(via_lora, via_pissa);
+    INFO("relative error ", err);
+    CHECK(err < 50 * pissa_test::eps<Scalar>());
+    // A wrong sign on B0 would leave the initial product in: the error is then O(1).
+    const pissa::Matrix<Scalar> wrong = W + static_cast<Scalar>(s) * (B * A + B0 * A0);
+    CHECK(pissa_test::relative_error(wrong, via_pissa) > 0.1);
+    CHECK_THROWS_AS(pissa::pissa_to_lora(A, B, A0.leftCols(3), B0), pissa::invalid_argument);
+    CHECK(pissa::convert_lora_alpha(8.0, true) == doctest::Approx(8.0 * std::sqrt(2.0)));
+}
