@@ -1,0 +1,98 @@
+/// \file detail/block_krylov.hpp
+/// \brief Restarted block Krylov iteration for the top-r singular triplets, with a residual test.
+///
+/// One cycle builds the block Krylov basis `K = [V0, (W^T W) V0, ..., (W^T W)^(s-1) V0]`
+/// (`[n, s b]`, re-orthogonalised block by block), keeps `P = W K` on the way, and takes the
+/// Rayleigh-Ritz triplets from the small SVD of `P` (QR of P, then SVD of its R): `W v_i = s_i u_i`
+/// holds by construction, so the error of triplet i is `||W^T u_i - s_i v_i||`, measured with one
+/// more product. The next cycle restarts from `W^T U` (a subspace-iteration step on the Ritz
+/// vectors). Each cycle reads W 2s times; it only ever multiplies W by skinny blocks.
+#pragma once
+
+#include <pissa/detail/orthonormalize.hpp>
+#include <pissa/detail/random.hpp>
+#include <pissa/detail/skinny_gemm.hpp>
+#include <pissa/detail/validate.hpp>
+#include <pissa/detail/weight_view.hpp>
+#include <pissa/errors.hpp>
+#include <pissa/svd_result.hpp>
+
+#include <Eigen/SVD>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace pissa::detail {
+
+/// Fills `G [rows, cols]` with standard normals from one seeded stream, column by column.
+template <class Scalar>
+void fill_gaussian(Matrix<Scalar>& G, Index rows, Index cols, std::uint64_t seed) {
+    G.resize(rows, cols);
+    SplitMix64 rng(seed);
+    for (Index j = 0; j < cols; ++j)
+        for (Index i = 0; i < rows; ++i) G(i, j) = static_cast<Scalar>(rng.normal());
+}
+
+/// Makes the columns of `Z` orthonormal and orthogonal to the orthonormal columns of `basis`
+/// (classical Gram-Schmidt twice, then QR, then once more: safe even when Z is almost in span(basis)).
+template <class Scalar>
+void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z) {
+    for (int pass = 0; pass < 2; ++pass) Z.noalias() -= basis * (basis.transpose() * Z);
+    orthonormalize(Z);
+    Z.noalias() -= basis * (basis.transpose() * Z);
+    orthonormalize(Z);
+}
+
+/// Top-`rank` triplets of `W [m, n]` by restarted block Krylov; see the file comment.
+/// Stops when `max_i<rank ||W^T u_i - s_i v_i|| <= tolerance * s_1` or after `max_cycles` cycles.
+template <class Scalar, class Storage>
+SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank, double tolerance, int max_cycles,
+                                   std::uint64_t seed) {
+    const Index m = W.rows(), n = W.cols(), k = std::min(m, n);
+    const Index block = std::min(k, rank + std::max<Index>(8, rank / 2));
+    const Index steps = std::clamp<Index>(k / block, 1, 6);
+    const Index width = steps * block;
+
+    Matrix<Scalar> start, Z, Y;
+    fill_gaussian(start, n, block, seed);
+    orthonormalize(start);
+
+    Matrix<Scalar> basis(n, width), image(m, width);
+    SvdResult<Scalar> out;
+    for (int cycle = 1; cycle <= max_cycles; ++cycle) {
+        basis.leftCols(block) = start;
+        W.apply(start, Y);
+        require_finite_product(W, Y, "truncated_svd");
+        image.leftCols(block) = Y;
+        for (Index j = 1; j < steps; ++j) {
+            W.apply_transposed(Y, Z);  // (W^T W) times the previous block
+            orthonormalize_against<Scalar>(basis.leftCols(j * block), Z);
+            basis.middleCols(j * block, block) = Z;
+            W.apply(Z, Y);
+            image.middleCols(j * block, block) = Y;
+        }
+        // Rayleigh-Ritz: W K = P = Qp Rp, Rp = Ur diag(S) Vr^T  =>  W (K Vr) = (Qp Ur) diag(S).
+        Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
+        const Matrix<Scalar> R = qr.matrixQR().topRows(width).template triangularView<Eigen::Upper>();
+        Eigen::JacobiSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
+        Matrix<Scalar> U = Matrix<Scalar>::Identity(m, block);
+        U.topRows(width) = small.matrixU().leftCols(block);
+        U.applyOnTheLeft(qr.householderQ());
+        out.U = U.leftCols(rank);
+        out.S = small.singularValues().head(rank);
+        out.V.noalias() = basis * small.matrixV().leftCols(rank);
+
+        W.apply_transposed(U, Z);  // W^T u_i for the whole block: residuals and the restart
+        const Scalar scale = std::max(small.singularValues()(0), std::numeric_limits<Scalar>::min());
+        double worst = 0;
+        for (Index i = 0; i < rank; ++i)
+            worst = std::max(worst, static_cast<double>((Z.col(i) - out.S(i) * out.V.col(i)).norm() / scale));
+        out.report = {cycle, worst, worst <= tolerance};
+        if (out.report.converged) break;
+        start = Z;
+        orthonormalize(start);
+    }
+    return out;
+}
+
+}  // namespace pissa::detail

@@ -1,0 +1,187 @@
+/// \file init.hpp
+/// \brief PiSSA initialisation: split a pretrained weight into a principal adapter and a residual.
+///
+/// With `W [out, in]` and the top-r triplets `W ≈ U_r diag(S_r) V_r^T`, scaling `s`
+/// (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA) and `S' = S_r / s`:
+///
+///     A = diag(sqrt(S')) V_r^T   [r, in]
+///     B = U_r diag(sqrt(S'))     [out, r]
+///     W_res = W - s B A          [out, in], cast back to W's storage dtype
+///
+/// exactly as peft's `init_lora_weights="pissa"` / `"pissa_niter_K"` (PiSSA paper, Eq. 2-4).
+/// `W_res` is computed from the very A and B returned, so `W_res + s B A == W` up to the storage
+/// rounding even when the randomized SVD is inexact.
+#pragma once
+
+#include <pissa/errors.hpp>
+#include <pissa/quality.hpp>
+#include <pissa/rsvd.hpp>
+#include <pissa/svd.hpp>
+#include <pissa/svd_result.hpp>
+#include <pissa/types.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace pissa {
+
+/// How the top-r triplets are found: peft's "pissa" (exact) or "pissa_niter_K" (randomized).
+enum class SvdMethod { exact, randomized };
+
+/// Configuration of a PiSSA split, named as in peft's LoraConfig.
+struct PissaConfig {
+    Index rank = 8;                  ///< r, 1 <= r <= min(out, in)
+    double lora_alpha = 8;           ///< > 0
+    bool use_rslora = false;         ///< scaling alpha / sqrt(r) instead of alpha / r
+    SvdMethod method = SvdMethod::exact;
+    RandomizedSvdOptions randomized{};  ///< used when method == randomized (niter, oversampling, seed)
+    ExactSvdOptions exact{};            ///< used when method == exact
+    bool fan_in_fan_out = false;     ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
+
+    /// The LoRA scaling s: alpha / r, or alpha / sqrt(r) with rsLoRA.
+    double scaling() const {
+        return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(rank)) : lora_alpha / static_cast<double>(rank);
+    }
+};
+
+/// Throws pissa::invalid_argument for a configuration outside its ranges (the rank against the
+/// matrix is checked by init itself).
+inline void require_valid(const PissaConfig& config) {
+    detail::require(config.rank >= 1, "pissa::init: rank must be >= 1, got ", config.rank);
+    detail::require(std::isfinite(config.lora_alpha) && config.lora_alpha > 0,
+                    "pissa::init: lora_alpha must be a finite number > 0, got ", config.lora_alpha);
+    require_valid(config.randomized);
+    require_valid(config.exact);
+}
+
+/// The trainable half of a PiSSA split (float32 for 16-bit storage, as peft keeps adapters).
+template <class Scalar>
+struct PissaAdapter {
+    Matrix<Scalar> A;                 ///< [r, in]
+    Matrix<Scalar> B;                 ///< [out, r]
+    Scalar scaling = 0;               ///< s
+    Vector<Scalar> singular_values;   ///< S_r, descending (not divided by s)
+    QualityReport quality;
+    ConvergenceReport convergence;    ///< of the SVD that produced S_r
+};
+
+/// An adapter plus the residual `W - s B A` in W's stored layout and dtype.
+template <class Scalar, class Storage>
+struct PissaResult : PissaAdapter<Scalar> {
+    Matrix<Storage> residual;  ///< [out, in], or [in, out] with fan_in_fan_out
+};
+
+namespace detail {
+
+/// The top-r triplets of the [out, in] view of the stored weight, by the configured method.
+template <class Derived>
+SvdResult<compute_scalar_t<typename Derived::Scalar>> pissa_svd(const Eigen::MatrixBase<Derived>& stored,
+                                                                const PissaConfig& config) {
+    const Index out = config.fan_in_fan_out ? stored.cols() : stored.rows();
+    const Index in = config.fan_in_fan_out ? stored.rows() : stored.cols();
+    check_rank(out, in, config.rank, "pissa::init");
+    auto decompose = [&](const auto& W) {
+        return config.method == SvdMethod::exact ? truncated_svd(W, config.rank, config.exact)
+                                                 : randomized_svd(W, config.rank, config.randomized);
+    };
+    return config.fan_in_fan_out ? decompose(stored.transpose()) : decompose(stored);
+}
+
+/// A, B and the scaling from the triplets (file comment, steps 3-4).
+template <class Scalar>
+PissaAdapter<Scalar> adapter_from_svd(SvdResult<Scalar>&& svd, const PissaConfig& config) {
+    PissaAdapter<Scalar> adapter;
+    adapter.scaling = static_cast<Scalar>(config.scaling());
+    const Vector<Scalar> root = (svd.S / adapter.scaling).cwiseSqrt();
+    adapter.A = root.asDiagonal() * svd.V.transpose();
+    adapter.B = svd.U * root.asDiagonal();
+    adapter.singular_values = std::move(svd.S);
+    adapter.convergence = svd.report;
+    return adapter;
+}
+
+/// Writes `target = source - s B A` (stored layout) block by block, and fills the quality report.
+/// `target` may alias `source` (the in-place form). Row blocks are fixed-size and norms are summed
+/// in block order, so the result does not depend on the thread count.
+template <class Scalar, class SourceDerived, class TargetDerived>
+void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::MatrixBase<TargetDerived>& target,
+                    PissaAdapter<Scalar>& adapter, bool fan_in_fan_out) {
+    using Storage = typename TargetDerived::Scalar;
+    // Stored low-rank term: left [rows, r] * right [r, cols].
+    const Matrix<Scalar> left = fan_in_fan_out ? Matrix<Scalar>(adapter.A.transpose() * adapter.scaling)
+                                               : Matrix<Scalar>(adapter.B * adapter.scaling);
+    const Matrix<Scalar> right = fan_in_fan_out ? Matrix<Scalar>(adapter.B.transpose()) : adapter.A;
+    const Index rows = source.rows(), block = 64;
+    const Index blocks = (rows + block - 1) / block;
+    std::vector<double> weight_sq(static_cast<std::size_t>(blocks)), residual_sq(weight_sq.size());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (Index b = 0; b < blocks; ++b) {
+        const Index r0 = b * block, nr = std::min(block, rows - r0);
+        const Matrix<Scalar> w = source.middleRows(r0, nr).template cast<Scalar>();
+        const Matrix<Storage> res = (w - left.middleRows(r0, nr) * right).template cast<Storage>();
+        target.middleRows(r0, nr) = res;
+        weight_sq[static_cast<std::size_t>(b)] = w.template cast<double>().squaredNorm();
+        residual_sq[static_cast<std::size_t>(b)] = res.template cast<double>().squaredNorm();
+    }
+    double weight_total = 0, residual_total = 0;
+    for (std::size_t b = 0; b < weight_sq.size(); ++b) {
+        weight_total += weight_sq[b];
+        residual_total += residual_sq[b];
+    }
+    // ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)), from r x r matrices only.
+    const Matrix<double> btb = (adapter.B.transpose() * adapter.B).template cast<double>();
+    const Matrix<double> aat = (adapter.A * adapter.A.transpose()).template cast<double>();
+    const double s = static_cast<double>(adapter.scaling);
+    const double adapter_sq = s * s * (btb.cwiseProduct(aat.transpose())).sum();
+    QualityReport& q = adapter.quality;
+    q.singular_values.assign(adapter.singular_values.data(),
+                             adapter.singular_values.data() + adapter.singular_values.size());
+    q.weight_norm = std::sqrt(weight_total);
+    q.residual_norm = std::sqrt(residual_total);
+    q.adapter_energy_fraction = weight_total > 0 ? std::min(1.0, adapter_sq / weight_total) : 0.0;
+}
+
+}  // namespace detail
+
+/// PiSSA split of a pretrained weight (see the file comment).
+///
+/// \param W       the stored weight: `[out, in]`, or `[in, out]` with `config.fan_in_fan_out`; any
+///                Eigen expression of float, double, Eigen::half or Eigen::bfloat16 (16-bit storage
+///                is decomposed in float32 and the residual rounded back, as peft does).
+/// \param config  rank, lora_alpha, rsLoRA, method and its options, fan_in_fan_out
+/// \returns A `[r, in]`, B `[out, r]`, the scaling, S_r, the quality report and the residual.
+/// \throws pissa::invalid_argument for rank <= 0 or > min(out, in), lora_alpha <= 0, niter < 0,
+///         a non-finite or empty W; pissa::numerical_error if the SVD fails.
+template <class Derived>
+PissaResult<compute_scalar_t<typename Derived::Scalar>, typename Derived::Scalar> init(
+    const Eigen::MatrixBase<Derived>& W, const PissaConfig& config) {
+    using Storage = typename Derived::Scalar;
+    using Scalar = compute_scalar_t<Storage>;
+    require_valid(config);
+    PissaResult<Scalar, Storage> result;
+    static_cast<PissaAdapter<Scalar>&>(result) = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
+    result.residual.resize(W.rows(), W.cols());
+    detail::write_residual(W, result.residual, result, config.fan_in_fan_out);
+    return result;
+}
+
+/// In-place PiSSA split for large weights: overwrites `W` (e.g. an Eigen::Map over a checkpoint
+/// buffer) with its residual, in its own dtype and layout, and returns the adapter. No copy of W
+/// is made beyond what the SVD method needs (none for the randomized and block Krylov methods on
+/// directly addressable W).
+/// \throws as init; W is left untouched when anything is thrown.
+template <class Derived>
+PissaAdapter<compute_scalar_t<typename Derived::Scalar>> init_in_place(Eigen::MatrixBase<Derived>& W,
+                                                                      const PissaConfig& config) {
+    require_valid(config);
+    auto adapter = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
+    detail::write_residual(W, W, adapter, config.fan_in_fan_out);
+    return adapter;
+}
+
+}  // namespace pissa

@@ -1,0 +1,15 @@
+/// \file pissa.hpp
+/// \brief The whole core API of pissa: `#include <pissa/pissa.hpp>`.
+///
+/// Core math only (Eigen, no I/O): exact and randomized truncated SVD, PiSSA initialisation with
+/// its quality report, and the LoRA layer. File formats live in <pissa/io/...>.
+#pragma once
+
+#include <pissa/errors.hpp>
+#include <pissa/init.hpp>
+#include <pissa/quality.hpp>
+#include <pissa/rsvd.hpp>
+#include <pissa/svd.hpp>
+#include <pissa/svd_result.hpp>
+#include <pissa/types.hpp>
+#include <pissa/version.hpp>

@@ -1,0 +1,149 @@
+/// \file svd.hpp
+/// \brief Exact truncated SVD: the top-r singular triplets `W ≈ U_r diag(S_r) V_r^T`.
+///
+/// This is what peft's `init_lora_weights="pissa"` needs (peft computes a full
+/// `torch.linalg.svd` and keeps the first r triplets). Two algorithms give the same triplets:
+/// - `ExactSvdAlgorithm::full`: Eigen's divide-and-conquer BDCSVD of the whole matrix, then truncation.
+/// - `ExactSvdAlgorithm::block_krylov`: a restarted block Krylov iteration on `W^T W` that only ever
+///   multiplies `W` and `W^T` by skinny blocks and stops at a residual test
+///   (`||W^T u_i - s_i v_i|| <= tol * s_1` for every kept triplet; `W v_i = s_i u_i` holds by
+///   construction), far cheaper than a full SVD when `r << min(m, n)`.
+/// `automatic` picks block_krylov when r is small against min(m, n), full otherwise.
+#pragma once
+
+#include <pissa/detail/block_krylov.hpp>
+#include <pissa/detail/validate.hpp>
+#include <pissa/detail/weight_view.hpp>
+#include <pissa/errors.hpp>
+#include <pissa/svd_result.hpp>
+#include <pissa/types.hpp>
+
+#include <Eigen/SVD>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace pissa {
+
+/// How the exact truncated SVD is computed; see the file comment.
+enum class ExactSvdAlgorithm { automatic, full, block_krylov };
+
+/// Options of the exact truncated SVD.
+struct ExactSvdOptions {
+    ExactSvdAlgorithm algorithm = ExactSvdAlgorithm::automatic;
+    /// block_krylov stops when every kept triplet has `||W^T u_i - s_i v_i|| <= tolerance * s_1`.
+    /// \warning Below ~10 machine epsilons of the compute scalar the test may never pass; the
+    /// iteration then stops at `max_iterations` and reports `converged == false`.
+    double tolerance = -1.0;  ///< < 0: 20 * epsilon of the compute scalar
+    int max_iterations = 100;  ///< restarts of the block Krylov iteration
+    std::uint64_t seed = 0;    ///< start block of the Krylov iteration (the result does not depend on it
+                               ///< beyond the tolerance)
+};
+
+/// Throws pissa::invalid_argument for options outside their ranges.
+inline void require_valid(const ExactSvdOptions& options) {
+    detail::require(options.max_iterations >= 1, "truncated_svd: max_iterations must be >= 1, got ",
+                    options.max_iterations);
+}
+
+namespace detail {
+
+/// Full thin SVD (BDCSVD) of the compute-scalar copy of W, truncated to the top `rank` triplets.
+template <class Scalar, class Derived>
+SvdResult<Scalar> full_truncated_svd(const Eigen::MatrixBase<Derived>& W, Index rank) {
+    const Matrix<Scalar> dense = W.template cast<Scalar>();
+    if (!dense.allFinite()) {
+        for (Index j = 0; j < dense.cols(); ++j)
+            for (Index i = 0; i < dense.rows(); ++i)
+                require((std::isfinite)(dense(i, j)), "truncated_svd: the weight matrix contains a non-finite value (",
+                        dense(i, j), ") at row ", i, ", column ", j);
+    }
+    Eigen::BDCSVD<Matrix<Scalar>> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    if (svd.info() != Eigen::Success)
+        throw numerical_error(concat("truncated_svd: Eigen's BDCSVD failed on a ", W.rows(), " x ", W.cols(),
+                                     " matrix"));
+    SvdResult<Scalar> out;
+    out.U = svd.matrixU().leftCols(rank);
+    out.S = svd.singularValues().head(rank);
+    out.V = svd.matrixV().leftCols(rank);
+    out.report = {1, 0.0, true};
+    return out;
+}
+
+/// The rule of ExactSvdAlgorithm::automatic: Krylov pays off when the kept rank is a small part
+/// of the matrix (its block of r + p columns, grown over a few steps, stays far below min(m, n)).
+inline bool prefer_block_krylov(Index rows, Index cols, Index rank) {
+    const Index k = std::min(rows, cols);
+    return k >= 256 && 8 * rank <= k;
+}
+
+}  // namespace detail
+
+/// Top-`rank` singular triplets of `W [m, n]`, singular values descending.
+///
+/// \param W     any Eigen dense expression (row- or column-major, a Map over foreign memory, 16-bit
+///              storage); computation is in `compute_scalar_t<Scalar>` (float for half/bfloat16).
+/// \param rank  1 <= rank <= min(m, n)
+/// \throws pissa::invalid_argument for a rank out of range, an empty or non-finite W;
+///         pissa::numerical_error when the decomposition fails.
+template <class Derived>
+SvdResult<compute_scalar_t<typename Derived::Scalar>> truncated_svd(const Eigen::MatrixBase<Derived>& W, Index rank,
+                                                                    const ExactSvdOptions& options = {}) {
+    using Storage = typename Derived::Scalar;
+    using Scalar = compute_scalar_t<Storage>;
+    static_assert(is_supported_storage_v<Storage>, "pissa: W must hold float, double, Eigen::half or Eigen::bfloat16");
+    detail::check_rank(W.rows(), W.cols(), rank, "truncated_svd");
+    require_valid(options);
+    const bool krylov = options.algorithm == ExactSvdAlgorithm::block_krylov ||
+                        (options.algorithm == ExactSvdAlgorithm::automatic &&
+                         detail::prefer_block_krylov(W.rows(), W.cols(), rank));
+    if (!krylov) return detail::full_truncated_svd<Scalar>(W, rank);
+
+    detail::PreparedWeight<Storage> prepared;
+    detail::prepare_weight(W, prepared);
+
+    const double tolerance =
+        options.tolerance > 0 ? options.tolerance : 20.0 * std::numeric_limits<Scalar>::epsilon();
+    return detail::block_krylov_svd<Scalar>(detail::WeightOperator<Storage>{prepared}, rank, tolerance,
+                                            options.max_iterations, options.seed);
+}
+
+/// Object form of truncated_svd, shaped like Eigen's and Spectra's decompositions:
+/// `TruncatedSvd<float> svd; svd.compute(W, r); svd.singular_values();`
+template <class Scalar>
+class TruncatedSvd {
+    static_assert(std::is_floating_point_v<Scalar>, "pissa::TruncatedSvd: Scalar must be float or double");
+
+public:
+    explicit TruncatedSvd(ExactSvdOptions options = {}) : m_options(options) {}
+
+    /// Computes the top-`rank` triplets of W (see truncated_svd); returns *this.
+    template <class Derived>
+    TruncatedSvd& compute(const Eigen::MatrixBase<Derived>& W, Index rank) {
+        static_assert(std::is_same_v<compute_scalar_t<typename Derived::Scalar>, Scalar>,
+                      "pissa::TruncatedSvd: W's compute scalar must match the class's Scalar");
+        m_result = truncated_svd(W, rank, m_options);
+        m_computed = true;
+        return *this;
+    }
+
+    const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
+    const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
+    const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
+    const ConvergenceReport& report() const { return checked().report; }  ///< iterations, residual bound
+    /// Eigen::Success when the result met its convergence test, NoConvergence otherwise.
+    Eigen::ComputationInfo info() const { return checked().report.converged ? Eigen::Success : Eigen::NoConvergence; }
+
+private:
+    const SvdResult<Scalar>& checked() const {
+        if (!m_computed) throw std::logic_error("pissa::TruncatedSvd: call compute() first");
+        return m_result;
+    }
+    ExactSvdOptions m_options;
+    SvdResult<Scalar> m_result;
+    bool m_computed = false;
+};
+
+}  // namespace pissa

@@ -1,0 +1,205 @@
+// PiSSA initialisation: every property of shared/PISSA.md, for float and double, square, tall and
+// wide shapes, r = 1, a middle rank and r = min(m, n); 16-bit storage; fan_in_fan_out; rsLoRA;
+// the in-place form; the quality report; and every bad input.
+#include "support.hpp"
+
+#include <pissa/init.hpp>
+
+using namespace pissa_test;
+
+namespace {
+
+struct Case {
+    Index out, in;
+};
+const Case kShapes[] = {{36, 36}, {54, 20}, {20, 54}};
+
+/// A spectrum with clear gaps: 8, 7.6, 7.2, ... (all distinct, all > 0).
+Vector<double> spectrum(Index k) {
+    Vector<double> s(k);
+    for (Index i = 0; i < k; ++i) s(i) = 8.0 * std::pow(0.92, double(i));
+    return s;
+}
+
+/// Checks the identities every PiSSA split must satisfy (PISSA.md, "Properties").
+template <class S, class Result>
+void check_split(const Matrix<S>& W, const Result& result, const pissa::PissaConfig& config,
+                 const Vector<double>& sigma) {
+    const Index r = config.rank, out = W.rows(), in = W.cols();
+    const S s = static_cast<S>(config.scaling());
+    REQUIRE(result.A.rows() == r);
+    REQUIRE(result.A.cols() == in);
+    REQUIRE(result.B.rows() == out);
+    REQUIRE(result.B.cols() == r);
+    CHECK(result.scaling == doctest::Approx(config.scaling()));
+    const Matrix<S> low_rank = s * result.B * result.A;
+    // 1. Reconstruction: W_res + s B A == W, to rounding (~1e-7 float, ~1e-15 double relative).
+    const double reconstruction = relative_error(Matrix<S>(result.residual + low_rank), W);
+    INFO("reconstruction error " << reconstruction);
+    CHECK(reconstruction < 20 * eps<S>());
+    // 2. Output unchanged at initialisation: x W_res^T + s (x A^T) B^T == x W^T.
+    const Matrix<S> x = gaussian<S>(5, in, 99);
+    const Matrix<S> y_split = x * result.residual.transpose() + s * (x * result.A.transpose()) * result.B.transpose();
+    CHECK(relative_error(y_split, Matrix<S>(x * W.transpose())) < 50 * eps<S>());
+    // 3. B^T B == A A^T == diag(S / s): catches a wrong scaling or a missing sqrt.
+    const Matrix<S> expected = (result.singular_values / s).asDiagonal();
+    const double tol = 100 * eps<S>() * sigma(0) / static_cast<double>(s);
+    CHECK((Matrix<S>(result.B.transpose() * result.B) - expected).norm() < tol);
+    CHECK((Matrix<S>(result.A * result.A.transpose()) - expected).norm() < tol);
+    // 4. Eckart-Young (exact method): ||W_res||_F^2 == sum_{i>r} sigma_i^2, and the kept values.
+    if (config.method == pissa::SvdMethod::exact) {
+        const double tail = std::sqrt(sigma.tail(sigma.size() - r).squaredNorm());
+        const double residual = result.residual.template cast<double>().norm();
+        INFO("||W_res|| " << residual << " optimum " << tail);
+        CHECK(std::abs(residual - tail) < 100 * eps<S>() * sigma(0));
+        CHECK(relative_error(result.singular_values, sigma.head(r)) < 100 * eps<S>());
+    }
+    // 5. The quality report says the same.
+    CHECK(result.quality.singular_values.size() == static_cast<std::size_t>(r));
+    CHECK(result.quality.weight_norm == doctest::Approx(W.template cast<double>().norm()).epsilon(1e-6));
+    CHECK(result.quality.residual_norm == doctest::Approx(result.residual.template cast<double>().norm()).epsilon(1e-6));
+    CHECK(result.quality.adapter_energy_fraction ==
+          doctest::Approx(low_rank.template cast<double>().squaredNorm() / W.template cast<double>().squaredNorm())
+              .epsilon(1e-4));
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("PiSSA split: reconstruction, unchanged output, B^T B = A A^T = diag(S/s), Eckart-Young", S,
+                   float, double) {
+    for (const Case shape : kShapes) {
+        const Index k = std::min(shape.out, shape.in);
+        const Vector<double> sigma = spectrum(k);
+        const Matrix<S> W = with_spectrum<S>(shape.out, shape.in, sigma, 3);
+        for (const Index r : {Index(1), k / 2, k}) {
+            for (const auto method : {pissa::SvdMethod::exact, pissa::SvdMethod::randomized}) {
+                for (const bool rslora : {false, true}) {
+                    CAPTURE(shape.out);
+                    CAPTURE(shape.in);
+                    CAPTURE(r);
+                    CAPTURE(static_cast<int>(method));
+                    CAPTURE(rslora);
+                    pissa::PissaConfig config;
+                    config.rank = r;
+                    config.lora_alpha = 16;  // s = 16 / r (or 16 / sqrt(r)): != 1, so a lost scaling shows
+                    config.use_rslora = rslora;
+                    config.method = method;
+                    const auto result = pissa::init(W, config);
+                    check_split(W, result, config, sigma);
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("scaling: alpha / r, or alpha / sqrt(r) with rsLoRA") {
+    pissa::PissaConfig config;
+    config.rank = 16;
+    config.lora_alpha = 32;
+    CHECK(config.scaling() == doctest::Approx(2.0));
+    config.use_rslora = true;
+    CHECK(config.scaling() == doctest::Approx(8.0));
+}
+
+TEST_CASE_TEMPLATE("fan_in_fan_out: a [in, out] Conv1D weight gives the adapter of its transpose", S, float, double) {
+    const Vector<double> sigma = spectrum(20);
+    const Matrix<S> W = with_spectrum<S>(30, 20, sigma, 8);  // [out, in]
+    const Matrix<S> stored = W.transpose();                  // GPT-2 Conv1D layout [in, out]
+    pissa::PissaConfig config;
+    config.rank = 5;
+    config.lora_alpha = 10;
+    const auto plain = pissa::init(W, config);
+    config.fan_in_fan_out = true;
+    const auto conv = pissa::init(stored, config);
+    REQUIRE(conv.A.rows() == 5);
+    REQUIRE(conv.A.cols() == 20);  // [r, in]
+    REQUIRE(conv.B.rows() == 30);  // [out, r]
+    REQUIRE(conv.residual.rows() == 20);  // stored layout [in, out]
+    REQUIRE(conv.residual.cols() == 30);
+    CHECK(relative_error(Matrix<S>(conv.B * conv.A), Matrix<S>(plain.B * plain.A)) < 100 * eps<S>());
+    CHECK(relative_error(conv.residual, Matrix<S>(plain.residual.transpose()), 1.0) < 100 * eps<S>());
+    CHECK(relative_error(Matrix<S>(conv.residual + conv.scaling * (conv.B * conv.A).transpose()), stored) <
+          20 * eps<S>());
+}
+
+TEST_CASE_TEMPLATE("16-bit storage: float32 adapter, residual rounded back to the storage dtype", T, Eigen::half,
+                   Eigen::bfloat16) {
+    const Vector<double> sigma = spectrum(24);
+    const pissa::RowMatrix<T> W = with_spectrum<float>(40, 24, sigma, 6).cast<T>();
+    pissa::PissaConfig config;
+    config.rank = 4;
+    config.lora_alpha = 4;
+    const auto result = pissa::init(W, config);
+    static_assert(std::is_same_v<typename decltype(result.A)::Scalar, float>);
+    static_assert(std::is_same_v<typename decltype(result.residual)::Scalar, T>);
+    // peft: W_res = (W.float() - s B A).to(dtype): exactly that rounding, element by element.
+    const Matrix<float> expected = W.template cast<float>() - result.scaling * result.B * result.A;
+    CHECK(result.residual == Matrix<float>(expected).cast<T>());
+    // The low-rank part is decomposed from the float32 value of the 16-bit weights.
+    const auto reference = pissa::init(Matrix<float>(W.template cast<float>()), config);
+    CHECK(relative_error(Matrix<float>(result.B * result.A), Matrix<float>(reference.B * reference.A)) < 1e-5);
+}
+
+TEST_CASE_TEMPLATE("init_in_place overwrites W with the same residual init returns", S, float, double) {
+    const Matrix<S> W = with_spectrum<S>(33, 27, spectrum(27), 12);
+    for (const auto method : {pissa::SvdMethod::exact, pissa::SvdMethod::randomized}) {
+        pissa::PissaConfig config;
+        config.rank = 6;
+        config.method = method;
+        const auto copy = pissa::init(W, config);
+        pissa::RowMatrix<S> buffer = W;  // a checkpoint-like row-major buffer, used through a Map
+        Eigen::Map<pissa::RowMatrix<S>> mapped(buffer.data(), 33, 27);
+        const auto adapter = pissa::init_in_place(mapped, config);
+        CHECK(relative_error(Matrix<S>(buffer), copy.residual, 1.0) < 100 * eps<S>());
+        CHECK(relative_error(Matrix<S>(adapter.B * adapter.A), Matrix<S>(copy.B * copy.A)) < 100 * eps<S>());
+        CHECK(adapter.quality.residual_norm == doctest::Approx(copy.quality.residual_norm).epsilon(1e-6));
+    }
+}
+
+TEST_CASE("the quality report reads well") {
+    const Matrix<double> W = with_spectrum<double>(30, 30, spectrum(30), 2);
+    pissa::PissaConfig config;
+    config.rank = 3;
+    const auto result = pissa::init(W, config);
+    const std::string line = pissa::to_string(result.quality);
+    CHECK(line.find("rank 3") != std::string::npos);
+    CHECK(line.find("adapter holds") != std::string::npos);
+    const Vector<double> sigma = spectrum(30);
+    CHECK(result.quality.adapter_energy_fraction ==
+          doctest::Approx(sigma.head(3).squaredNorm() / sigma.squaredNorm()).epsilon(1e-10));
+}
+
+TEST_CASE_TEMPLATE("init rejects bad input with a clear message and leaves W untouched", S, float, double) {
+    Matrix<S> W = gaussian<S>(12, 9, 4);
+    const Matrix<S> original = W;
+    pissa::PissaConfig config;
+    config.rank = 0;
+    CHECK_THROWS_WITH_AS(pissa::init(W, config), doctest::Contains("rank must be >= 1, got 0"),
+                         pissa::invalid_argument);
+    config.rank = 10;
+    CHECK_THROWS_WITH_AS(pissa::init(W, config), doctest::Contains("min(m, n) = 9"), pissa::invalid_argument);
+    config.rank = 2;
+    config.lora_alpha = 0;
+    CHECK_THROWS_WITH_AS(pissa::init(W, config), doctest::Contains("lora_alpha must be a finite number > 0, got 0"),
+                         pissa::invalid_argument);
+    config.lora_alpha = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_AS(pissa::init(W, config), pissa::invalid_argument);
+    config.lora_alpha = 4;
+    config.method = pissa::SvdMethod::randomized;
+    config.randomized.niter = -2;
+    CHECK_THROWS_WITH_AS(pissa::init(W, config), doctest::Contains("niter must be >= 0, got -2"),
+                         pissa::invalid_argument);
+    config.randomized.niter = 2;
+    W(7, 1) = std::numeric_limits<S>::quiet_NaN();
+    for (const auto method : {pissa::SvdMethod::exact, pissa::SvdMethod::randomized}) {
+        config.method = method;
+        CHECK_THROWS_WITH_AS(pissa::init(W, config), doctest::Contains("row 7, column 1"), pissa::invalid_argument);
+        Matrix<S> in_place = W;
+        CHECK_THROWS_AS(pissa::init_in_place(in_place, config), pissa::invalid_argument);
+        CHECK(in_place.cwiseEqual(W).count() == W.size() - 1);  // untouched (NaN != NaN)
+    }
+    config.fan_in_fan_out = true;  // found through the transposed [out, in] view as well
+    Matrix<S> stored = original;
+    stored(7, 1) = std::numeric_limits<S>::infinity();
+    CHECK_THROWS_WITH_AS(pissa::init(stored, config), doctest::Contains("non-finite"), pissa::invalid_argument);
+}

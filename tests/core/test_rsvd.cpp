@@ -1,0 +1,184 @@
+// Randomized SVD (peft's pissa_niter_K): accuracy rising with niter, agreement with the exact
+// result, determinism (seed, thread count), options and bad input.
+#include "support.hpp"
+
+#include <pissa/rsvd.hpp>
+#include <pissa/svd.hpp>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+using namespace pissa_test;
+
+namespace {
+
+/// ||U S V^T||_F^2 / sum_{i<=r} sigma_i^2 for orthonormal U, V is sum S_i^2 / sum sigma_i^2.
+template <class S>
+double captured_energy(const Matrix<S>& W, const pissa::SvdResult<S>& svd, const Vector<double>& sigma) {
+    // Energy of the projection of W onto the found subspace: ||U^T W V||_F^2 — independent of how
+    // the small SVD rounded S.
+    const Matrix<double> projected = (svd.U.transpose() * W * svd.V).template cast<double>();
+    return projected.squaredNorm() / sigma.head(svd.S.size()).squaredNorm();
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("captured energy rises with niter and reaches the exact result", S, float, double) {
+    // A slowly decaying spectrum with a clear gap after sigma_8.
+    const Index m = 200, n = 150, r = 8;
+    Vector<double> sigma(n);
+    for (Index i = 0; i < n; ++i) sigma(i) = i < r ? 10.0 - 0.5 * double(i) : 1.0 * std::pow(0.98, double(i - r));
+    const Matrix<S> W = with_spectrum<S>(m, n, sigma, 21);
+    double previous = 0, first = 0;
+    for (const int niter : {0, 1, 2, 4}) {
+        pissa::RandomizedSvdOptions options;
+        options.niter = niter;
+        const auto svd = pissa::randomized_svd(W, r, options);
+        const double energy = captured_energy(W, svd, sigma);
+        INFO("niter " << niter << " captured energy " << energy);
+        CHECK(energy >= previous - 10 * eps<S>());  // monotone up to rounding once saturated
+        CHECK(energy <= 1.0 + 1e-5);
+        if (niter == 0) first = energy;
+        previous = energy;
+    }
+    CHECK(first < 0.999);      // niter = 0 is visibly inexact on this spectrum ...
+    CHECK(previous > first);   // ... and the power iterations improve it
+    pissa::RandomizedSvdOptions many;
+    many.niter = 30;
+    const auto svd = pissa::randomized_svd(W, r, many);
+    const double sv_error = relative_error(svd.S, sigma.head(r));
+    INFO("niter 30: singular value error " << sv_error);
+    CHECK(sv_error < 1e-4);
+    CHECK(sv_error < (std::is_same_v<S, double> ? 1e-10 : 1e-5));
+    const auto exact = pissa::truncated_svd(W, r);
+    const Matrix<S> p_random = svd.U * svd.S.asDiagonal() * svd.V.transpose();
+    const Matrix<S> p_exact = exact.U * exact.S.asDiagonal() * exact.V.transpose();
+    CHECK(relative_error(p_random, p_exact) < 1e-4);
+}
+
+TEST_CASE_TEMPLATE("randomized SVD returns orthonormal factors and exact results at full rank", S, float, double) {
+    for (const auto& [m, n] : {std::pair<Index, Index>{30, 30}, {45, 20}, {20, 45}}) {
+        const Index k = std::min(m, n);
+        const Matrix<S> W = gaussian<S>(m, n, 4);
+        for (const Index r : {Index(1), k / 2, k}) {
+            CAPTURE(m);
+            CAPTURE(n);
+            CAPTURE(r);
+            const auto svd = pissa::randomized_svd(W, r);
+            REQUIRE(svd.U.rows() == m);
+            REQUIRE(svd.V.rows() == n);
+            REQUIRE(svd.S.size() == r);
+            CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) <
+                  100 * eps<S>());
+            CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) <
+                  100 * eps<S>());
+            for (Index i = 0; i + 1 < r; ++i) CHECK(svd.S(i) >= svd.S(i + 1));
+            if (r == k) {  // q = min(m, n): the range is the whole space and the result is exact
+                const Matrix<S> product = svd.U * svd.S.asDiagonal() * svd.V.transpose();
+                CHECK(relative_error(product, W) < 100 * eps<S>());
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("same seed, same bits; another seed, another draw", S, float, double) {
+    const Matrix<S> W = gaussian<S>(90, 70, 8);
+    pissa::RandomizedSvdOptions options;
+    options.seed = 42;
+    const auto a = pissa::randomized_svd(W, 6, options);
+    const auto b = pissa::randomized_svd(W, 6, options);
+    CHECK(a.U == b.U);
+    CHECK(a.S == b.S);
+    CHECK(a.V == b.V);
+    options.seed = 43;
+    const auto c = pissa::randomized_svd(W, 6, options);
+    CHECK(c.S != a.S);
+}
+
+TEST_CASE("bit-identical results across 1 and 2 threads") {
+#ifdef _OPENMP
+    // Large enough that every kernel splits its work into several blocks.
+    const Matrix<float> W = gaussian<float>(700, 530, 13);
+    const pissa::RowMatrix<Eigen::bfloat16> W16 = W.cast<Eigen::bfloat16>();
+    const int saved = omp_get_max_threads();
+    auto run = [&](int threads) {
+        omp_set_num_threads(threads);
+        pissa::RandomizedSvdOptions options;
+        options.seed = 5;
+        pissa::ExactSvdOptions krylov;
+        krylov.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
+        return std::make_tuple(pissa::randomized_svd(W, 16, options), pissa::randomized_svd(W16, 16, options),
+                               pissa::truncated_svd(W, 16, krylov));
+    };
+    const auto one = run(1);
+    const auto two = run(2);
+    omp_set_num_threads(saved);
+    CHECK(std::get<0>(one).U == std::get<0>(two).U);
+    CHECK(std::get<0>(one).S == std::get<0>(two).S);
+    CHECK(std::get<0>(one).V == std::get<0>(two).V);
+    CHECK(std::get<1>(one).S == std::get<1>(two).S);
+    CHECK(std::get<1>(one).V == std::get<1>(two).V);
+    CHECK(std::get<2>(one).S == std::get<2>(two).S);
+    CHECK(std::get<2>(one).U == std::get<2>(two).U);
+#else
+    MESSAGE("built without OpenMP: a single thread, nothing to compare");
+#endif
+}
+
+TEST_CASE_TEMPLATE("oversampling and the fused power iteration", S, float, double) {
+    const Index m = 160, n = 120, r = 6;
+    Vector<double> sigma(n);
+    for (Index i = 0; i < n; ++i) sigma(i) = std::pow(0.93, double(i));
+    const Matrix<S> W = with_spectrum<S>(m, n, sigma, 31);
+    pissa::RandomizedSvdOptions plain;
+    plain.niter = 1;
+    pissa::RandomizedSvdOptions oversampled = plain;
+    oversampled.oversampling = 10;
+    const double e_plain = captured_energy(W, pissa::randomized_svd(W, r, plain), sigma);
+    const double e_over = captured_energy(W, pissa::randomized_svd(W, r, oversampled), sigma);
+    INFO("plain " << e_plain << " oversampled " << e_over);
+    CHECK(e_over > e_plain);
+    const auto over = pissa::randomized_svd(W, r, oversampled);
+    CHECK(over.S.size() == r);  // oversampled columns are dropped after the small SVD
+    pissa::RandomizedSvdOptions fused;
+    fused.niter = 4;
+    fused.fused_power_iteration = true;
+    pissa::RandomizedSvdOptions standard;
+    standard.niter = 4;
+    const double e_fused = captured_energy(W, pissa::randomized_svd(W, r, fused), sigma);
+    const double e_standard = captured_energy(W, pissa::randomized_svd(W, r, standard), sigma);
+    INFO("fused " << e_fused << " standard " << e_standard);
+    CHECK(std::abs(e_fused - e_standard) < 1e-3);
+}
+
+TEST_CASE_TEMPLATE("row-major maps and column-major matrices give the same result", S, float, double) {
+    const Matrix<S> W = gaussian<S>(64, 48, 17);
+    const pissa::RowMatrix<S> row_major = W;
+    const Eigen::Map<const pissa::RowMatrix<S>> mapped(row_major.data(), 64, 48);
+    const auto a = pissa::randomized_svd(W, 4);
+    const auto b = pissa::randomized_svd(mapped, 4);
+    const Matrix<S> pa = a.U * a.S.asDiagonal() * a.V.transpose();
+    const Matrix<S> pb = b.U * b.S.asDiagonal() * b.V.transpose();
+    CHECK(relative_error(pb, pa) < 1000 * eps<S>());
+}
+
+TEST_CASE_TEMPLATE("randomized_svd rejects bad input with a clear message", S, float, double) {
+    Matrix<S> W = gaussian<S>(10, 7, 2);
+    pissa::RandomizedSvdOptions negative;
+    negative.niter = -1;
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 2, negative), doctest::Contains("niter must be >= 0, got -1"),
+                         pissa::invalid_argument);
+    pissa::RandomizedSvdOptions bad_oversampling;
+    bad_oversampling.oversampling = -3;
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 2, bad_oversampling), doctest::Contains("oversampling"),
+                         pissa::invalid_argument);
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 0), doctest::Contains("got r = 0"), pissa::invalid_argument);
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 8), doctest::Contains("min(m, n) = 7"), pissa::invalid_argument);
+    W(9, 6) = -std::numeric_limits<S>::infinity();
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 2), doctest::Contains("row 9, column 6"), pissa::invalid_argument);
+    W(9, 6) = std::numeric_limits<S>::quiet_NaN();
+    const pissa::RowMatrix<S> row_major = W;
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(row_major, 2), doctest::Contains("row 9, column 6"),
+                         pissa::invalid_argument);
+}
