@@ -1,0 +1,199 @@
+// pissa init: split each target weight W into a PiSSA adapter (A, B) and the residual W - s B A.
+// Writes OUT/ (the residual model: same files, keys, shapes, dtypes and metadata as the input,
+// non-target tensors byte-identical, other files copied) and OUT/pissa_init/ (the peft adapter).
+#include "tool.hpp"
+
+#include <pissa/detail/random.hpp>
+#include <pissa/init.hpp>
+#include <pissa/io/checkpoint.hpp>
+#include <pissa/io/peft.hpp>
+#include <pissa/io/tensor.hpp>
+#include <pissa/version.hpp>
+
+#include <iostream>
+#include <set>
+#include <sstream>
+
+namespace pissa_tool {
+
+namespace {
+
+struct ModuleSummary {
+    std::string name;
+    std::vector<std::uint64_t> shape;
+    pissa::Index rank = 0;
+    double energy = 0, weight_norm = 0, residual_norm = 0, seconds = 0;
+    std::uint64_t seed = 0;
+};
+
+std::vector<std::string> split_list(const std::string& text) {
+    std::vector<std::string> out;
+    std::stringstream in(text);
+    std::string item;
+    while (std::getline(in, item, ','))
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+}  // namespace
+
+int cmd_init(int argc, char** argv) {
+    Args args("init", "[MODEL] --out DIR [options]",
+              "Initialises PiSSA adapters as peft's init_lora_weights=\"pissa_niter_K\" (or \"pissa\" with --exact)\n"
+              "and writes the layout of the PiSSA reference scripts: DIR/ is the residual model, DIR/pissa_init/\n"
+              "the adapter (init_lora_weights: true, so loading it does not decompose again). Without MODEL, a\n"
+              "built-in synthetic Llama-shaped model is generated (once, into the cache folder) and used.");
+    args.positional("MODEL", "a .safetensors file or a model folder (single file or sharded)", false)
+        .option("out", "DIR", "output folder (required; must not exist unless --force)")
+        .option("rank", "R", "adapter rank r", "8")
+        .option("alpha", "A", "lora_alpha", "rank")
+        .option("niter", "K", "randomized SVD power iterations (pissa_niter_K)", "4")
+        .flag("exact", "exact truncated SVD (peft's \"pissa\") instead of the randomized one")
+        .option("targets", "LIST", "comma-separated module-name suffixes", "q_proj,v_proj")
+        .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
+        .flag("rslora", "rsLoRA scaling alpha / sqrt(r)")
+        .flag("fan-in-fan-out", "weights are stored [in, out] (GPT-2 Conv1D)")
+        .option("seed", "S", "seed of the randomized SVD (module i uses stream i of it)", "0")
+        .option("threads", "N", "threads (0: all cores)", "0")
+        .flag("force", "replace DIR if it exists")
+        .flag("json", "print the summary as JSON on stdout instead of a table");
+    if (!args.parse(argc, argv)) return 0;
+
+    pissa::PissaConfig config;
+    config.rank = static_cast<pissa::Index>(args.get_int("rank", 1, 1 << 20));
+    config.lora_alpha = args.has("alpha") ? args.get_double("alpha") : static_cast<double>(config.rank);
+    config.use_rslora = args.has("rslora");
+    config.fan_in_fan_out = args.has("fan-in-fan-out");
+    const bool exact = args.has("exact");
+    if (exact && args.has("niter")) throw UsageError("--exact and --niter exclude each other");
+    config.method = exact ? pissa::SvdMethod::exact : pissa::SvdMethod::randomized;
+    config.randomized.niter = static_cast<int>(args.get_int("niter", 0, 1000));
+    const std::uint64_t seed = args.get_u64("seed");
+    if (args.has("targets") && args.has("target-regex")) throw UsageError("--targets and --target-regex exclude each other");
+    if (!args.has("out")) throw UsageError("--out is required");
+    set_threads(static_cast<int>(args.get_int("threads", 0, 4096)));
+
+    if (fs::exists(args.get("out")) && !args.has("force"))
+        throw UsageError(args.get("out") + " already exists; pass --force to replace it");
+    fs::path model_path = args.pos(0);
+    if (model_path.empty()) model_path = builtin_model();
+    if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");
+    const pissa::io::Checkpoint model(model_path);
+
+    pissa::io::AdapterConfig adapter_config;
+    adapter_config.r = config.rank;
+    adapter_config.lora_alpha = config.lora_alpha;
+    adapter_config.use_rslora = config.use_rslora;
+    adapter_config.fan_in_fan_out = config.fan_in_fan_out;
+    adapter_config.init_lora_weights = true;
+    adapter_config.base_model_name_or_path = fs::absolute(model_path).lexically_normal().string();
+    if (args.has("target-regex")) {
+        adapter_config.target_regex = args.get("target-regex");
+        try {
+            std::regex check(adapter_config.target_regex);
+        } catch (const std::regex_error& e) {
+            throw UsageError("--target-regex is not a valid regular expression: " + std::string(e.what()));
+        }
+    } else {
+        adapter_config.target_modules = split_list(args.get("targets"));
+        if (adapter_config.target_modules.empty()) throw UsageError("--targets is empty");
+    }
+    const auto targets = pissa::io::select_targets(model, adapter_config);
+    const std::set<std::string> target_set(targets.begin(), targets.end());
+
+    OutputDir out(args.get("out"), args.has("force"), {model_path});
+    pissa::io::Adapter adapter;
+    adapter.config = adapter_config;
+    adapter.metadata = {{"format", "pt"},
+                        {"pissa.version", format("%d.%d.%d", PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH)},
+                        {"pissa.method", exact ? "exact" : "randomized"},
+                        {"pissa.init_lora_weights", exact ? "pissa" : format("pissa_niter_%d", config.randomized.niter)},
+                        {"pissa.niter", exact ? "" : std::to_string(config.randomized.niter)},
+                        {"pissa.seed", std::to_string(seed)},
+                        {"pissa.seed_rule", "module i (checkpoint order of targets) uses stream_seed(seed, i)"},
+                        {"pissa.rank", std::to_string(config.rank)},
+                        {"pissa.lora_alpha", format("%.17g", config.lora_alpha)},
+                        {"pissa.use_rslora", config.use_rslora ? "true" : "false"},
+                        {"pissa.fan_in_fan_out", config.fan_in_fan_out ? "true" : "false"}};
+
+    std::vector<ModuleSummary> summary;
+    Progress progress(stderr_is_tty() && !args.has("json"));
+    std::uint64_t bytes_done = 0;
+    const auto start = std::chrono::steady_clock::now();
+    pissa::io::rewrite_checkpoint(
+        model, out.path(),
+        [&](const pissa::io::SafetensorsFile& file,
+            const pissa::io::TensorInfo& t) -> std::optional<std::vector<unsigned char>> {
+            if (!target_set.count(t.name)) return std::nullopt;
+            const auto t0 = std::chrono::steady_clock::now();
+            ModuleSummary row;
+            row.name = pissa::io::module_of_weight(t.name);
+            row.shape = t.shape;
+            row.rank = config.rank;
+            row.seed = pissa::detail::stream_seed(seed, summary.size());
+            pissa::PissaConfig module_config = config;
+            module_config.randomized.seed = row.seed;
+            // One matrix at a time: a copy in its stored dtype, split in place (float32 inside
+            // for 16-bit storage), written back in the stored dtype and layout.
+            auto bytes = pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
+                using Storage = decltype(tag);
+                pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
+                file.release(t);
+                auto result = pissa::init_in_place(W, module_config);
+                adapter.modules.push_back({row.name, result.A.template cast<float>(), result.B.template cast<float>()});
+                row.energy = result.quality.adapter_energy_fraction;
+                row.weight_norm = result.quality.weight_norm;
+                row.residual_norm = result.quality.residual_norm;
+                return pissa::io::matrix_bytes(W, t.dtype);
+            });
+            row.seconds = seconds_since(t0);
+            summary.push_back(row);
+            return bytes;
+        },
+        [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
+            progress.update(i, n, t.name, bytes_done);
+            bytes_done += t.nbytes();
+        });
+    progress.finish();
+    pissa::io::write_adapter(out.path() / "pissa_init", adapter);
+    out.commit();
+    const double total = seconds_since(start);
+
+    if (args.has("json")) {
+        nlohmann::ordered_json j;
+        j["command"] = "init";
+        j["model"] = model_path.string();
+        j["out"] = out.final_path().string();
+        j["adapter"] = (out.final_path() / "pissa_init").string();
+        j["method"] = exact ? "exact" : "randomized";
+        j["niter"] = exact ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(config.randomized.niter);
+        j["seed"] = seed;
+        j["rank"] = config.rank;
+        j["lora_alpha"] = config.lora_alpha;
+        j["scaling"] = config.scaling();
+        j["use_rslora"] = config.use_rslora;
+        j["fan_in_fan_out"] = config.fan_in_fan_out;
+        j["seconds"] = total;
+        j["modules"] = nlohmann::ordered_json::array();
+        for (const auto& m : summary)
+            j["modules"].push_back({{"name", m.name}, {"shape", m.shape}, {"rank", m.rank},
+                                    {"energy_fraction", m.energy}, {"weight_norm", m.weight_norm},
+                                    {"residual_norm", m.residual_norm}, {"seconds", m.seconds}, {"seed", m.seed}});
+        std::cout << j.dump(2) << std::endl;
+        return 0;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& m : summary)
+        rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank), format("%.2f%%", 100 * m.energy),
+                        format("%.4g", m.residual_norm), format("%.4g", m.weight_norm), format("%.3f s", m.seconds)});
+    print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
+    std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %llu, %.2f s\n", summary.size(),
+                static_cast<long long>(config.rank), config.lora_alpha, config.scaling(),
+                exact ? "exact SVD" : format("randomized SVD niter %d", config.randomized.niter).c_str(),
+                static_cast<unsigned long long>(seed), total);
+    std::printf("residual model: %s\nadapter:        %s\n", out.final_path().string().c_str(),
+                (out.final_path() / "pissa_init").string().c_str());
+    return 0;
+}
+
+}  // namespace pissa_tool

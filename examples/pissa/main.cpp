@@ -1,0 +1,332 @@
+// pissa: the whole PiSSA lifecycle on safetensors checkpoints, without Python.
+//   pissa init [MODEL] --out DIR      residual model + peft adapter (DIR/pissa_init)
+//   pissa convert --initial I --trained T --out OUT    trained PiSSA adapter -> rank-2r LoRA
+//   pissa merge MODEL ADAPTER --out OUT                 W + s B A for every adapted weight
+//   pissa inspect PATH                                  tensors of a checkpoint, or an adapter
+//   pissa generate --out DIR                            the synthetic Llama-shaped test model
+// Exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error.
+#include "tool.hpp"
+
+#include <pissa/io/safetensors.hpp>
+#include <pissa/version.hpp>
+
+#include <Eigen/Core>
+
+#include <csignal>
+#include <cstdarg>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <random>
+
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pissa_tool {
+
+std::atomic<bool> interrupted{false};
+
+bool Args::parse(int argc, char** argv) {
+    for (int i = 0; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "--help" || a == "-h") {
+            print_help(stdout);
+            return false;
+        }
+        if (a.rfind("--", 0) == 0 && a.size() > 2) {
+            std::string name = a.substr(2), value;
+            bool inline_value = false;
+            if (const auto eq = name.find('='); eq != std::string::npos) {
+                value = name.substr(eq + 1);
+                name = name.substr(0, eq);
+                inline_value = true;
+            }
+            const Spec* spec = nullptr;
+            for (const auto& s : m_specs)
+                if (s.name == name) spec = &s;
+            if (!spec) throw UsageError("unknown option --" + name);
+            if (spec->is_flag) {
+                if (inline_value) throw UsageError("--" + name + " takes no value");
+                m_values[name] = "1";
+            } else {
+                if (!inline_value) {
+                    if (i + 1 >= argc) throw UsageError("--" + name + " needs a value (" + spec->metavar + ")");
+                    value = argv[++i];
+                }
+                m_values[name] = value;
+            }
+        } else {
+            m_args.push_back(a);
+        }
+    }
+    if (m_args.size() > m_positional.size())
+        throw UsageError("unexpected argument '" + m_args[m_positional.size()] + "'");
+    for (std::size_t i = m_args.size(); i < m_positional.size(); ++i)
+        if (m_positional[i].required) throw UsageError("missing " + m_positional[i].name);
+    return true;
+}
+
+std::string Args::get(const std::string& name) const {
+    if (const auto it = m_values.find(name); it != m_values.end()) return it->second;
+    for (const auto& s : m_specs)
+        if (s.name == name) return s.default_value;
+    return {};
+}
+
+long long Args::get_int(const std::string& name, long long min, long long max) const {
+    const std::string text = get(name);
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno != 0 || v < min || v > max)
+        throw UsageError("--" + name + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) +
+                         "], got '" + text + "'");
+    return v;
+}
+
+double Args::get_double(const std::string& name) const {
+    const std::string text = get(name);
+    char* end = nullptr;
+    const double v = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !std::isfinite(v) || v <= 0)
+        throw UsageError("--" + name + " must be a number > 0, got '" + text + "'");
+    return v;
+}
+
+std::uint64_t Args::get_u64(const std::string& name) const {
+    const std::string text = get(name);
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+    if (text.empty() || text[0] == '-' || *end != '\0' || errno != 0)
+        throw UsageError("--" + name + " must be a non-negative integer, got '" + text + "'");
+    return v;
+}
+
+void Args::print_help(std::FILE* out) const {
+    std::fprintf(out, "usage: pissa %s %s\n\n%s\n", m_command.c_str(), m_synopsis.c_str(), m_description.c_str());
+    if (!m_positional.empty()) {
+        std::fprintf(out, "\narguments:\n");
+        for (const auto& p : m_positional) std::fprintf(out, "  %-24s %s\n", p.name.c_str(), p.help.c_str());
+    }
+    std::fprintf(out, "\noptions:\n");
+    for (const auto& s : m_specs) {
+        const std::string left = "--" + s.name + (s.is_flag ? "" : " " + s.metavar);
+        std::string help = s.help;
+        if (!s.default_value.empty()) help += " (default " + s.default_value + ")";
+        std::fprintf(out, "  %-24s %s\n", left.c_str(), help.c_str());
+    }
+    std::fprintf(out, "  %-24s %s\n", "--help", "show this help");
+    std::fprintf(out, "\nexit codes: 0 success, 2 usage or input error (nothing written), 1 internal error\n");
+}
+
+namespace {
+
+fs::path absolute_clean(const fs::path& p) { return fs::weakly_canonical(fs::absolute(p)); }
+
+/// True when `inner` is `outer` or inside it.
+bool is_within(const fs::path& inner, const fs::path& outer) {
+    auto i = inner.begin();
+    for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+        if (i == inner.end() || *i != *o) return false;
+    return true;
+}
+
+std::string random_suffix() {
+    std::random_device rd;
+    return std::to_string(::getpid()) + "-" + std::to_string(rd() % 1000000);
+}
+
+}  // namespace
+
+OutputDir::OutputDir(const fs::path& out, bool force, const std::vector<fs::path>& inputs) {
+    if (out.empty()) throw UsageError("--out is required");
+    m_out = absolute_clean(out);
+    if (m_out.filename().empty()) m_out = m_out.parent_path();
+    for (const auto& input : inputs) {
+        const fs::path in = absolute_clean(input);
+        const fs::path in_folder = fs::is_directory(in) ? in : in.parent_path();
+        if (is_within(m_out, in) || (fs::is_directory(in) && is_within(m_out, in_folder)))
+            throw UsageError("refusing to write " + m_out.string() + " into the input " + in.string());
+        if (is_within(in, m_out))
+            throw UsageError("refusing to replace " + m_out.string() + ": it contains the input " + in.string());
+    }
+    if (fs::exists(m_out)) {
+        if (!force) throw UsageError(m_out.string() + " already exists; pass --force to replace it");
+        if (!fs::is_directory(m_out)) throw UsageError(m_out.string() + " exists and is not a folder");
+    }
+    fs::create_directories(m_out.parent_path());
+    m_tmp = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-tmp-" + random_suffix());
+    fs::create_directory(m_tmp);
+}
+
+OutputDir::~OutputDir() {
+    if (!m_committed && !m_tmp.empty()) {
+        std::error_code ec;
+        fs::remove_all(m_tmp, ec);
+    }
+}
+
+void OutputDir::commit() {
+    fs::path old;
+    if (fs::exists(m_out)) {
+        old = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-old-" + random_suffix());
+        fs::rename(m_out, old);
+    }
+    fs::rename(m_tmp, m_out);
+    m_committed = true;
+    if (!old.empty()) fs::remove_all(old);
+}
+
+bool stderr_is_tty() { return ::isatty(STDERR_FILENO) == 1; }
+
+Progress::Progress(bool enabled) : m_enabled(enabled), m_start(std::chrono::steady_clock::now()) {}
+
+void Progress::update(std::size_t i, std::size_t n, const std::string& name, std::uint64_t bytes_done) {
+    if (interrupted) throw std::runtime_error("interrupted");
+    if (!m_enabled || n == 0) return;
+    const double elapsed = seconds_since(m_start);
+    const double rate = elapsed > 0 ? static_cast<double>(i) / elapsed : 0.0;
+    const double eta = rate > 0 ? static_cast<double>(n - i) / rate : 0.0;
+    constexpr int width = 24;
+    const int filled = static_cast<int>(width * static_cast<double>(i) / static_cast<double>(n));
+    std::string bar(static_cast<std::size_t>(filled), '#');
+    bar.append(static_cast<std::size_t>(width - filled), '.');
+    std::string shown = name.size() > 40 ? "..." + name.substr(name.size() - 37) : name;
+    std::fprintf(stderr, "\r\033[K[%s] %zu/%zu %-40s %5.1f t/s %6.1f MB/s ETA %3d:%02d", bar.c_str(), i + 1, n,
+                 shown.c_str(), rate, elapsed > 0 ? static_cast<double>(bytes_done) / elapsed / 1e6 : 0.0,
+                 static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+    std::fflush(stderr);
+    m_drawn = true;
+}
+
+void Progress::finish() {
+    if (m_drawn) std::fprintf(stderr, "\r\033[K");
+    m_drawn = false;
+}
+
+void print_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+    std::vector<std::size_t> width(header.size());
+    for (std::size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
+    for (const auto& row : rows)
+        for (std::size_t c = 0; c < row.size() && c < width.size(); ++c) width[c] = std::max(width[c], row[c].size());
+    auto line = [&](const std::vector<std::string>& cells) {
+        std::string out;
+        for (std::size_t c = 0; c < cells.size(); ++c) {
+            // first column left-aligned (names), the others right-aligned (numbers)
+            const std::string pad(width[c] - cells[c].size(), ' ');
+            out += c == 0 ? cells[c] + pad : pad + cells[c];
+            if (c + 1 < cells.size()) out += "  ";
+        }
+        std::printf("%s\n", out.c_str());
+    };
+    line(header);
+    std::size_t total = 0;
+    for (auto w : width) total += w + 2;
+    std::printf("%s\n", std::string(total > 2 ? total - 2 : 0, '-').c_str());
+    for (const auto& row : rows) line(row);
+}
+
+std::string format(const char* fmt, ...) {
+    char buffer[512];
+    va_list args;
+    va_start(args, fmt);
+    std::vsnprintf(buffer, sizeof buffer, fmt, args);
+    va_end(args);
+    return buffer;
+}
+
+std::string shape_text(const std::vector<std::uint64_t>& shape) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+std::string size_text(std::uint64_t bytes) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = static_cast<double>(bytes);
+    int u = 0;
+    while (v >= 1024 && u < 4) {
+        v /= 1024;
+        ++u;
+    }
+    return u == 0 ? std::to_string(bytes) + " B" : format("%.1f %s", v, units[u]);
+}
+
+void set_threads(int threads) {
+    if (threads <= 0) return;
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+    Eigen::setNbThreads(threads);
+}
+
+}  // namespace pissa_tool
+
+namespace {
+
+void on_signal(int) { pissa_tool::interrupted = true; }
+
+void print_usage(std::FILE* out) {
+    std::fprintf(out,
+                 "pissa %d.%d.%d: PiSSA adapters for safetensors checkpoints, files peft loads unchanged\n\n"
+                 "usage: pissa <command> [options]   (pissa <command> --help for each)\n\n"
+                 "commands:\n"
+                 "  init      split a model into a residual model and a PiSSA adapter (DIR/pissa_init)\n"
+                 "  convert   turn a trained PiSSA adapter into a rank-2r LoRA for the original model\n"
+                 "  merge     write W + s B A for every weight an adapter adapts\n"
+                 "  inspect   list a checkpoint's tensors, or an adapter's rank, alpha and norms\n"
+                 "  generate  write the built-in synthetic Llama-shaped checkpoint\n\n"
+                 "exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error\n",
+                 PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    if (argc < 2) {
+        print_usage(stderr);
+        return 2;
+    }
+    const std::string command = argv[1];
+    if (command == "--help" || command == "-h" || command == "help") {
+        print_usage(stdout);
+        return 0;
+    }
+    if (command == "--version") {
+        std::printf("pissa %d.%d.%d\n", PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH);
+        return 0;
+    }
+    using Command = int (*)(int, char**);
+    const std::pair<const char*, Command> commands[] = {{"init", pissa_tool::cmd_init},
+                                                        {"convert", pissa_tool::cmd_convert},
+                                                        {"merge", pissa_tool::cmd_merge},
+                                                        {"inspect", pissa_tool::cmd_inspect},
+                                                        {"generate", pissa_tool::cmd_generate}};
+    for (const auto& [name, run] : commands) {
+        if (command != name) continue;
+        try {
+            return run(argc - 2, argv + 2);
+        } catch (const pissa_tool::UsageError& e) {
+            std::fprintf(stderr, "pissa %s: error: %s\n(see pissa %s --help)\n", name, e.what(), name);
+            return 2;
+        } catch (const pissa::invalid_argument& e) {  // includes pissa::io::format_error: bad input files
+            std::fprintf(stderr, "pissa %s: error: %s\n", name, e.what());
+            return 2;
+        } catch (const std::exception& e) {
+            if (pissa_tool::interrupted) {
+                std::fprintf(stderr, "\npissa %s: interrupted; nothing written\n", name);
+                return 130;
+            }
+            std::fprintf(stderr, "pissa %s: internal error: %s\n", name, e.what());
+            return 1;
+        }
+    }
+    std::fprintf(stderr, "pissa: unknown command '%s'\n\n", command.c_str());
+    print_usage(stderr);
+    return 2;
+}
