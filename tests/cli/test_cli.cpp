@@ -1,0 +1,337 @@
+// End-to-end tests of the pissa tool: runs the binary on generated checkpoints (Llama- and GPT-2
+// shaped, single and sharded) and checks what it writes with the io library.
+#include "support.hpp"
+#include "io/io_support.hpp"
+
+#include <pissa/io/checkpoint.hpp>
+#include <pissa/io/peft.hpp>
+#include <pissa/io/tensor.hpp>
+
+#include <cstdlib>
+#include <fstream>
+#include <set>
+
+using namespace pissa::io;
+using pissa_test::ScratchDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+    int code;
+    std::string out, err;
+};
+
+/// Runs `pissa <args>` in `dir` with the cache folder inside it; captures stdout and stderr.
+Run pissa_run(const ScratchDir& dir, const std::string& args) {
+    const auto out = dir / ".stdout", err = dir / ".stderr";
+    const std::string command = "cd '" + dir.path().string() + "' && PISSA_CACHE_DIR='" + (dir / ".cache").string() +
+                                "' '" + PISSA_TOOL + "' " + args + " > '" + out.string() + "' 2> '" + err.string() + "'";
+    const int status = std::system(command.c_str());
+    Run r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, pissa_test::read_bytes(out), pissa_test::read_bytes(err)};
+    fs::remove(out);
+    fs::remove(err);
+    return r;
+}
+
+const std::string small_llama = "--layers 2 --hidden 64 --intermediate 96 --vocab 128 --heads 4";
+
+std::string bytes_of(const Checkpoint& c, const std::string& name) {
+    const auto& file = c.file_of(name);
+    const ByteView v = file.bytes(file.at(name));
+    return std::string(reinterpret_cast<const char*>(v.data), v.size);
+}
+
+/// Entries of a folder other than the given ones (to find leftovers such as temporary folders).
+std::set<std::string> entries(const fs::path& dir) {
+    std::set<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+    return out;
+}
+
+pissa::Matrix<double> weight(const Checkpoint& c, const std::string& name) {
+    const auto& file = c.file_of(name);
+    return read_matrix<double>(file, file.at(name));
+}
+
+}  // namespace
+
+TEST_CASE("init on the built-in model: residual model + peft adapter with the reference layout") {
+    ScratchDir dir("cli-init");
+    const Run r = pissa_run(dir, "init --out out");
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    CHECK(r.out.find("kept energy") != std::string::npos);
+    const Checkpoint in(dir / ".cache" / "builtin-llama-v1");
+    const Checkpoint out(dir / "out");
+    CHECK(fs::exists(dir / "out" / "config.json"));
+    CHECK(pissa_test::read_bytes(dir / "out" / "config.json") ==
+          pissa_test::read_bytes(dir / ".cache" / "builtin-llama-v1" / "config.json"));
+    REQUIRE(out.tensor_names() == in.tensor_names());
+    CHECK(out.shards()[0]->metadata() == in.shards()[0]->metadata());
+    CHECK(out.shards()[0]->path().filename() == "model.safetensors");
+
+    const Adapter adapter = read_adapter(dir / "out" / "pissa_init");
+    CHECK(adapter.modules.size() == 8);  // q_proj, v_proj in 4 layers
+    int targets = 0;
+    for (const auto& name : in.tensor_names()) {
+        const TensorInfo& a = *in.find(name);
+        const TensorInfo& b = *out.find(name);
+        CHECK(a.dtype == b.dtype);
+        CHECK(a.shape == b.shape);
+        const std::string module = module_of_weight(name);
+        const bool is_target = adapter.config.targets(module);
+        if (!is_target) {
+            CHECK(bytes_of(in, name) == bytes_of(out, name));
+            continue;
+        }
+        ++targets;
+        CHECK(a.dtype == Dtype::BF16);
+        const LoraModule* m = adapter.find(module);
+        REQUIRE(m != nullptr);
+        CHECK(m->A.rows() == 8);
+        CHECK(m->A.cols() == static_cast<pissa::Index>(a.shape[1]));
+        CHECK(m->B.rows() == static_cast<pissa::Index>(a.shape[0]));
+        // W_res + s B A == W up to one bf16 rounding of W_res (relative 2^-8 per entry).
+        const pissa::Matrix<double> W = weight(in, name), W_res = weight(out, name);
+        const pissa::Matrix<double> back = W_res + (m->B * m->A).cast<double>();  // s = 1 (alpha = r = 8)
+        const double err = pissa_test::relative_error(back, W);
+        INFO(name, " reconstruction error ", err);
+        CHECK(err < 4e-3);
+        CHECK(pissa_test::relative_error(W_res, W) > 0.1);  // the principal part really moved to the adapter
+    }
+    CHECK(targets == 8);
+
+    SafetensorsFile weights(dir / "out" / "pissa_init" / adapter_weights_name);
+    const auto& A = weights.at("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    const auto& B = weights.at("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+    CHECK(A.dtype == Dtype::F32);
+    CHECK(A.shape == std::vector<std::uint64_t>{8, 512});
+    CHECK(B.shape == std::vector<std::uint64_t>{512, 8});
+    CHECK(weights.metadata().at("format") == "pt");
+    CHECK(weights.metadata().at("pissa.method") == "randomized");
+    CHECK(weights.metadata().at("pissa.niter") == "4");
+    CHECK(weights.metadata().at("pissa.seed") == "0");
+    const auto config = nlohmann::json::parse(pissa_test::read_bytes(dir / "out" / "pissa_init" / adapter_config_name));
+    CHECK(config["init_lora_weights"] == true);
+    CHECK(config["r"] == 8);
+    CHECK(config["lora_alpha"] == 8.0);
+    CHECK(config["target_modules"] == nlohmann::json::array({"q_proj", "v_proj"}));
+    CHECK(config["use_rslora"] == false);
+    CHECK(config["fan_in_fan_out"] == false);
+    CHECK(config["peft_type"] == "LORA");
+    CHECK(config["task_type"] == "CAUSAL_LM");
+    CHECK(config["bias"] == "none");
+    CHECK(config["lora_dropout"] == 0.0);
+    CHECK(entries(dir.path()) == std::set<std::string>{".cache", "out"});
+}
+
+TEST_CASE("--seed reproduces a run bit for bit; another seed changes the adapter") {
+    ScratchDir dir("cli-seed");
+    REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
+    REQUIRE(pissa_run(dir, "init m --out a --seed 7 --rank 4").code == 0);
+    REQUIRE(pissa_run(dir, "init m --out b --seed 7 --rank 4 --threads 1").code == 0);
+    REQUIRE(pissa_run(dir, "init m --out c --seed 8 --rank 4").code == 0);
+    const auto adapter = [&](const char* d) {
+        return pissa_test::read_bytes(dir / d / "pissa_init" / adapter_weights_name);
+    };
+    CHECK(adapter("a") == adapter("b"));
+    CHECK(pissa_test::read_bytes(dir / "a" / "model.safetensors") == pissa_test::read_bytes(dir / "b" / "model.safetensors"));
+    CHECK(adapter("a") != adapter("c"));
+    // the generator itself is deterministic
+    REQUIRE(pissa_run(dir, "generate --out m2 " + small_llama).code == 0);
+    CHECK(pissa_test::read_bytes(dir / "m" / "model.safetensors") == pissa_test::read_bytes(dir / "m2" / "model.safetensors"));
+}
+
+TEST_CASE("sharded in, sharded out; --exact; --json; regex targets") {
+    ScratchDir dir("cli-sharded");
+    REQUIRE(pissa_run(dir, "generate --out m --shards 3 --dtype F16 " + small_llama).code == 0);
+    const Run r = pissa_run(dir, "init m --out o --exact --rank 4 --alpha 8 --target-regex '.*\\.(k|o)_proj' --json");
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    const auto j = nlohmann::json::parse(r.out);
+    CHECK(j["method"] == "exact");
+    CHECK(j["modules"].size() == 4);
+    CHECK(j["modules"][0]["name"] == "model.layers.0.self_attn.k_proj");
+    const Checkpoint in(dir / "m"), out(dir / "o");
+    REQUIRE(out.is_sharded());
+    CHECK(out.shards().size() == 3);
+    CHECK(out.index()["weight_map"] == in.index()["weight_map"]);
+    CHECK(out.index()["metadata"]["total_size"] == in.total_size());
+    for (std::size_t k = 0; k < 3; ++k) CHECK(out.shards()[k]->path().filename() == in.shards()[k]->path().filename());
+    const Adapter adapter = read_adapter(dir / "o" / "pissa_init");
+    CHECK(adapter.config.target_regex == ".*\\.(k|o)_proj");
+    CHECK(adapter.config.lora_alpha == 8);
+    for (const auto& name : in.tensor_names()) {
+        const LoraModule* m = adapter.find(module_of_weight(name));
+        if (!m) {
+            CHECK(bytes_of(in, name) == bytes_of(out, name));
+            continue;
+        }
+        const pissa::Matrix<double> W = weight(in, name), W_res = weight(out, name);
+        CHECK(pissa_test::relative_error(W_res + 2.0 * (m->B * m->A).cast<double>(), W) < 1e-3);  // s = 8 / 4
+    }
+    // merging the adapter back into the residual gives the original model (to f16 rounding)
+    REQUIRE(pissa_run(dir, "merge o o/pissa_init --out merged").code == 0);
+    const Checkpoint merged(dir / "merged");
+    CHECK(merged.is_sharded());
+    for (const auto& name : in.tensor_names()) {
+        if (!is_float_matrix(*in.find(name))) continue;
+        CHECK(pissa_test::relative_error(weight(merged, name), weight(in, name)) < 2e-3);
+    }
+}
+
+TEST_CASE("fan_in_fan_out on a GPT-2 style Conv1D checkpoint") {
+    ScratchDir dir("cli-gpt2");
+    REQUIRE(pissa_run(dir, "generate --arch gpt2 --out g --layers 2 --hidden 32 --vocab 64 --dtype F32").code == 0);
+    const Run r = pissa_run(dir, "init g --out o --targets c_attn --fan-in-fan-out --rank 4");
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    const Checkpoint in(dir / "g"), out(dir / "o");
+    const Adapter adapter = read_adapter(dir / "o" / "pissa_init");
+    CHECK(adapter.config.fan_in_fan_out);
+    REQUIRE(adapter.modules.size() == 2);
+    const LoraModule& m = adapter.modules[0];
+    CHECK(m.name == "transformer.h.0.attn.c_attn");
+    CHECK(m.A.rows() == 4);
+    CHECK(m.A.cols() == 32);  // in
+    CHECK(m.B.rows() == 96);  // out = 3 * hidden
+    const pissa::Matrix<double> W = weight(in, "transformer.h.0.attn.c_attn.weight");  // stored [in, out]
+    const pissa::Matrix<double> W_res = weight(out, "transformer.h.0.attn.c_attn.weight");
+    CHECK(W_res.rows() == 32);
+    CHECK(pissa_test::relative_error(W_res + (m.B * m.A).cast<double>().transpose(), W) < 1e-5);
+    // merge honours fan_in_fan_out too
+    REQUIRE(pissa_run(dir, "merge o o/pissa_init --out merged").code == 0);
+    const Checkpoint merged(dir / "merged");
+    CHECK(pissa_test::relative_error(weight(merged, "transformer.h.0.attn.c_attn.weight"), W) < 1e-5);
+    // without the flag the [in, out] weight would be decomposed with swapped roles: shapes say so
+    REQUIRE(pissa_run(dir, "init g --out plain --targets c_attn --rank 4").code == 0);
+    CHECK(read_adapter(dir / "plain" / "pissa_init").modules[0].A.cols() == 96);
+}
+
+TEST_CASE("conversion identity: merge(converted LoRA, original) == merge(trained PiSSA adapter, residual)") {
+    ScratchDir dir("cli-convert");
+    REQUIRE(pissa_run(dir, "generate --out m --dtype F32 " + small_llama).code == 0);
+    REQUIRE(pissa_run(dir, "init m --out o --rank 4 --alpha 16 --targets q_proj,v_proj,down_proj").code == 0);
+    // "Training": perturb the initial adapter and save it as peft would (config still says pissa).
+    Adapter trained = read_adapter(dir / "o" / "pissa_init");
+    for (std::size_t k = 0; k < trained.modules.size(); ++k) {
+        auto& m = trained.modules[k];
+        m.A += 0.05f * pissa_test::gaussian<float>(m.A.rows(), m.A.cols(), 100 + k);
+        m.B += 0.05f * pissa_test::gaussian<float>(m.B.rows(), m.B.cols(), 200 + k);
+    }
+    trained.config.init_lora_weights = "pissa_niter_4";
+    write_adapter(dir / "trained", trained);
+
+    const Run c = pissa_run(dir, "convert --initial o/pissa_init --trained trained --out lora");
+    INFO(c.err);
+    REQUIRE(c.code == 0);
+    const Adapter lora = read_adapter(dir / "lora");
+    CHECK(lora.config.r == 8);
+    CHECK(lora.config.lora_alpha == 32);
+    CHECK(lora.config.init_lora_weights == true);
+    CHECK(lora.modules.front().A.rows() == 8);
+
+    REQUIRE(pissa_run(dir, "merge m lora --out via_lora").code == 0);
+    REQUIRE(pissa_run(dir, "merge o trained --out via_pissa").code == 0);
+    const Checkpoint a(dir / "via_lora"), b(dir / "via_pissa"), original(dir / "m");
+    for (const auto& name : original.tensor_names()) {
+        if (!lora.find(module_of_weight(name))) {
+            CHECK(bytes_of(a, name) == bytes_of(original, name));
+            continue;
+        }
+        const double err = pissa_test::relative_error(weight(a, name), weight(b, name));
+        INFO(name, " ", err);
+        CHECK(err < 1e-5);  // float32 rounding
+        CHECK(pissa_test::relative_error(weight(a, name), weight(original, name)) > 1e-3);  // training did something
+    }
+
+    // rsLoRA with patterns is refused, as peft refuses it; nothing is written.
+    trained.config.use_rslora = true;
+    trained.config.rank_pattern = {{"q_proj", 4}};
+    write_adapter(dir / "trained_rs", trained);
+    Adapter initial_rs = read_adapter(dir / "o" / "pissa_init");
+    initial_rs.config.use_rslora = true;
+    write_adapter(dir / "initial_rs", initial_rs);
+    const Run refused = pissa_run(dir, "convert --initial initial_rs --trained trained_rs --out lora_rs");
+    CHECK(refused.code == 2);
+    CHECK(refused.err.find("use_rslora") != std::string::npos);
+    CHECK_FALSE(fs::exists(dir / "lora_rs"));
+    // an initial adapter that still says "pissa" is refused
+    const Run wrong = pissa_run(dir, "convert --initial trained --trained trained --out lora2");
+    CHECK(wrong.code == 2);
+    CHECK(wrong.err.find("init_lora_weights must be true") != std::string::npos);
+}
+
+TEST_CASE("the malformed corpus: exit code 2, a clear message naming the file, nothing written") {
+    ScratchDir dir("cli-corpus");
+    std::ifstream expected(fs::path(PISSA_IO_CORPUS) / "expected.txt");
+    std::string line;
+    int count = 0;
+    while (std::getline(expected, line)) {
+        const auto tab = line.find('\t');
+        const std::string name = line.substr(0, tab), message = line.substr(tab + 1);
+        const std::string path = (fs::path(PISSA_IO_CORPUS) / name).string();
+        for (const std::string& command : {"init '" + path + "' --out o", "inspect '" + path + "'",
+                                          "merge '" + path + "' a --out o"}) {
+            const Run r = pissa_run(dir, command);
+            INFO(command, "\n", r.err);
+            CHECK(r.code == 2);
+            if (command[0] != 'm') {
+                CHECK(r.err.find(message) != std::string::npos);
+                CHECK(r.err.find(name) != std::string::npos);
+            }
+        }
+        CHECK(entries(dir.path()).empty());  // no output, no temporary folder
+        ++count;
+    }
+    CHECK(count >= 25);
+}
+
+TEST_CASE("usage errors, overwrite protection, --help everywhere") {
+    ScratchDir dir("cli-usage");
+    REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
+    for (const char* cmd : {"init", "convert", "merge", "inspect", "generate"}) {
+        const Run r = pissa_run(dir, std::string(cmd) + " --help");
+        CHECK(r.code == 0);
+        CHECK(r.out.find(std::string("usage: pissa ") + cmd) != std::string::npos);
+    }
+    CHECK(pissa_run(dir, "").code == 2);
+    CHECK(pissa_run(dir, "frobnicate").code == 2);
+    CHECK(pissa_run(dir, "init m --out o --bogus").code == 2);
+    CHECK(pissa_run(dir, "init m").code == 2);                            // no --out
+    CHECK(pissa_run(dir, "init m --out o --rank 0").code == 2);
+    CHECK(pissa_run(dir, "init m --out o --rank 65").code == 2);          // > min(out, in) = 64
+    CHECK(pissa_run(dir, "init m --out o --exact --niter 2").code == 2);
+    CHECK(pissa_run(dir, "init m --out m/inside").code == 2);             // never into the input
+    CHECK(pissa_run(dir, "init nothing --out o").code == 2);
+    const Run none = pissa_run(dir, "init m --out o --targets wq,wv");
+    CHECK(none.code == 2);
+    CHECK(none.err.find("q_proj (2)") != std::string::npos);            // lists what the model has
+    CHECK(entries(dir.path()) == std::set<std::string>{"m"});
+
+    REQUIRE(pissa_run(dir, "init m --out o --rank 2").code == 0);
+    const std::string before = pissa_test::read_bytes(dir / "o" / "pissa_init" / adapter_weights_name);
+    const Run exists = pissa_run(dir, "init m --out o --rank 4");
+    CHECK(exists.code == 2);
+    CHECK(exists.err.find("--force") != std::string::npos);
+    CHECK(pissa_test::read_bytes(dir / "o" / "pissa_init" / adapter_weights_name) == before);
+    CHECK(pissa_run(dir, "init m --out o --rank 4 --force").code == 0);
+    CHECK(read_adapter(dir / "o" / "pissa_init").config.r == 4);
+    CHECK(pissa_run(dir, "init o --out . --force").code == 2);            // would replace the input's parent
+    CHECK(entries(dir.path()) == std::set<std::string>{"m", "o"});
+
+    const Run inspect = pissa_run(dir, "inspect o/pissa_init --json");
+    REQUIRE(inspect.code == 0);
+    const auto j = nlohmann::json::parse(inspect.out);
+    CHECK(j["kind"] == "adapter");
+    CHECK(j["r"] == 4);
+    CHECK(j["modules"].size() == 4);
+    const Run tensors = pissa_run(dir, "inspect m");
+    CHECK(tensors.code == 0);
+    const auto at = tensors.out.find("model.layers.1.mlp.down_proj.weight ");
+    REQUIRE(at != std::string::npos);
+    const std::string row = tensors.out.substr(at, tensors.out.find('\n', at) - at);
+    CHECK(row.find(" BF16 ") != std::string::npos);
+    CHECK(row.find(" [64, 96] ") != std::string::npos);
+}
