@@ -1,0 +1,183 @@
+// QPiSSA, LoftQ and QLoRA on an NF4 base (qpissa.hpp) and the error measures (quant_error.hpp).
+#include "support.hpp"
+
+#include <pissa/quant.hpp>
+
+#include <Eigen/SVD>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+using pissa::Index;
+using pissa::QuantErrorNorm;
+using pissa::QuantInitConfig;
+using pissa_test::Matrix;
+using pissa_test::Vector;
+
+namespace {
+
+/// An LLM-like weight [m, n]: a Gaussian bulk (std 0.02), a few strong directions well above the
+/// bulk's edge, two outlier input channels (columns x6) and a handful of large isolated entries.
+template <class S>
+Matrix<S> llm_like(Index m, Index n, std::uint64_t seed) {
+    Matrix<double> w = pissa_test::gaussian<double>(m, n, seed) * 0.02;
+    const Index k = 6;
+    Vector<double> sigma(k);
+    const double edge = 0.02 * (std::sqrt(double(m)) + std::sqrt(double(n)));
+    for (Index i = 0; i < k; ++i) sigma(i) = 3.0 * edge / double(i + 1);
+    w += pissa_test::with_spectrum<double>(m, n, sigma, seed + 100);
+    w.col(n / 3) *= 6.0;
+    w.col((2 * n) / 3) *= 6.0;
+    pissa::detail::SplitMix64 rng(seed + 7);
+    for (int e = 0; e < 5; ++e) {
+        const Index i = Index(rng.uniform() * double(m)) % m;
+        const Index j = Index(rng.uniform() * double(n)) % n;
+        w(i, j) = (e % 2 ? 1.0 : -1.0) * 0.4;
+    }
+    return w.cast<S>();
+}
+
+QuantInitConfig config_with(Index rank, int iterations) {
+    QuantInitConfig config;
+    config.pissa.rank = rank;
+    config.pissa.lora_alpha = double(rank);  // s = 1, as the reference script
+    config.iterations = iterations;
+    return config;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("QPiSSA with T = 1 is the plain PiSSA residual, quantised", T, float, double) {
+    const Matrix<T> w = llm_like<T>(96, 160, 3);
+    const QuantInitConfig config = config_with(8, 1);
+    const auto q = pissa::qpissa_init(w, config);
+    const auto split = pissa::init(w, config.pissa);
+    CHECK(q.base.packed == pissa::quantize_nf4(split.residual).packed);
+    CHECK(q.base.absmax == pissa::quantize_nf4(split.residual).absmax);
+    CHECK(pissa_test::relative_error(q.adapter.B * q.adapter.A, split.B * split.A) < 10 * pissa_test::eps<T>());
+    // Independently: W_res = W - U_r S_r V_r^T from a full SVD in double. Codes may flip only for
+    // values within rounding of a midpoint, so the dequantised bases agree to a few flips.
+    Eigen::BDCSVD<Matrix<double>> svd(w.template cast<double>(), Eigen::ComputeThinU | Eigen::ComputeThinV);
+    const Matrix<double> residual = w.template cast<double>() - svd.matrixU().leftCols(8) *
+                                                                   svd.singularValues().head(8).asDiagonal() *
+                                                                   svd.matrixV().leftCols(8).transpose();
+    const pissa::Nf4Tensor reference = pissa::quantize_nf4(residual);
+    Index differing = 0;
+    for (Index i = 0; i < reference.size(); ++i) differing += reference.code(i) != q.base.code(i) ? 1 : 0;
+    INFO("codes differing from the double-precision reference: " << differing << " of " << reference.size());
+    CHECK(differing <= reference.size() / 1000);
+    // The error history's single entry is the measured Frobenius error.
+    REQUIRE(q.error_history.size() == 1);
+    CHECK(q.error_history[0] == doctest::Approx(pissa::quantization_error(w, q)).epsilon(1e-5));
+}
+
+TEST_CASE_TEMPLATE("QPiSSA and LoftQ: more iterations never increase the error", T, float, double) {
+    struct Case {
+        Index m, n, rank;
+        std::uint64_t seed;
+    };
+    for (const Case& c : {Case{96, 160, 8, 1}, Case{128, 128, 16, 2}, Case{200, 72, 4, 3}}) {
+        const Matrix<T> w = llm_like<T>(c.m, c.n, c.seed);
+        const QuantInitConfig config = config_with(c.rank, 5);
+        const auto qpissa = pissa::qpissa_init(w, config);
+        const auto loftq = pissa::loftq_init(w, config);
+        REQUIRE(qpissa.error_history.size() == 5);
+        REQUIRE(loftq.error_history.size() == 5);
+        for (std::size_t t = 1; t < 5; ++t) {
+            INFO(c.m << " x " << c.n << " rank " << c.rank << ", iteration " << t + 1 << ": QPiSSA "
+                     << qpissa.error_history[t - 1] << " -> " << qpissa.error_history[t] << ", LoftQ "
+                     << loftq.error_history[t - 1] << " -> " << loftq.error_history[t]);
+            CHECK(qpissa.error_history[t] <= qpissa.error_history[t - 1] * (1 + 1e-6));
+            CHECK(loftq.error_history[t] <= loftq.error_history[t - 1] * (1 + 1e-6));
+        }
+        // The T-iteration result is the T-th entry: a separate T = 3 run ends where this one was.
+        const auto three = pissa::qpissa_init(w, config_with(c.rank, 3));
+        CHECK(three.error_history.back() == doctest::Approx(qpissa.error_history[2]).epsilon(1e-9));
+        CHECK(pissa::quantization_error(w, qpissa) == doctest::Approx(qpissa.error_history.back()).epsilon(1e-5));
+        CHECK(pissa::quantization_error(w, loftq) == doctest::Approx(loftq.error_history.back()).epsilon(1e-5));
+    }
+}
+
+TEST_CASE_TEMPLATE("QPiSSA beats QLoRA on every LLM-like test matrix, in both norms", T, float, double) {
+    struct Case {
+        Index m, n, rank;
+        int iterations;
+        std::uint64_t seed;
+    };
+    for (const Case& c : {Case{96, 160, 8, 1, 11}, Case{160, 96, 8, 5, 12}, Case{128, 128, 16, 1, 13},
+                          Case{256, 64, 4, 5, 14}}) {
+        const Matrix<T> w = llm_like<T>(c.m, c.n, c.seed);
+        const auto errors = pissa::compare_quantization_errors(w, config_with(c.rank, c.iterations));
+        for (QuantErrorNorm norm : {QuantErrorNorm::frobenius, QuantErrorNorm::nuclear}) {
+            const auto e = errors.in(norm);
+            const std::string norm_name = norm == QuantErrorNorm::nuclear ? "nuclear" : "Frobenius";
+            INFO(c.m << " x " << c.n << " rank " << c.rank << " T " << c.iterations << " " << norm_name
+                     << ": QLoRA " << e.qlora
+                     << ", LoftQ " << e.loftq << " (" << 100 * e.loftq_reduction() << "%), QPiSSA " << e.qpissa
+                     << " (" << 100 * e.qpissa_reduction() << "%)");
+            CHECK(e.qpissa < e.qlora);
+            CHECK(e.loftq < e.qlora);
+            CHECK(e.qpissa_reduction() > 0.05);
+        }
+    }
+}
+
+TEST_CASE("LoftQ with T = 1: QLoRA's base plus the best rank-r fit of its quantisation error") {
+    const Matrix<double> w = llm_like<double>(80, 120, 5);
+    const auto loftq = pissa::loftq_init(w, config_with(6, 1));
+    const auto qlora = pissa::qlora_init(w);
+    CHECK(loftq.base.packed == qlora.base.packed);
+    CHECK(qlora.adapter.A.rows() == 0);
+    CHECK(qlora.adapter.B.cols() == 0);
+    CHECK(pissa::quantization_error(w, qlora) == doctest::Approx((w - pissa::nf4_round_trip(w).cast<double>()).norm()));
+    // Eckart-Young on the quantisation error Q_err = W - deq(Q(W)): ||Q_err - sBA||_F^2 = sum_{i>r} sigma_i^2.
+    const Matrix<double> q_err = w - pissa::dequantize_nf4<double>(qlora.base);
+    Eigen::BDCSVD<Matrix<double>> svd(q_err);
+    const double tail = std::sqrt(svd.singularValues().tail(svd.singularValues().size() - 6).squaredNorm());
+    CHECK(pissa::quantization_error(w, loftq) == doctest::Approx(tail).epsilon(1e-10));
+}
+
+TEST_CASE("Quantised inits on a fan_in_fan_out weight quantise the stored [in, out] tensor") {
+    const Matrix<float> w = llm_like<float>(64, 96, 9);  // [out, in]
+    const Matrix<float> stored = w.transpose();           // GPT-2 Conv1D layout [in, out]
+    QuantInitConfig config = config_with(4, 2);
+    config.pissa.fan_in_fan_out = true;
+    const auto q = pissa::qpissa_init(stored, config);
+    CHECK(q.base.rows == 96);
+    CHECK(q.base.cols == 64);
+    CHECK(q.adapter.A.rows() == 4);
+    CHECK(q.adapter.A.cols() == 96);  // A [r, in]
+    CHECK(q.adapter.B.rows() == 64);           // B [out, r]
+    const Matrix<float> rebuilt = pissa::dequantize_nf4<float>(q.base) +
+                                  (q.adapter.B * q.adapter.A * q.adapter.scaling).transpose();
+    CHECK((stored - rebuilt).norm() == doctest::Approx(q.error_history.back()).epsilon(1e-4));
+    CHECK(pissa::quantization_error(stored, q) == doctest::Approx(q.error_history.back()).epsilon(1e-4));
+    const auto plain = pissa::qpissa_init(w, config_with(4, 2));
+    // Same matrix, other flattening: the errors are of the same size, not equal.
+    CHECK(q.error_history.back() == doctest::Approx(plain.error_history.back()).epsilon(0.1));
+}
+
+TEST_CASE("nuclear_norm sums every singular value; error_reduction") {
+    Vector<double> sigma(5);
+    sigma << 5, 3, 2, 0.5, 0.25;
+    const Matrix<float> m = pissa_test::with_spectrum<float>(40, 30, sigma, 4);
+    CHECK(pissa::nuclear_norm(m) == doctest::Approx(10.75).epsilon(1e-5));
+    CHECK(pissa::nuclear_norm(m.transpose()) == doctest::Approx(10.75).epsilon(1e-5));
+    CHECK(pissa::error_reduction(0.8, 1.0) == doctest::Approx(0.2));
+    CHECK_THROWS_AS(pissa::error_reduction(0.8, 0.0), pissa::invalid_argument);
+}
+
+TEST_CASE("Quantised inits reject bad configurations") {
+    const Matrix<float> w = llm_like<float>(32, 48, 1);
+    QuantInitConfig config = config_with(4, 0);
+    CHECK_THROWS_WITH_AS(pissa::qpissa_init(w, config), doctest::Contains("iterations"), pissa::invalid_argument);
+    CHECK_THROWS_AS(pissa::loftq_init(w, config), pissa::invalid_argument);
+    config = config_with(40, 1);  // rank > min(m, n)
+    CHECK_THROWS_AS(pissa::qpissa_init(w, config), pissa::invalid_argument);
+    config = config_with(4, 1);
+    config.nf4.block_size = 7;
+    CHECK_THROWS_AS(pissa::qpissa_init(w, config), pissa::invalid_argument);
+    const auto q = pissa::qpissa_init(w, config_with(4, 1));
+    CHECK_THROWS_AS(pissa::quantization_error(Matrix<float>(w.transpose()), q), pissa::invalid_argument);
+}
