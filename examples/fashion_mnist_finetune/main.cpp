@@ -159,6 +159,25 @@ int run(const Options& o) {
                   << format(": sigma1 %.4f, sigma8 %.4f, sigma9 %.4f\n", svd.S(0), svd.S(7), svd.S(8));
     }
     std::cout << "protocol: fc1 3.8170, 1.6099, 1.4224; fc2 0.9605, 0.5658, 0.5472\n";
+    if (std::find(o.methods.begin(), o.methods.end(), Method::pissa_niter_4) != o.methods.end()) {
+        // How much of the top-r energy the randomized SVD captures: ||s B A||_F^2 / sum_{i<=r} sigma_i^2.
+        std::cout << "pissa_niter_4 captured top-8 energy (fc1, fc2):";
+        for (auto seed : o.seeds) {
+            std::cout << " seed " << seed;
+            for (int index = 0; index < 2; ++index) {
+                Layer layer = index == 0 ? pretrained.fc1 : pretrained.fc2;
+                const double top = pissa::truncated_svd(layer.W, 8).S.cast<double>().squaredNorm();
+                RunConfig config;
+                config.method = Method::pissa_niter_4;
+                config.seed = seed;
+                attach_adapter(layer, config, index);
+                std::cout << format(index == 0 ? " %.4f" : "/%.4f",
+                                    (layer.s * layer.B * layer.A).cast<double>().squaredNorm() / top);
+            }
+            std::cout << ";";
+        }
+        std::cout << "\n";
+    }
 
     // The grid: one run per method x lr x seed, in parallel (each run single-threaded), full
     // fine-tuning (the slowest) first so the threads finish together.
