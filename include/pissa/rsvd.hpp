@@ -21,6 +21,7 @@
 
 #include <pissa/detail/block_krylov.hpp>
 #include <pissa/detail/orthonormalize.hpp>
+#include <pissa/detail/serial_eigen.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
@@ -68,14 +69,16 @@ SvdResult<Scalar> randomized_svd(const WeightOperator<Storage>& W, Index rank, c
         orthonormalize(Q);
     }
     W.apply(Q, P);  // B = W Q  [m, q]
-    Eigen::BDCSVD<Matrix<Scalar>> small(P, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    if (small.info() != Eigen::Success)
-        throw numerical_error(concat("randomized_svd: the small SVD of W Q [", P.rows(), " x ", P.cols(),
-                                     "] failed (non-finite values from an overflow in W?)"));
     SvdResult<Scalar> out;
-    out.U = small.matrixU().leftCols(rank);
-    out.S = small.singularValues().head(rank);
-    out.V.noalias() = Q * small.matrixV().leftCols(rank);
+    run_serial_eigen([&] {
+        Eigen::BDCSVD<Matrix<Scalar>> small(P, Eigen::ComputeThinU | Eigen::ComputeThinV);
+        if (small.info() != Eigen::Success)
+            throw numerical_error(concat("randomized_svd: the small SVD of W Q [", P.rows(), " x ", P.cols(),
+                                         "] failed (non-finite values from an overflow in W?)"));
+        out.U = small.matrixU().leftCols(rank);
+        out.S = small.singularValues().head(rank);
+        out.V.noalias() = Q * small.matrixV().leftCols(rank);
+    });
     out.report = {options.niter, -1.0, true};
     return out;
 }

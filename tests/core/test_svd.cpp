@@ -92,7 +92,7 @@ TEST_CASE_TEMPLATE("block Krylov converges on an LLM-like spectrum and reports i
     INFO("iterations " << svd.report.iterations << ", residual bound " << svd.report.residual_bound);
     CHECK(svd.report.converged);
     CHECK(svd.report.iterations >= 1);
-    CHECK(svd.report.residual_bound <= 20 * eps<S>());
+    CHECK(svd.report.residual_bound <= 100 * eps<S>());
     CHECK(relative_error(svd.S, sigma.head(r)) < 50 * eps<S>());
     // The bound is real: recompute ||W^T u_i - s_i v_i|| / s_1 here.
     const Matrix<S> defect = W.transpose() * svd.U - svd.V * svd.S.asDiagonal();

@@ -11,6 +11,7 @@
 
 #include <pissa/detail/orthonormalize.hpp>
 #include <pissa/detail/random.hpp>
+#include <pissa/detail/serial_eigen.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
@@ -21,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace pissa::detail {
 
@@ -37,9 +39,11 @@ void fill_gaussian(Matrix<Scalar>& G, Index rows, Index cols, std::uint64_t seed
 /// (classical Gram-Schmidt twice, then QR, then once more: safe even when Z is almost in span(basis)).
 template <class Scalar>
 void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z) {
-    for (int pass = 0; pass < 2; ++pass) Z.noalias() -= basis * (basis.transpose() * Z);
+    auto project_out = [&] { run_serial_eigen([&] { Z.noalias() -= basis * (basis.transpose() * Z); }); };
+    project_out();
+    project_out();
     orthonormalize(Z);
-    Z.noalias() -= basis * (basis.transpose() * Z);
+    project_out();
     orthonormalize(Z);
 }
 
@@ -49,7 +53,8 @@ template <class Scalar, class Storage>
 SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank, double tolerance, int max_cycles,
                                    std::uint64_t seed) {
     const Index m = W.rows(), n = W.cols(), k = std::min(m, n);
-    const Index block = std::min(k, rank + std::max<Index>(8, rank / 2));
+    Index block = std::min(k, rank + std::max<Index>(8, rank / 2));
+    if (2 * block > k) block = k;  // small problem: one block spans everything, Rayleigh-Ritz is exact
     const Index steps = std::clamp<Index>(k / block, 1, 6);
     const Index width = steps * block;
 
@@ -59,6 +64,8 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
 
     Matrix<Scalar> basis(n, width), image(m, width);
     SvdResult<Scalar> out;
+    double best = std::numeric_limits<double>::infinity();
+    int best_cycle = 0;
     for (int cycle = 1; cycle <= max_cycles; ++cycle) {
         basis.leftCols(block) = start;
         W.apply(start, Y);
@@ -72,23 +79,35 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
             image.middleCols(j * block, block) = Y;
         }
         // Rayleigh-Ritz: W K = P = Qp Rp, Rp = Ur diag(S) Vr^T  =>  W (K Vr) = (Qp Ur) diag(S).
-        Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
-        const Matrix<Scalar> R = qr.matrixQR().topRows(width).template triangularView<Eigen::Upper>();
-        Eigen::JacobiSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
-        Matrix<Scalar> U = Matrix<Scalar>::Identity(m, block);
-        U.topRows(width) = small.matrixU().leftCols(block);
-        U.applyOnTheLeft(qr.householderQ());
+        Matrix<Scalar> U;
+        Vector<Scalar> S;
+        run_serial_eigen([&] {
+            Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
+            const Matrix<Scalar> R = qr.matrixQR().topRows(width).template triangularView<Eigen::Upper>();
+            Eigen::JacobiSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
+            U.setIdentity(m, block);
+            U.topRows(width) = small.matrixU().leftCols(block);
+            U.applyOnTheLeft(qr.householderQ());
+            S = small.singularValues();
+            out.V.noalias() = basis * small.matrixV().leftCols(rank);
+        });
         out.U = U.leftCols(rank);
-        out.S = small.singularValues().head(rank);
-        out.V.noalias() = basis * small.matrixV().leftCols(rank);
+        out.S = S.head(rank);
 
         W.apply_transposed(U, Z);  // W^T u_i for the whole block: residuals and the restart
-        const Scalar scale = std::max(small.singularValues()(0), std::numeric_limits<Scalar>::min());
+        const Scalar scale = std::max(S(0), std::numeric_limits<Scalar>::min());
         double worst = 0;
         for (Index i = 0; i < rank; ++i)
             worst = std::max(worst, static_cast<double>((Z.col(i) - out.S(i) * out.V.col(i)).norm() / scale));
         out.report = {cycle, worst, worst <= tolerance};
         if (out.report.converged) break;
+        // Stagnation at the rounding floor: 5 cycles without a 10% improvement of the best residual.
+        if (worst < 0.9 * best) {
+            best = worst;
+            best_cycle = cycle;
+        } else if (cycle - best_cycle >= 5) {
+            break;  // reported as not converged, with the bound reached
+        }
         start = Z;
         orthonormalize(start);
     }

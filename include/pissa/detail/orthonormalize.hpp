@@ -3,6 +3,7 @@
 /// `torch.linalg.qr(X).Q` returns it in torch.svd_lowrank).
 #pragma once
 
+#include <pissa/detail/serial_eigen.hpp>
 #include <pissa/types.hpp>
 
 #include <Eigen/QR>
@@ -13,10 +14,12 @@ namespace pissa::detail {
 /// span the columns of X (a rank-deficient X still gets orthonormal columns).
 template <class Scalar>
 void orthonormalize(Matrix<Scalar>& X) {
-    const Index k = X.rows(), q = X.cols();
-    Eigen::HouseholderQR<Matrix<Scalar>> qr(X);
-    X.setIdentity(k, q);
-    X.applyOnTheLeft(qr.householderQ());
+    run_serial_eigen([&] {
+        const Index k = X.rows(), q = X.cols();
+        Eigen::HouseholderQR<Matrix<Scalar>> qr(X);
+        X.setIdentity(k, q);
+        X.applyOnTheLeft(qr.householderQ());
+    });
 }
 
 }  // namespace pissa::detail
