@@ -2,17 +2,28 @@
 /// \brief The two products every decomposition is made of: `Y = W X` and `Z = W^T Y`, with `W`
 /// large `[m, n]` (a row-major view in its storage dtype) and `X`, `Y` skinny (q << n columns).
 ///
+/// Two kernel families, chosen at run time (detail/cpu_features.hpp): the AVX-512 kernels of
+/// detail/kernels_avx512.hpp (float compute: storage float, Eigen::half, Eigen::bfloat16; W is
+/// streamed once per product, 16-bit values widened a few rows at a time) and portable kernels
+/// (Eigen GEMM over fixed blocks; all storage types, and double everywhere).
+///
 /// Determinism: the work is split into blocks whose sizes do not depend on the thread count, and
 /// each output element is computed by exactly one block in a fixed order, so the result has the
-/// same bits with 1 or N OpenMP threads.
+/// same bits with 1 or N OpenMP threads (for a given kernel family: AVX-512 and portable kernels
+/// round differently).
 #pragma once
 
+#include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/kernels_avx512.hpp>
 #include <pissa/detail/weight_view.hpp>
+#include <pissa/errors.hpp>
 #include <pissa/types.hpp>
 
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 namespace pissa::detail {
 
@@ -32,9 +43,9 @@ void load_block(const RowMajorView<Storage>& W, Index r0, Index nr, Index c0, In
     }
 }
 
-/// `Y = W X`: W `[m, n]`, X `[n, q]`, Y `[m, q]` (resized).
+/// Portable `Y = W X`: W `[m, n]`, X `[n, q]`, Y `[m, q]` (resized).
 template <class Storage, class Scalar>
-void multiply(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, Matrix<Scalar>& Y) {
+void multiply_portable(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, Matrix<Scalar>& Y) {
     PISSA_ASSERT(X.rows() == W.cols);
     Y.resize(W.rows, X.cols());
     const Index blocks = (W.rows + kRowBlock - 1) / kRowBlock;
@@ -60,10 +71,10 @@ void multiply(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, Matrix<Sc
     }
 }
 
-/// `Z = W^T Y`: W `[m, n]`, Y `[m, q]`, Z `[n, q]` (resized). Each block of W's columns owns its
-/// rows of Z and sums over all rows of W in order.
+/// Portable `Z = W^T Y`: W `[m, n]`, Y `[m, q]`, Z `[n, q]` (resized). Each block of W's columns
+/// owns its rows of Z and sums over all rows of W in order.
 template <class Storage, class Scalar>
-void multiply_transposed(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y, Matrix<Scalar>& Z) {
+void multiply_transposed_portable(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y, Matrix<Scalar>& Z) {
     PISSA_ASSERT(Y.rows() == W.rows);
     Z.resize(W.cols, Y.cols());
     const Index blocks = (W.cols + kColBlock - 1) / kColBlock;
@@ -86,6 +97,104 @@ void multiply_transposed(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y
             }
         }
     }
+}
+
+#if PISSA_HAVE_AVX512_KERNELS
+/// AVX-512 `Y = W X` (float compute); work unit: 4 rows of W, static schedule.
+template <class Storage>
+void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Matrix<float>& Y) {
+    const Index m = W.rows, n = W.cols, q = X.cols();
+    const Index units = (m + avx512::kRowTile - 1) / avx512::kRowTile;
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        std::vector<float> wide(std::is_same_v<Storage, float> ? 0 : static_cast<std::size_t>(avx512::kRowTile * n));
+        std::vector<float> park(static_cast<std::size_t>(avx512::kRowTile * avx512::kSuperCols * avx512::kLanes));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            avx512::multiply_rows(W, X.data(), X.rows(), q, Y.data(), Y.rows(), u * avx512::kRowTile, wide.data(),
+                                  park.data());
+    }
+}
+
+/// AVX-512 `Z = W^T Y` (float compute); work unit: kStrip columns of W (rows of Z), static schedule.
+template <class Storage>
+void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Y, Matrix<float>& Z) {
+    const Index m = W.rows, n = W.cols, q = Y.cols();
+    const Index groups = (q + avx512::kColTile - 1) / avx512::kColTile;
+    const Index units = (n + avx512::kStrip - 1) / avx512::kStrip;
+    // Y packed as `groups` blocks of [m, 6] row-major, zero-padded: the 6 values of a row adjacent.
+    std::vector<float> packed(static_cast<std::size_t>(groups * m * avx512::kColTile), 0.0f);
+    for (Index g = 0; g < groups; ++g) {
+        const Index c0 = g * avx512::kColTile, cols = std::min<Index>(avx512::kColTile, q - c0);
+        float* dst = packed.data() + g * m * avx512::kColTile;
+        for (Index c = 0; c < cols; ++c) {
+            const float* src = Y.data() + (c0 + c) * Y.rows();
+            for (Index i = 0; i < m; ++i) dst[i * avx512::kColTile + c] = src[i];
+        }
+    }
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        std::vector<float> wide(std::is_same_v<Storage, float> ? 0
+                                                               : static_cast<std::size_t>(avx512::kChunkRows * avx512::kStrip));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            avx512::multiply_transposed_strip(W, packed.data(), q, Z.data(), Z.rows(), u * avx512::kStrip, wide.data());
+    }
+}
+#endif
+
+/// Whether the AVX-512 kernels serve this (storage, compute scalar) pair right now.
+template <class Storage, class Scalar>
+bool use_avx512_kernels() {
+    if constexpr (std::is_same_v<Scalar, float> && !std::is_same_v<Storage, double>) {
+        return PISSA_HAVE_AVX512_KERNELS && active_kernel_isa() == KernelIsa::avx512;
+    } else {
+        return false;
+    }
+}
+
+/// `Y = W X`: W `[m, n]`, X `[n, q]`, Y `[m, q]` (resized).
+template <class Storage, class Scalar>
+void multiply(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, Matrix<Scalar>& Y) {
+    PISSA_ASSERT(X.rows() == W.cols);
+    PISSA_ASSERT(X.data() != Y.data() || X.size() == 0);
+#if PISSA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<Scalar, float> && !std::is_same_v<Storage, double>) {
+        if (use_avx512_kernels<Storage, Scalar>()) {
+            Y.resize(W.rows, X.cols());
+            if (W.cols == 0) Y.setZero();
+            else if (Y.size() > 0) multiply_avx512(W, X, Y);
+            return;
+        }
+    }
+#endif
+    multiply_portable(W, X, Y);
+}
+
+/// `Z = W^T Y`: W `[m, n]`, Y `[m, q]`, Z `[n, q]` (resized).
+template <class Storage, class Scalar>
+void multiply_transposed(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y, Matrix<Scalar>& Z) {
+    PISSA_ASSERT(Y.rows() == W.rows);
+    PISSA_ASSERT(Y.data() != Z.data() || Y.size() == 0);
+#if PISSA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<Scalar, float> && !std::is_same_v<Storage, double>) {
+        if (use_avx512_kernels<Storage, Scalar>()) {
+            Z.resize(W.cols, Y.cols());
+            if (W.rows == 0) Z.setZero();
+            else if (Z.size() > 0) multiply_transposed_avx512(W, Y, Z);
+            return;
+        }
+    }
+#endif
+    multiply_transposed_portable(W, Y, Z);
 }
 
 /// `W` as an operator for the decompositions: `apply` is `W X`, `apply_transposed` is `W^T Y`,

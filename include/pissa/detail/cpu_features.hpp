@@ -1,0 +1,67 @@
+/// \file detail/cpu_features.hpp
+/// \brief Which kernel family the skinny products run on, chosen at run time.
+///
+/// The library is compiled for the baseline ISA of the caller's flags (no -march is ever put on
+/// the pissa target); the AVX-512 kernels are separate functions compiled with
+/// `__attribute__((target(...)))` and are called only when the CPU and the OS support them
+/// (`__builtin_cpu_supports`, which also checks that the OS saves the zmm state).
+///
+/// Overrides, for tests and benchmarks: the environment variable `PISSA_KERNELS=portable` selects
+/// the portable kernels at the first use; `set_kernel_isa_override()` does it programmatically.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PISSA_NO_AVX512)
+#define PISSA_HAVE_AVX512_KERNELS 1
+#else
+#define PISSA_HAVE_AVX512_KERNELS 0
+#endif
+
+namespace pissa::detail {
+
+/// The kernel families of detail/skinny_gemm.hpp.
+enum class KernelIsa { portable, avx512 };
+
+/// True when this build contains the AVX-512 kernels and the CPU/OS can run them.
+inline bool cpu_supports_avx512_kernels() {
+#if PISSA_HAVE_AVX512_KERNELS
+    static const bool supported = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    }();
+    return supported;
+#else
+    return false;
+#endif
+}
+
+/// -1: no override; otherwise the forced KernelIsa as int.
+inline std::atomic<int>& kernel_isa_override_slot() {
+    static std::atomic<int> slot{[] {
+        const char* env = std::getenv("PISSA_KERNELS");
+        return (env != nullptr && std::strcmp(env, "portable") == 0) ? int(KernelIsa::portable) : -1;
+    }()};
+    return slot;
+}
+
+/// Forces a kernel family (an unsupported avx512 request falls back to portable); `reset` clears it.
+inline void set_kernel_isa_override(KernelIsa isa, bool reset = false) {
+    kernel_isa_override_slot().store(reset ? -1 : int(isa));
+}
+
+/// The kernel family the products use now.
+inline KernelIsa active_kernel_isa() {
+    const int forced = kernel_isa_override_slot().load(std::memory_order_relaxed);
+    if (forced == int(KernelIsa::portable)) return KernelIsa::portable;
+    return cpu_supports_avx512_kernels() ? KernelIsa::avx512 : KernelIsa::portable;
+}
+
+/// "avx512" or "portable", for benchmark labels and logs.
+inline const char* kernel_isa_name(KernelIsa isa) { return isa == KernelIsa::avx512 ? "avx512" : "portable"; }
+
+}  // namespace pissa::detail

@@ -1,0 +1,191 @@
+// The skinny products Y = W X and Z = W^T Y (detail/skinny_gemm.hpp), both kernel families, every
+// storage dtype: against a double-precision reference on odd shapes (m, n not multiples of the
+// tiles, q = 1..130), row strides larger than the row, empty operands, and bit identity across
+// thread counts.
+#include "support.hpp"
+
+#include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/skinny_gemm.hpp>
+
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+using namespace pissa_test;
+using pissa::detail::KernelIsa;
+using pissa::detail::RowMajorView;
+
+namespace {
+
+/// The families this machine can run: portable always, avx512 when supported.
+std::vector<KernelIsa> families() {
+    std::vector<KernelIsa> out{KernelIsa::portable};
+    if (pissa::detail::cpu_supports_avx512_kernels()) out.push_back(KernelIsa::avx512);
+    return out;
+}
+
+/// Restores automatic kernel selection when it goes out of scope.
+struct IsaScope {
+    explicit IsaScope(KernelIsa isa) { pissa::detail::set_kernel_isa_override(isa); }
+    ~IsaScope() { pissa::detail::set_kernel_isa_override(KernelIsa::portable, true); }
+};
+
+/// A row-major [m, n] weight in Storage with row stride `stride` >= n; the padding holds NaN so
+/// that a kernel reading past the row shows up.
+template <class Storage>
+struct StridedWeight {
+    std::vector<Storage> data;
+    RowMajorView<Storage> view;
+    Matrix<double> exact;  // the stored values, widened
+
+    StridedWeight(Index m, Index n, Index stride, std::uint64_t seed) : exact(m, n) {
+        data.assign(static_cast<std::size_t>(std::max<Index>(1, m * stride)),
+                    Storage(std::numeric_limits<float>::quiet_NaN()));
+        const Matrix<double> g = gaussian<double>(m, n, seed);
+        for (Index i = 0; i < m; ++i)
+            for (Index j = 0; j < n; ++j) {
+                data[static_cast<std::size_t>(i * stride + j)] = static_cast<Storage>(g(i, j));
+                exact(i, j) = static_cast<double>(data[static_cast<std::size_t>(i * stride + j)]);
+            }
+        view = {data.data(), m, n, stride};
+    }
+};
+
+/// max over entries of |got - want| / (|A| |B|)(i, k): the error against the sum of |terms|.
+template <class Scalar>
+double scaled_error(const Matrix<Scalar>& got, const Matrix<double>& A, const Matrix<double>& B) {
+    const Matrix<double> want = A * B;
+    const Matrix<double> bound = A.cwiseAbs() * B.cwiseAbs();
+    REQUIRE(got.rows() == want.rows());
+    REQUIRE(got.cols() == want.cols());
+    double worst = 0;
+    for (Index k = 0; k < want.cols(); ++k)
+        for (Index i = 0; i < want.rows(); ++i) {
+            const double err = std::abs(static_cast<double>(got(i, k)) - want(i, k));
+            if (!std::isfinite(err)) return std::numeric_limits<double>::infinity();
+            worst = std::max(worst, err / (bound(i, k) + 1e-300));
+        }
+    return worst;
+}
+
+template <class Storage>
+void check_products(const StridedWeight<Storage>& W, Index q, std::uint64_t seed) {
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    const double tolerance = 50 * eps<Scalar>();  // far below the O(1) error of a wrong index or sign
+    const Index m = W.view.rows, n = W.view.cols;
+    const Matrix<Scalar> X = gaussian<Scalar>(n, q, seed);
+    const Matrix<Scalar> Yin = gaussian<Scalar>(m, q, seed + 1);
+    Matrix<Scalar> Y, Z;
+    pissa::detail::multiply(W.view, X, Y);
+    pissa::detail::multiply_transposed(W.view, Yin, Z);
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(q);
+    CAPTURE(W.view.stride);
+    CHECK(scaled_error(Y, W.exact, X.template cast<double>()) <= tolerance);
+    CHECK(scaled_error(Z, W.exact.transpose(), Yin.template cast<double>()) <= tolerance);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("skinny products match a double reference on odd shapes", Storage, float, double, Eigen::half,
+                   Eigen::bfloat16) {
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        // Shapes around the tile sizes: 4-row units, 16 lanes, 64-column tiles, 256-column strips,
+        // 64-row chunks, 512-column chunks.
+        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {3, 17}, {4, 16}, {5, 33}, {65, 63}, {131, 257},
+                                   {37, 529}, {70, 300}}) {
+            for (const Index q : {1, 2, 5, 6, 7, 13, 48, 49, 50}) {
+                const StridedWeight<Storage> W(m, n, n, std::uint64_t(m * 1000 + n));
+                check_products(W, q, std::uint64_t(q));
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("skinny products for every q from 1 to 130 and row strides beyond the row", Storage, float,
+                   Eigen::bfloat16, Eigen::half) {
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        const StridedWeight<Storage> dense(23, 85, 85, 7);
+        const StridedWeight<Storage> strided(23, 85, 101, 7);  // padding is NaN: must never be read
+        for (Index q = 1; q <= 130; ++q) {
+            if (q % 7 == 1) check_products(dense, q, std::uint64_t(100 + q));
+            check_products(strided, q, std::uint64_t(300 + q));
+        }
+        const StridedWeight<Storage> wide(9, 700, 733, 11);
+        check_products(wide, 17, 5);
+    }
+}
+
+TEST_CASE_TEMPLATE("skinny products of empty operands", Storage, float, Eigen::bfloat16) {
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        const StridedWeight<Storage> no_cols(6, 0, 0, 1);
+        Matrix<Scalar> Y, Z;
+        pissa::detail::multiply(no_cols.view, Matrix<Scalar>(0, 3), Y);
+        CHECK(Y.rows() == 6);
+        CHECK(Y.cols() == 3);
+        CHECK(Y.isZero(0));
+        pissa::detail::multiply_transposed(no_cols.view, Matrix<Scalar>(Matrix<Scalar>::Ones(6, 3)), Z);
+        CHECK(Z.rows() == 0);
+        const StridedWeight<Storage> W(6, 5, 5, 2);
+        pissa::detail::multiply(W.view, Matrix<Scalar>(5, 0), Y);
+        CHECK(Y.rows() == 6);
+        CHECK(Y.cols() == 0);
+    }
+}
+
+TEST_CASE_TEMPLATE("skinny products are bit-identical across 1, 2 and 3 threads", Storage, float, Eigen::bfloat16,
+                   Eigen::half, double) {
+#ifdef _OPENMP
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    // Several work units per thread in both products (4-row units, 256-column strips).
+    const StridedWeight<Storage> W(301, 1100, 1111, 3);
+    const Matrix<Scalar> X = gaussian<Scalar>(1100, 19, 4);
+    const Matrix<Scalar> Yin = gaussian<Scalar>(301, 19, 5);
+    const int saved = omp_get_max_threads();
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        std::vector<Matrix<Scalar>> Ys, Zs;
+        for (const int threads : {1, 2, 3}) {
+            omp_set_num_threads(threads);
+            Matrix<Scalar> Y, Z;
+            pissa::detail::multiply(W.view, X, Y);
+            pissa::detail::multiply_transposed(W.view, Yin, Z);
+            Ys.push_back(Y);
+            Zs.push_back(Z);
+        }
+        omp_set_num_threads(saved);
+        CHECK(Ys[0] == Ys[1]);
+        CHECK(Ys[0] == Ys[2]);
+        CHECK(Zs[0] == Zs[1]);
+        CHECK(Zs[0] == Zs[2]);
+        CHECK(scaled_error(Ys[0], W.exact, X.template cast<double>()) <= 50 * eps<Scalar>());
+    }
+#else
+    MESSAGE("built without OpenMP: a single thread, nothing to compare");
+#endif
+}
+
+TEST_CASE("the kernel family follows the CPU and the override") {
+    const KernelIsa automatic = pissa::detail::active_kernel_isa();
+    MESSAGE("kernels in use: " << std::string(pissa::detail::kernel_isa_name(automatic)));
+    if (std::getenv("PISSA_KERNELS") == nullptr)
+        CHECK((automatic == KernelIsa::avx512) == pissa::detail::cpu_supports_avx512_kernels());
+    {
+        IsaScope scope(KernelIsa::portable);
+        CHECK(pissa::detail::active_kernel_isa() == KernelIsa::portable);
+        CHECK_FALSE(pissa::detail::use_avx512_kernels<float, float>());
+    }
+    CHECK(pissa::detail::active_kernel_isa() == automatic);
+    CHECK_FALSE(pissa::detail::use_avx512_kernels<double, double>());
+}
