@@ -119,8 +119,11 @@ TEST_CASE_TEMPLATE("row-major maps, column-major matrices and expressions give t
         const Matrix<S> pa = a.U * a.S.asDiagonal() * a.V.transpose();
         const Matrix<S> pb = b.U * b.S.asDiagonal() * b.V.transpose();
         const Matrix<S> pc = c.U * c.S.asDiagonal() * c.V.transpose();
-        CHECK(relative_error(pb, pa) < 100 * eps<S>());
-        CHECK(relative_error(pc, Matrix<S>(2 * pa)) < 100 * eps<S>());
+        // Both runs stop at the residual tolerance; the rank-5 subspaces then agree to about
+        // tolerance * sigma_1 / (sigma_5 - sigma_6) (Wedin).
+        const double tol = 50 * eps<S>() * sigma(0) / (sigma(4) - sigma(5));
+        CHECK(relative_error(pb, pa) < tol);
+        CHECK(relative_error(pc, Matrix<S>(2 * pa)) < tol);
     }
 }
 
