@@ -10,7 +10,7 @@ int main() {
     config.randomized.niter = 4;
     auto split = pissa::init(W, config);  // A [16, 768], B [1024, 16], residual W - s B A [1024, 768]
     pissa::Matrix<float> x = pissa::Matrix<float>::Random(4, 768);
-    pissa::Matrix<float> y = pissa::lora_forward(x, split.residual, split.A, split.B, split.scaling);
+    pissa::Matrix<float> y = pissa::lora_forward(x, split.residual, split);  // x W_res^T + s (x A^T) B^T
     std::printf("%s; output change %.1e\n", pissa::to_string(split.quality).c_str(),
                 (y - x * W.transpose()).norm() / y.norm());
 }

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <pissa/errors.hpp>
+#include <pissa/lora.hpp>
 #include <pissa/quality.hpp>
 #include <pissa/rsvd.hpp>
 #include <pissa/svd.hpp>
@@ -57,12 +58,11 @@ inline void require_valid(const PissaConfig& config) {
     require_valid(config.exact);
 }
 
-/// The trainable half of a PiSSA split (float32 for 16-bit storage, as peft keeps adapters).
+/// The trainable half of a PiSSA split (float32 for 16-bit storage, as peft keeps adapters): a
+/// LoraAdapter (`A [r, in]`, `B [out, r]`, `scaling`), so lora_forward / lora_merge take it as is,
+/// plus what the decomposition found.
 template <class Scalar>
-struct PissaAdapter {
-    Matrix<Scalar> A;                 ///< [r, in]
-    Matrix<Scalar> B;                 ///< [out, r]
-    Scalar scaling = 0;               ///< s
+struct PissaAdapter : LoraAdapter<Scalar> {
     Vector<Scalar> singular_values;   ///< S_r, descending (not divided by s)
     QualityReport quality;
     ConvergenceReport convergence;    ///< of the SVD that produced S_r
