@@ -217,6 +217,10 @@ int run(const Options& o) {
     }
     if (!error.empty()) throw std::runtime_error(error);
     const double grid_seconds = seconds_since(grid_start);
+    double merge_change = 0;
+    for (const auto& r : runs) merge_change = std::max(merge_change, r.result.merge_max_logit_change);
+    std::cout << format("merged adapters (W_base + s B A) vs adapter forward: largest logit change %.2g\n",
+                        merge_change);
 
     std::vector<Method> methods;
     for (Method m : {Method::lora, Method::pissa, Method::pissa_niter_4, Method::full})

@@ -223,6 +223,9 @@ struct RunConfig {
 struct RunResult {
     std::vector<double> loss;       ///< the batch loss of steps 1..steps, before each update
     double even_test_accuracy = 0;  ///< after the last step
+    /// Largest |logit| difference on the even test images between the trained adapters and the same
+    /// model with them merged into the base weights (pissa::lora_merge), as deployed; 0 for full.
+    double merge_max_logit_change = 0;
 };
 
 /// Puts the method's adapter on a pretrained layer (`layer_index` 0 for fc1, 1 for fc2: the
@@ -286,6 +289,15 @@ inline RunResult finetune(const Mlp& pretrained, const Split& train, const std::
         result.loss.push_back(train_step(net, x, labels, k, config.lr));
     }
     result.even_test_accuracy = evaluate(net, test, even_test).accuracy;
+    if (net.fc1.adapted && !even_test.empty()) {
+        Mlp merged = net;
+        for (Layer* layer : {&merged.fc1, &merged.fc2}) {
+            pissa::lora_merge(layer->W, layer->A, layer->B, layer->s);  // W_base + s B A
+            layer->adapted = false;
+        }
+        gather(test, even_test, 0, std::min<std::size_t>(even_test.size(), 1000), x, labels);
+        result.merge_max_logit_change = (net.logits(x) - merged.logits(x)).cwiseAbs().maxCoeff();
+    }
     return result;
 }
 

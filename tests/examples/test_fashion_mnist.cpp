@@ -191,7 +191,8 @@ TEST_CASE("the deterministic methods follow the reference run over the first 10 
     const auto& data = dataset();
     const fmnist::Mlp net = fmnist::load_mlp(FMNIST_PRETRAINED);
     const auto even_train = fmnist::positions_with_parity(data.train.labels, 0);
-    const std::vector<Index> no_test;
+    auto some_test = fmnist::positions_with_parity(data.test.labels, 0);
+    some_test.resize(100);
     for (const Expect& e : {Expect{fmnist::Method::pissa, 4.708, 4.551, 4.862},
                             Expect{fmnist::Method::full, 2.848, 2.713, 2.990}}) {
         CAPTURE(fmnist::method_name(e.method));
@@ -202,8 +203,10 @@ TEST_CASE("the deterministic methods follow the reference run over the first 10 
             config.lr = 3e-3;
             config.seed = seed;
             config.steps = 10;
-            const auto run = fmnist::finetune(net, data.train, even_train, data.test, no_test, config);
+            const auto run = fmnist::finetune(net, data.train, even_train, data.test, some_test, config);
             REQUIRE(run.loss.size() == 10);
+            // Merging the trained adapters into the residual changes the logits by float rounding only.
+            CHECK(run.merge_max_logit_change < 1e-3);
             // Step 1 is the pretrained model on its first batch (PiSSA's init leaves it unchanged):
             // losses near the whole-set 12.9.
             CHECK(run.loss[0] > 10.0);
