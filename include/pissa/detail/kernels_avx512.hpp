@@ -3,7 +3,7 @@
 /// Eigen::bfloat16. Compiled with `__attribute__((target))`, called only after a run-time check
 /// (detail/cpu_features.hpp); the rest of the program needs no AVX-512 flags.
 ///
-/// `Y = W X` (multiply_rows): the work unit is 4 rows of W. Each output `Y(i, k)` is a dot
+/// `Y = W X` (multiply_rows): the work unit is 16 rows of W. Each output `Y(i, k)` is a dot
 /// product of row i of W with column k of X, accumulated in 16 float lanes over the columns of W
 /// in order (chunks of kDepth columns, register tile 4 rows x 6 columns of X, partial sums parked
 /// in a small buffer between chunks), then reduced across lanes in a fixed order.
@@ -34,13 +34,22 @@
 
 #define PISSA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
+// The register tiles are arrays indexed by constant-trip loops: they must be unrolled completely
+// for the arrays to live in zmm registers (GCC does not at -O2 on its own).
+#if defined(__clang__)
+#define PISSA_UNROLL _Pragma("unroll")
+#else
+#define PISSA_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace pissa::detail::avx512 {
 
 inline constexpr Index kLanes = 16;
-inline constexpr int kRowTile = 4;        ///< multiply: rows of W per work unit / register tile
+inline constexpr int kRowTile = 4;        ///< multiply: rows of W per register tile
+inline constexpr Index kRowUnit = 16;     ///< multiply: rows of W per work unit
 inline constexpr int kColTile = 6;        ///< columns of X (or Y) per register tile
-inline constexpr Index kDepth = 512;      ///< multiply: columns of W per chunk (W tile stays in L1)
-inline constexpr Index kSuperCols = 48;   ///< multiply: columns of X whose partial sums are parked at once
+inline constexpr Index kDepth = 512;      ///< multiply: columns of W per chunk (W and X chunks stay in L1)
+inline constexpr Index kSuperCols = 24;   ///< multiply: columns of X whose partial sums are parked at once
 inline constexpr Index kStrip = 256;      ///< multiply_transposed: columns of W per work unit
 inline constexpr int kStripVectors = 4;   ///< multiply_transposed: 64 columns of W per register tile
 inline constexpr Index kChunkRows = 64;   ///< multiply_transposed: rows of W per chunk
@@ -97,28 +106,38 @@ template <int R, int C>
 PISSA_AVX512_TARGET inline void dot_tile(const float* const* w, const float* const* x, Index count, bool first,
                                          float* park) {
     __m512 acc[R][C];
+    PISSA_UNROLL
     for (int r = 0; r < R; ++r)
+        PISSA_UNROLL
         for (int c = 0; c < C; ++c)
             acc[r][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(park + (r * C + c) * kLanes);
     Index j = 0;
     for (; j + kLanes <= count; j += kLanes) {
         __m512 xv[C];
+        PISSA_UNROLL
         for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_ps(x[c] + j);
+        PISSA_UNROLL
         for (int r = 0; r < R; ++r) {
             const __m512 wv = _mm512_loadu_ps(w[r] + j);
+            PISSA_UNROLL
             for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
         }
     }
     if (j < count) {
         const __mmask16 m = tail_mask(count - j);
         __m512 xv[C];
+        PISSA_UNROLL
         for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(m, x[c] + j);
+        PISSA_UNROLL
         for (int r = 0; r < R; ++r) {
             const __m512 wv = _mm512_maskz_loadu_ps(m, w[r] + j);
+            PISSA_UNROLL
             for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
         }
     }
+    PISSA_UNROLL
     for (int r = 0; r < R; ++r)
+        PISSA_UNROLL
         for (int c = 0; c < C; ++c) _mm512_storeu_ps(park + (r * C + c) * kLanes, acc[r][c]);
 }
 
@@ -145,42 +164,53 @@ PISSA_AVX512_TARGET inline void dot_tile_rc(int R, int C, const float* const* w,
     }
 }
 
-/// Rows [r0, r0 + min(4, m - r0)) of `Y = W X`. X `[n, q]` col-major with leading dimension ldx,
-/// Y col-major with leading dimension ldy. `wide`: 4 n floats (16-bit storage only); `park`:
-/// 4 kSuperCols 16 floats.
+/// Rows [r0, r0 + min(kRowUnit, m - r0)) of `Y = W X`. X `[n, q]` col-major with leading
+/// dimension ldx, Y col-major with leading dimension ldy. `wide`: kRowUnit kDepth floats (16-bit
+/// storage only); `park`: kRowUnit kSuperCols 16 floats. Loop order: columns of X in groups of
+/// kSuperCols, then chunks of kDepth columns of W, then 6 columns of X, then 4 rows of W: the
+/// chunk of X (6 x kDepth) is reused by the 4 row tiles from L1, the chunk of W by the groups.
 template <class Storage>
 PISSA_AVX512_TARGET void multiply_rows(const RowMajorView<Storage>& W, const float* X, Index ldx, Index q, float* Y,
                                        Index ldy, Index r0, float* wide, float* park) {
-    const int R = static_cast<int>(std::min<Index>(kRowTile, W.rows - r0));
+    const Index rows = std::min<Index>(kRowUnit, W.rows - r0);
     const Index n = W.cols;
-    const float* rows[kRowTile] = {nullptr, nullptr, nullptr, nullptr};
-    for (int r = 0; r < R; ++r) {
-        if constexpr (std::is_same_v<Storage, float>) {
-            rows[r] = W.row(r0 + r);
-        } else {
-            widen(W.row(r0 + r), n, wide + r * n);
-            rows[r] = wide + r * n;
-        }
-    }
+    const Index tiles = (rows + kRowTile - 1) / kRowTile;
+    constexpr Index tile_park = kSuperCols * kRowTile * kLanes;
     for (Index s0 = 0; s0 < q; s0 += kSuperCols) {
         const Index sc = std::min(kSuperCols, q - s0);
         for (Index j0 = 0; j0 < n; j0 += kDepth) {
             const Index count = std::min(kDepth, n - j0);
-            const float* w[kRowTile] = {nullptr, nullptr, nullptr, nullptr};
-            for (int r = 0; r < R; ++r) w[r] = rows[r] + j0;
+            const float* base;
+            Index ldw;
+            if constexpr (std::is_same_v<Storage, float>) {
+                base = W.row(r0) + j0;
+                ldw = W.stride;
+            } else {
+                for (Index i = 0; i < rows; ++i) widen(W.row(r0 + i) + j0, count, wide + i * kDepth);
+                base = wide;
+                ldw = kDepth;
+            }
             for (Index c0 = 0; c0 < sc; c0 += kColTile) {
                 const int C = static_cast<int>(std::min<Index>(kColTile, sc - c0));
                 const float* x[kColTile] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
                 for (int c = 0; c < C; ++c) x[c] = X + (s0 + c0 + c) * ldx + j0;
-                dot_tile_rc(R, C, w, x, count, j0 == 0, park + c0 * kRowTile * kLanes);
+                for (Index t = 0; t < tiles; ++t) {
+                    const int R = static_cast<int>(std::min<Index>(kRowTile, rows - t * kRowTile));
+                    const float* w[kRowTile] = {nullptr, nullptr, nullptr, nullptr};
+                    for (int r = 0; r < R; ++r) w[r] = base + (t * kRowTile + r) * ldw;
+                    dot_tile_rc(R, C, w, x, count, j0 == 0, park + t * tile_park + c0 * kRowTile * kLanes);
+                }
             }
         }
-        for (Index c0 = 0; c0 < sc; c0 += kColTile) {
-            const int C = static_cast<int>(std::min<Index>(kColTile, sc - c0));
-            const float* tile = park + c0 * kRowTile * kLanes;
-            for (int r = 0; r < R; ++r)
-                for (int c = 0; c < C; ++c)
-                    Y[(s0 + c0 + c) * ldy + r0 + r] = reduce16(tile + (r * C + c) * kLanes);
+        for (Index t = 0; t < tiles; ++t) {
+            const int R = static_cast<int>(std::min<Index>(kRowTile, rows - t * kRowTile));
+            for (Index c0 = 0; c0 < sc; c0 += kColTile) {
+                const int C = static_cast<int>(std::min<Index>(kColTile, sc - c0));
+                const float* tile = park + t * tile_park + c0 * kRowTile * kLanes;
+                for (int r = 0; r < R; ++r)
+                    for (int c = 0; c < C; ++c)
+                        Y[(s0 + c0 + c) * ldy + r0 + t * kRowTile + r] = reduce16(tile + (r * C + c) * kLanes);
+            }
         }
     }
 }
@@ -194,7 +224,9 @@ template <int V, int C>
 PISSA_AVX512_TARGET inline void axpy_tile(const float* w, Index ldw, const float* yp, Index rows, float* z, Index ldz,
                                           __mmask16 last, bool first) {
     __m512 acc[V][C];
+    PISSA_UNROLL
     for (int c = 0; c < C; ++c)
+        PISSA_UNROLL
         for (int v = 0; v < V; ++v)
             acc[v][c] = first ? _mm512_setzero_ps()
                               : (v == V - 1 ? _mm512_maskz_loadu_ps(last, z + c * ldz + v * kLanes)
@@ -202,15 +234,20 @@ PISSA_AVX512_TARGET inline void axpy_tile(const float* w, Index ldw, const float
     for (Index i = 0; i < rows; ++i) {
         const float* wr = w + i * ldw;
         __m512 wv[V];
+        PISSA_UNROLL
         for (int v = 0; v < V; ++v)
             wv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, wr + v * kLanes) : _mm512_loadu_ps(wr + v * kLanes);
         const float* yr = yp + i * kColTile;
+        PISSA_UNROLL
         for (int c = 0; c < C; ++c) {
             const __m512 b = _mm512_set1_ps(yr[c]);
+            PISSA_UNROLL
             for (int v = 0; v < V; ++v) acc[v][c] = _mm512_fmadd_ps(wv[v], b, acc[v][c]);
         }
     }
+    PISSA_UNROLL
     for (int c = 0; c < C; ++c)
+        PISSA_UNROLL
         for (int v = 0; v < V; ++v) {
             if (v == V - 1) _mm512_mask_storeu_ps(z + c * ldz + v * kLanes, last, acc[v][c]);
             else _mm512_storeu_ps(z + c * ldz + v * kLanes, acc[v][c]);

@@ -22,6 +22,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -100,22 +101,33 @@ void multiply_transposed_portable(const RowMajorView<Storage>& W, const Matrix<S
 }
 
 #if PISSA_HAVE_AVX512_KERNELS
-/// AVX-512 `Y = W X` (float compute); work unit: 4 rows of W, static schedule.
+/// The first 64-byte aligned address at or after `p` (buffers are over-allocated by 16 floats).
+inline float* aligned_64(float* p) {
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    return p + ((64 - address % 64) % 64) / sizeof(float);
+}
+
+/// AVX-512 `Y = W X` (float compute); work unit: kRowUnit rows of W, static schedule.
 template <class Storage>
 void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Matrix<float>& Y) {
     const Index m = W.rows, n = W.cols, q = X.cols();
-    const Index units = (m + avx512::kRowTile - 1) / avx512::kRowTile;
+    const Index units = (m + avx512::kRowUnit - 1) / avx512::kRowUnit;
+    // X copied to 64-byte aligned columns: its vector loads then never straddle cache lines.
+    const Index ldx = (n + avx512::kLanes - 1) / avx512::kLanes * avx512::kLanes;
+    std::vector<float> x_storage(static_cast<std::size_t>(ldx * q + avx512::kLanes));
+    float* x_aligned = aligned_64(x_storage.data());
+    for (Index k = 0; k < q; ++k) std::copy_n(X.data() + k * X.rows(), n, x_aligned + k * ldx);
 #ifdef _OPENMP
 #pragma omp parallel if (units > 1)
 #endif
     {
-        std::vector<float> wide(std::is_same_v<Storage, float> ? 0 : static_cast<std::size_t>(avx512::kRowTile * n));
-        std::vector<float> park(static_cast<std::size_t>(avx512::kRowTile * avx512::kSuperCols * avx512::kLanes));
+        std::vector<float> wide(std::is_same_v<Storage, float> ? 0 : static_cast<std::size_t>(avx512::kRowUnit * avx512::kDepth));
+        std::vector<float> park(static_cast<std::size_t>(avx512::kRowUnit * avx512::kSuperCols * avx512::kLanes));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (Index u = 0; u < units; ++u)
-            avx512::multiply_rows(W, X.data(), X.rows(), q, Y.data(), Y.rows(), u * avx512::kRowTile, wide.data(),
+            avx512::multiply_rows(W, x_aligned, ldx, q, Y.data(), Y.rows(), u * avx512::kRowUnit, wide.data(),
                                   park.data());
     }
 }

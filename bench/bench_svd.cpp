@@ -1,0 +1,340 @@
+// Google Benchmark: the decompositions behind PiSSA initialisation, against the machine's roofline.
+//
+//   BM_bandwidth/<MiB>               read bandwidth probe (2-thread sum over a buffer)
+//   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
+//   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the rows
+//   BM_randomized_fused/...          the same with fused_power_iteration
+//   BM_exact_krylov/<m>/<n>/<r>      exact top-r by block Krylov (float32 accuracy test)
+//   BM_exact_full/<m>/<n>/<r>        exact top-r by a full BDCSVD (smaller size)
+//   BM_pissa_init/<m>/<n>/<r>        pissa::init, bfloat16 row-major W, randomized niter 4
+//   BM_lora_forward/<batch>/<n>/<r>  lora_forward through a float32 W
+//   BM_file_*                        only with PISSA_PEER_INPUT (bench/compare_peers.py): matrices
+//                                    from raw float32 files, with accuracy counters
+//
+// Counters: bytes_per_second (bytes of W read by all passes), roofline_ms = max(passes * bytes /
+// bandwidth, passes * 2 m n q / peak), roofline_frac = roofline_ms / measured. The roofline
+// defaults are the figures for the 2-core AVX-512 machine (32.6 GB/s, 388 GFLOP/s);
+// override with PISSA_ROOFLINE_GBS and PISSA_ROOFLINE_GFLOPS.
+#include <pissa/init.hpp>
+#include <pissa/rsvd.hpp>
+#include <pissa/svd.hpp>
+
+#include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/random.hpp>
+#include <pissa/detail/skinny_gemm.hpp>
+
+#if __has_include(<pissa/lora.hpp>)
+#include <pissa/lora.hpp>
+#define PISSA_BENCH_LORA 1
+#endif
+
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using pissa::Index;
+using pissa::Matrix;
+using pissa::RowMatrix;
+
+double env_or(const char* name, double fallback) {
+    const char* v = std::getenv(name);
+    return v != nullptr ? std::atof(v) : fallback;
+}
+
+const double kBandwidth = env_or("PISSA_ROOFLINE_GBS", 32.6) * 1e9;  // bytes/s from memory
+const double kPeak = env_or("PISSA_ROOFLINE_GFLOPS", 388.0) * 1e9;   // float32 FMA flop/s
+
+/// A seeded [m, n] row-major float32 matrix of N(0, 0.02^2), generated once per shape.
+const RowMatrix<float>& weight(Index m, Index n) {
+    static std::map<std::pair<Index, Index>, std::unique_ptr<RowMatrix<float>>> cache;
+    auto& slot = cache[{m, n}];
+    if (!slot) {
+        slot = std::make_unique<RowMatrix<float>>(m, n);
+        pissa::detail::SplitMix64 rng(std::uint64_t(m) * 7919 + std::uint64_t(n));
+        for (Index i = 0; i < slot->size(); ++i) slot->data()[i] = static_cast<float>(0.02 * rng.normal());
+    }
+    return *slot;
+}
+
+const RowMatrix<Eigen::bfloat16>& weight_bf16(Index m, Index n) {
+    static std::map<std::pair<Index, Index>, std::unique_ptr<RowMatrix<Eigen::bfloat16>>> cache;
+    auto& slot = cache[{m, n}];
+    if (!slot) slot = std::make_unique<RowMatrix<Eigen::bfloat16>>(weight(m, n).cast<Eigen::bfloat16>());
+    return *slot;
+}
+
+/// Sets bytes/s and the roofline counters for `passes` passes over W [m, n] with q columns.
+void set_roofline(benchmark::State& state, Index m, Index n, Index q, double passes, double element_bytes) {
+    const double bytes = passes * double(m) * double(n) * element_bytes;
+    const double flops = passes * 2.0 * double(m) * double(n) * double(q);
+    const double roofline_s = std::max(bytes / kBandwidth, flops / kPeak);
+    state.SetBytesProcessed(static_cast<std::int64_t>(bytes * double(state.iterations())));
+    state.counters["roofline_ms"] = roofline_s * 1e3;
+    // Measured seconds per iteration are only known to the reporter: roofline_s / (t/iter) as a rate.
+    state.counters["roofline_frac"] =
+        benchmark::Counter(roofline_s * double(state.iterations()), benchmark::Counter::kIsRate);
+    state.counters["GFLOPs"] = benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+    state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
+}
+
+// ---- bandwidth probe ----------------------------------------------------------------------------
+
+void BM_bandwidth(benchmark::State& state) {
+    const Index count = state.range(0) * (Index(1) << 20) / Index(sizeof(float));
+    std::vector<float> buffer(static_cast<std::size_t>(count), 1.0f);
+    double total = 0;
+    for (auto _ : state) {
+        float sum = 0;
+#ifdef _OPENMP
+#pragma omp parallel for simd reduction(+ : sum) schedule(static)
+#endif
+        for (Index i = 0; i < count; ++i) sum += buffer[static_cast<std::size_t>(i)];
+        total += sum;
+        benchmark::DoNotOptimize(total);
+    }
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * count * Index(sizeof(float)));
+}
+BENCHMARK(BM_bandwidth)->Arg(16)->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// ---- single products ----------------------------------------------------------------------------
+
+template <class Storage>
+const RowMatrix<Storage>& typed_weight(Index m, Index n) {
+    if constexpr (std::is_same_v<Storage, float>) return weight(m, n);
+    else return weight_bf16(m, n);
+}
+
+template <class Storage>
+void BM_multiply(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), q = state.range(2);
+    const auto& W = typed_weight<Storage>(m, n);
+    const pissa::detail::RowMajorView<Storage> view{W.data(), m, n, n};
+    const Matrix<float> X = Matrix<float>::Random(n, q);
+    Matrix<float> Y;
+    for (auto _ : state) {
+        pissa::detail::multiply(view, X, Y);
+        benchmark::DoNotOptimize(Y.data());
+    }
+    set_roofline(state, m, n, q, 1, sizeof(Storage));
+}
+
+template <class Storage>
+void BM_multiply_t(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), q = state.range(2);
+    const auto& W = typed_weight<Storage>(m, n);
+    const pissa::detail::RowMajorView<Storage> view{W.data(), m, n, n};
+    const Matrix<float> Y = Matrix<float>::Random(m, q);
+    Matrix<float> Z;
+    for (auto _ : state) {
+        pissa::detail::multiply_transposed(view, Y, Z);
+        benchmark::DoNotOptimize(Z.data());
+    }
+    set_roofline(state, m, n, q, 1, sizeof(Storage));
+}
+
+void product_args(benchmark::internal::Benchmark* b) {
+    for (const Index q : {16, 64, 128}) b->Args({4096, 4096, q});
+    b->Args({11008, 4096, 16});
+    b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK_TEMPLATE(BM_multiply, float)->Apply(product_args);
+BENCHMARK_TEMPLATE(BM_multiply_t, float)->Apply(product_args);
+BENCHMARK_TEMPLATE(BM_multiply, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// ---- randomized SVD (peft pissa_niter_K) --------------------------------------------------------
+
+template <bool Fused>
+void BM_randomized_impl(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), r = state.range(2);
+    const int niter = static_cast<int>(state.range(3));
+    const bool bf16 = state.range(4) != 0;
+    pissa::RandomizedSvdOptions options;
+    options.niter = niter;
+    options.fused_power_iteration = Fused;
+    for (auto _ : state) {
+        if (bf16) benchmark::DoNotOptimize(pissa::randomized_svd(weight_bf16(m, n), r, options));
+        else benchmark::DoNotOptimize(pissa::randomized_svd(weight(m, n), r, options));
+    }
+    set_roofline(state, m, n, r, 2.0 * niter + 2, bf16 ? 2.0 : 4.0);
+}
+void BM_randomized(benchmark::State& state) { BM_randomized_impl<false>(state); }
+void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true>(state); }
+
+/// The table: {m, n, r, niter, bf16}.
+void randomized_args(benchmark::internal::Benchmark* b) {
+    for (const auto& [m, n, r, niter] : {std::tuple<Index, Index, Index, Index>{4096, 4096, 16, 4},
+                                         {4096, 4096, 64, 4},
+                                         {4096, 4096, 128, 4},
+                                         {11008, 4096, 16, 4},
+                                         {11008, 4096, 128, 4},
+                                         {4096, 4096, 16, 16}})
+        b->Args({m, n, r, niter, 0});
+    b->Args({4096, 4096, 16, 4, 1});
+    b->Args({11008, 4096, 16, 4, 1});
+    b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK(BM_randomized)->Apply(randomized_args);
+BENCHMARK(BM_randomized_fused)->Args({4096, 4096, 16, 4, 0})->Args({4096, 4096, 128, 4, 0})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// ---- exact mode ---------------------------------------------------------------------------------
+
+void BM_exact_krylov(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), r = state.range(2);
+    pissa::ExactSvdOptions options;
+    options.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
+    pissa::ConvergenceReport report{};
+    for (auto _ : state) {
+        auto svd = pissa::truncated_svd(weight(m, n), r, options);
+        report = svd.report;
+        benchmark::DoNotOptimize(svd);
+    }
+    state.counters["cycles"] = report.iterations;
+    state.counters["residual_bound"] = report.residual_bound;
+    state.counters["converged"] = report.converged ? 1 : 0;
+    state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
+}
+BENCHMARK(BM_exact_krylov)->Args({1024, 1024, 16})->Args({4096, 4096, 16})->Args({4096, 4096, 128})
+    ->Args({11008, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_exact_full(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), r = state.range(2);
+    pissa::ExactSvdOptions options;
+    options.algorithm = pissa::ExactSvdAlgorithm::full;
+    for (auto _ : state) benchmark::DoNotOptimize(pissa::truncated_svd(weight(m, n), r, options));
+}
+BENCHMARK(BM_exact_full)->Args({1024, 1024, 16})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
+
+// ---- PiSSA init and the forward pass ------------------------------------------------------------
+
+void BM_pissa_init(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1);
+    pissa::PissaConfig config;
+    config.rank = state.range(2);
+    config.lora_alpha = double(config.rank);
+    config.method = pissa::SvdMethod::randomized;
+    const auto& W = weight_bf16(m, n);
+    for (auto _ : state) benchmark::DoNotOptimize(pissa::init(W, config));
+    set_roofline(state, m, n, config.rank, 2.0 * config.randomized.niter + 2, 2.0);
+}
+BENCHMARK(BM_pissa_init)->Args({4096, 4096, 16})->Args({11008, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+#ifdef PISSA_BENCH_LORA
+void BM_lora_forward(benchmark::State& state) {
+    const Index batch = state.range(0), n = state.range(1), r = state.range(2);
+    const auto& W = weight(n, n);
+    const Matrix<float> x = Matrix<float>::Random(batch, n);
+    const Matrix<float> A = Matrix<float>::Random(r, n), B = Matrix<float>::Random(n, r);
+    for (auto _ : state) benchmark::DoNotOptimize(pissa::lora_forward(x, W, A, B, 2.0));
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * n * n * 4);
+    state.counters["GFLOPs"] = benchmark::Counter(2.0 * double(batch) * double(n) * double(n + 2 * r) *
+                                                      double(state.iterations()) / 1e9,
+                                                  benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_lora_forward)->Args({1, 4096, 16})->Args({64, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+#endif
+
+// ---- matrices from files (bench/compare_peers.py) ------------------------------------------------
+//
+// PISSA_PEER_INPUT="name:path:m:n:r:niter;..." registers BM_file_randomized/<name> and
+// BM_file_exact/<name> on the raw float32 row-major [m, n] file. PISSA_PEER_OUT=dir makes each
+// write <dir>/<name>_<mode>.txt with the singular values and ||W - U S V^T||_F (double).
+
+struct FileCase {
+    std::string name, path;
+    Index m = 0, n = 0, r = 0;
+    int niter = 4;
+};
+
+const RowMatrix<float>& file_weight(const FileCase& c) {
+    static std::map<std::string, std::unique_ptr<RowMatrix<float>>> cache;
+    auto& slot = cache[c.path];
+    if (!slot) {
+        slot = std::make_unique<RowMatrix<float>>(c.m, c.n);
+        std::ifstream in(c.path, std::ios::binary);
+        in.read(reinterpret_cast<char*>(slot->data()), std::streamsize(slot->size() * Index(sizeof(float))));
+        if (!in) {
+            std::fprintf(stderr, "bench_svd: cannot read %lld x %lld float32 from %s\n", (long long)c.m,
+                         (long long)c.n, c.path.c_str());
+            std::exit(2);
+        }
+    }
+    return *slot;
+}
+
+void write_result(const FileCase& c, const char* mode, const pissa::SvdResult<float>& svd) {
+    const char* dir = std::getenv("PISSA_PEER_OUT");
+    if (dir == nullptr) return;
+    const RowMatrix<float>& W = file_weight(c);
+    const Matrix<double> approx = svd.U.cast<double>() * svd.S.cast<double>().asDiagonal() *
+                                  svd.V.cast<double>().transpose();
+    const double error = (W.cast<double>() - approx).norm();
+    std::ofstream out(std::string(dir) + "/" + c.name + "_" + mode + ".txt");
+    out.precision(17);
+    out << "frob_error " << error << "\niterations " << svd.report.iterations << "\nresidual_bound "
+        << svd.report.residual_bound << "\nsingular_values";
+    for (Index i = 0; i < svd.S.size(); ++i) out << ' ' << svd.S(i);
+    out << '\n';
+}
+
+void file_benchmark(benchmark::State& state, const FileCase& c, bool exact) {
+    const RowMatrix<float>& W = file_weight(c);
+    pissa::SvdResult<float> last;
+    for (auto _ : state) {
+        if (exact) {
+            pissa::ExactSvdOptions options;
+            options.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
+            last = pissa::truncated_svd(W, c.r, options);
+        } else {
+            pissa::RandomizedSvdOptions options;
+            options.niter = c.niter;
+            last = pissa::randomized_svd(W, c.r, options);
+        }
+        benchmark::DoNotOptimize(last);
+    }
+    if (!exact) set_roofline(state, c.m, c.n, c.r, 2.0 * c.niter + 2, 4.0);
+    write_result(c, exact ? "exact" : "randomized", last);
+}
+
+const bool file_cases_registered = [] {
+    const char* spec = std::getenv("PISSA_PEER_INPUT");
+    if (spec == nullptr) return false;
+    std::stringstream all(spec);
+    std::string item;
+    while (std::getline(all, item, ';')) {
+        if (item.empty()) continue;
+        std::stringstream fields(item);
+        FileCase c;
+        std::string m, n, r, niter;
+        std::getline(fields, c.name, ':');
+        std::getline(fields, c.path, ':');
+        std::getline(fields, m, ':');
+        std::getline(fields, n, ':');
+        std::getline(fields, r, ':');
+        std::getline(fields, niter, ':');
+        c.m = std::atoll(m.c_str());
+        c.n = std::atoll(n.c_str());
+        c.r = std::atoll(r.c_str());
+        c.niter = std::atoi(niter.c_str());
+        benchmark::RegisterBenchmark(("BM_file_randomized/" + c.name).c_str(),
+                                     [c](benchmark::State& s) { file_benchmark(s, c, false); })
+            ->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark(("BM_file_exact/" + c.name).c_str(),
+                                     [c](benchmark::State& s) { file_benchmark(s, c, true); })
+            ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+    return true;
+}();
+
+}  // namespace

@@ -1,0 +1,238 @@
+#!/usr/bin/python3
+"""Side-by-side timing and accuracy of pissa's decompositions and the Python peers.
+
+Runs, on the same matrices and in one session:
+  * pissa (bench/bench_svd built in Release: BM_file_randomized and BM_file_exact on raw float32 files),
+  * torch.svd_lowrank(W, q=r, niter=K)           (peft init_lora_weights="pissa_niter_K"),
+  * sklearn.utils.extmath.randomized_svd(W, r, n_oversamples=0, n_iter=K),
+  * torch.linalg.svd(W, full_matrices=False)      (peft init_lora_weights="pissa"),
+and prints a table of median times (of --repetitions runs), ratios and accuracies: the Frobenius
+error of the rank-r approximation divided by the Eckart-Young optimum sqrt(sum_{i>r} sigma_i^2)
+(sigma from torch.linalg.svd), and for pissa's exact mode the largest relative singular-value
+error against LAPACK's and the convergence report.
+
+Threading: every peer runs in its own worker process, so that its environment is set before
+torch/numpy start. torch is measured in two setups -- its default (one OpenMP thread per core
+over OpenBLAS) and OMP_WAIT_POLICY=PASSIVE with torch.set_num_threads(2) -- and the faster is
+reported per row (both are printed with --verbose). sklearn/numpy use OpenBLAS with all cores.
+pissa uses OpenMP with all cores (OMP_NUM_THREADS unset).
+
+Matrices: W = A diag(d) B / sqrt(k) + 0.05 N with Gaussian A [m, k], B [k, n], k = 512,
+d_i = exp(-i / 40) (a decaying head over a noise floor, like trained weights), seed fixed.
+
+Usage: python3 bench/compare_peers.py --bench build/bench/bench_svd [--quick] [--repetitions 5]
+Needs numpy, torch, sklearn (scripts/install-deps.sh --peers).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# (name, m, n, r, niter): the rows of issue 4's table.
+CASES = [
+    ("sq_r16", 4096, 4096, 16, 4),
+    ("sq_r64", 4096, 4096, 64, 4),
+    ("sq_r128", 4096, 4096, 128, 4),
+    ("tall_r16", 11008, 4096, 16, 4),
+    ("tall_r128", 11008, 4096, 128, 4),
+    ("sq_r16_n16", 4096, 4096, 16, 16),
+]
+QUICK = ["sq_r16", "sq_r128"]
+EXACT = ["sq_r16", "sq_r64", "tall_r16"]  # exact mode (block Krylov) rows
+
+
+def matrix_path(tmp, m, n):
+    return os.path.join(tmp, f"W_{m}x{n}.f32")
+
+
+def generate(tmp, m, n, seed=1234):
+    import numpy as np
+
+    path = matrix_path(tmp, m, n)
+    if os.path.exists(path):
+        return path
+    rng = np.random.default_rng(seed + m * 31 + n)
+    k = 512
+    d = np.exp(-np.arange(k) / 40.0).astype(np.float32)
+    A = rng.standard_normal((m, k), dtype=np.float32)
+    B = rng.standard_normal((k, n), dtype=np.float32)
+    W = (A * d) @ B / np.float32(np.sqrt(k)) + np.float32(0.05) * rng.standard_normal((m, n), dtype=np.float32)
+    np.ascontiguousarray(W, dtype=np.float32).tofile(path)
+    return path
+
+
+def load(path, m, n):
+    import numpy as np
+
+    return np.fromfile(path, dtype=np.float32).reshape(m, n)
+
+
+def frob_error(W, U, S, V):
+    import numpy as np
+
+    approx = (U.astype(np.float64) * S.astype(np.float64)) @ V.astype(np.float64).T
+    return float(np.linalg.norm(W.astype(np.float64) - approx))
+
+
+def timed(fn, reps):
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# ---- workers (own process each) -----------------------------------------------------------------
+
+def worker(kind, tmp, cases, reps):
+    import numpy as np
+
+    results = {}
+    if kind.startswith("torch"):
+        import torch
+
+        if kind == "torch-passive":
+            torch.set_num_threads(2)
+        results["_threads"] = f"torch {torch.__version__}, get_num_threads()={torch.get_num_threads()}, " \
+                              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    for name, m, n, r, niter in cases:
+        W = load(matrix_path(tmp, m, n), m, n)
+        if kind.startswith("torch"):
+            import torch
+
+            Wt = torch.from_numpy(W)
+            torch.manual_seed(0)
+            t, (U, S, V) = timed(lambda: torch.svd_lowrank(Wt, q=r, niter=niter), reps)
+            results[name] = {"time": t, "frob": frob_error(W, U.numpy(), S.numpy(), V.numpy())}
+        elif kind == "sklearn":
+            from sklearn.utils.extmath import randomized_svd
+
+            t, (U, S, Vt) = timed(lambda: randomized_svd(W, r, n_oversamples=0, n_iter=niter, random_state=0), reps)
+            results[name] = {"time": t, "frob": frob_error(W, U, S, Vt.T)}
+        elif kind == "full":
+            import torch
+
+            key = f"{m}x{n}"
+            if key in results:
+                continue
+            Wt = torch.from_numpy(W)
+            t, (U, S, Vh) = timed(lambda: torch.linalg.svd(Wt, full_matrices=False), reps)
+            results[key] = {"time": t, "sigma": S.double().numpy().tolist()}
+    print(json.dumps(results))
+
+
+def run_worker(kind, tmp, names, reps, env_extra):
+    env = dict(os.environ)
+    env.update(env_extra)
+    cmd = [sys.executable, __file__, "--worker", kind, "--tmp", tmp, "--repetitions", str(reps), "--cases", ",".join(names)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_pissa(bench, tmp, cases, reps, exact_names):
+    spec = ";".join(f"{name}:{matrix_path(tmp, m, n)}:{m}:{n}:{r}:{niter}" for name, m, n, r, niter in cases)
+    names = "|".join(name for name, *_ in cases)
+    exact = "|".join(e for e in exact_names if any(e == c[0] for c in cases))
+    flt = f"BM_file_randomized/({names})$"
+    if exact:
+        flt = f"({flt})|(BM_file_exact/({exact})$)"
+    env = dict(os.environ, PISSA_PEER_INPUT=spec, PISSA_PEER_OUT=tmp)
+    cmd = [bench, f"--benchmark_filter={flt}", f"--benchmark_repetitions={reps}", "--benchmark_format=json",
+           "--benchmark_report_aggregates_only=true", "--benchmark_min_time=0.01"]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    times = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") == "median":
+            base = b["run_name"]
+            unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
+            times[base] = b["real_time"] * unit
+    return times
+
+
+def read_result(tmp, name, mode):
+    out = {}
+    with open(os.path.join(tmp, f"{name}_{mode}.txt")) as f:
+        for line in f:
+            key, *vals = line.split()
+            out[key] = [float(v) for v in vals] if key == "singular_values" else float(vals[0])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default="build/bench/bench_svd", help="path to the bench_svd binary")
+    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--svd-repetitions", type=int, default=5, help="runs of the full torch.linalg.svd")
+    ap.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    ap.add_argument("--cases", default="", help="comma-separated case names")
+    ap.add_argument("--tmp", default="")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--worker", default="")
+    args = ap.parse_args()
+
+    names = [c for c in args.cases.split(",") if c] or (QUICK if args.quick else [c[0] for c in CASES])
+    cases = [c for c in CASES if c[0] in names]
+    if args.worker:
+        worker(args.worker, args.tmp, cases, args.repetitions)
+        return
+
+    tmp = args.tmp or tempfile.mkdtemp(prefix="pissa-peers-")
+    os.makedirs(tmp, exist_ok=True)
+    for _, m, n, _, _ in cases:
+        generate(tmp, m, n)
+    load_before = os.getloadavg()
+
+    ours = run_pissa(args.bench, tmp, cases, args.repetitions, EXACT)
+    torch_default = run_worker("torch-default", tmp, names, args.repetitions, {})
+    torch_passive = run_worker("torch-passive", tmp, names, args.repetitions, {"OMP_WAIT_POLICY": "PASSIVE"})
+    sk = run_worker("sklearn", tmp, names, args.repetitions, {})
+    full = run_worker("full", tmp, names, args.svd_repetitions, {})
+    load_after = os.getloadavg()
+
+    print(f"# pissa vs peers, median of {args.repetitions} (full SVD: {args.svd_repetitions}); matrices in {tmp}")
+    print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; nproc {os.cpu_count()}")
+    print(f"# torch default: {torch_default['_threads']}")
+    print(f"# torch passive: {torch_passive['_threads']}")
+    print()
+    print("| job | pissa randomized | torch.svd_lowrank (best setup) | sklearn | ratio torch/pissa | ratio sklearn/pissa "
+          "| err/opt pissa | err/opt torch | err/opt sklearn |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, m, n, r, niter in cases:
+        sigma = full[f"{m}x{n}"]["sigma"]
+        opt = sum(s * s for s in sigma[r:]) ** 0.5
+        mine = read_result(tmp, name, "randomized")
+        t_ours = ours[f"BM_file_randomized/{name}"]
+        td, tp = torch_default[name], torch_passive[name]
+        best = td if td["time"] <= tp["time"] else tp
+        setup = "default" if best is td else "passive"
+        s = sk[name]
+        print(f"| {m}x{n}, r={r}, niter={niter} | {t_ours * 1e3:.1f} ms | {best['time'] * 1e3:.1f} ms ({setup}) "
+              f"| {s['time'] * 1e3:.1f} ms | {best['time'] / t_ours:.2f}x | {s['time'] / t_ours:.2f}x "
+              f"| {mine['frob_error'] / opt:.6f} | {best['frob'] / opt:.6f} | {s['frob'] / opt:.6f} |")
+        if args.verbose:
+            print(f"|   torch default {td['time'] * 1e3:.1f} ms, passive {tp['time'] * 1e3:.1f} ms |")
+    print()
+    print("| exact top-r | pissa block Krylov | cycles | residual bound | max rel. sigma error vs LAPACK "
+          "| err/opt - 1 | torch.linalg.svd (full) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m, n, r, niter in cases:
+        key = f"BM_file_exact/{name}"
+        if key not in ours:
+            continue
+        sigma = full[f"{m}x{n}"]["sigma"]
+        opt = sum(s * s for s in sigma[r:]) ** 0.5
+        mine = read_result(tmp, name, "exact")
+        sv = mine["singular_values"]
+        rel = max(abs(a - b) / b for a, b in zip(sv, sigma[:r]))
+        t_full = full[f"{m}x{n}"]["time"]
+        print(f"| {m}x{n}, r={r} | {ours[key] * 1e3:.1f} ms | {int(mine['iterations'])} | {mine['residual_bound']:.2e} "
+              f"| {rel:.2e} | {mine['frob_error'] / opt - 1:.2e} | {t_full:.2f} s | {t_full / ours[key]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
