@@ -6,6 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-deps.sh"
 build="$root/build/release"
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPISSA_BUILD_BENCH=OFF >/dev/null
+# Same configuration as scripts/test.sh, so the two share one build tree.
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" -DPISSA_BUILD_BENCH=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target pissa_tool
 exec "$build/examples/pissa/pissa" init "$@" --out "$root/build/demo" --force
