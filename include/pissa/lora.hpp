@@ -30,7 +30,7 @@ template <class Scalar>
 struct LoraAdapter {
     Matrix<Scalar> A;  ///< [r, in]
     Matrix<Scalar> B;  ///< [out, r]
-    Scalar scaling;    ///< s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA)
+    Scalar scaling = 0;  ///< s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA)
 };
 
 namespace detail {

@@ -172,14 +172,15 @@ TEST_CASE("protocol check values: normalisation, pretrained model, singular valu
     CHECK(fmnist::evaluate(net, data.test, even_test).accuracy == 0.0);
     CHECK(std::abs(fmnist::evaluate(net, data.train, even_train).loss - 12.8869) < 5e-5);
 
+    // The protocol prints 4 decimals: half a unit, plus the float32 SVD's own rounding (~1e-6 relative).
     const auto fc1 = pissa::truncated_svd(net.fc1.W, 9);
     const auto fc2 = pissa::truncated_svd(net.fc2.W, 9);
-    CHECK(std::abs(fc1.S(0) - 3.8170) < 5e-5);
-    CHECK(std::abs(fc1.S(7) - 1.6099) < 5e-5);
-    CHECK(std::abs(fc1.S(8) - 1.4224) < 5e-5);
-    CHECK(std::abs(fc2.S(0) - 0.9605) < 5e-5);
-    CHECK(std::abs(fc2.S(7) - 0.5658) < 5e-5);
-    CHECK(std::abs(fc2.S(8) - 0.5472) < 5e-5);
+    CHECK(std::abs(fc1.S(0) - 3.8170) < 6e-5);
+    CHECK(std::abs(fc1.S(7) - 1.6099) < 6e-5);
+    CHECK(std::abs(fc1.S(8) - 1.4224) < 6e-5);
+    CHECK(std::abs(fc2.S(0) - 0.9605) < 6e-5);
+    CHECK(std::abs(fc2.S(7) - 0.5658) < 6e-5);
+    CHECK(std::abs(fc2.S(8) - 0.5472) < 6e-5);
 }
 
 TEST_CASE("the deterministic methods follow the reference run over the first 10 steps") {
