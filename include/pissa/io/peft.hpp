@@ -28,10 +28,17 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
+
+// GCC 12 reports -Wmaybe-uninitialized false positives inside libstdc++'s <regex> when it is
+// instantiated with optimisation and sanitizers (std::function in _StateT); silence it for <regex>.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <regex>
 
 namespace pissa::io {
 
@@ -173,14 +180,24 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
 inline nlohmann::ordered_json to_json(const AdapterConfig& c) {
     nlohmann::ordered_json j;
     j["alpha_pattern"] = nlohmann::ordered_json::object();
-    for (const auto& [k, v] : c.alpha_pattern) j["alpha_pattern"][k] = v;
+    for (const auto& [k, v] : c.alpha_pattern) {
+        if (v == std::floor(v) && std::abs(v) < 1e15) {
+            j["alpha_pattern"][k] = static_cast<std::int64_t>(v);
+        } else {
+            j["alpha_pattern"][k] = v;
+        }
+    }
     j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? nlohmann::ordered_json(nullptr)
                                                                      : nlohmann::ordered_json(c.base_model_name_or_path);
     j["bias"] = c.bias;
     j["fan_in_fan_out"] = c.fan_in_fan_out;
     j["inference_mode"] = true;
     j["init_lora_weights"] = c.init_lora_weights;
-    j["lora_alpha"] = c.lora_alpha;
+    if (c.lora_alpha == std::floor(c.lora_alpha) && std::abs(c.lora_alpha) < 1e15) {
+        j["lora_alpha"] = static_cast<std::int64_t>(c.lora_alpha);  // peft writes ints as ints
+    } else {
+        j["lora_alpha"] = c.lora_alpha;
+    }
     j["lora_dropout"] = c.lora_dropout;
     j["modules_to_save"] = nullptr;
     j["peft_type"] = c.peft_type;
@@ -344,3 +361,7 @@ inline AdapterConfig converted_config(const AdapterConfig& trained) {
 }
 
 }  // namespace pissa::io
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
