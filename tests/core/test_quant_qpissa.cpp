@@ -158,6 +158,20 @@ TEST_CASE("Quantised inits on a fan_in_fan_out weight quantise the stored [in, o
     CHECK(q.error_history.back() == doctest::Approx(plain.error_history.back()).epsilon(0.1));
 }
 
+TEST_CASE("Quantised inits take 16-bit weights and compute in float32") {
+    const Matrix<float> w = llm_like<float>(64, 128, 8);
+    const Matrix<Eigen::bfloat16> w16 = w.cast<Eigen::bfloat16>();
+    const QuantInitConfig config = config_with(4, 2);
+    const pissa::QuantizedInit<float> q16 = pissa::qpissa_init(w16, config);
+    const pissa::QuantizedInit<float> q32 = pissa::qpissa_init(Matrix<float>(w16.cast<float>()), config);
+    CHECK(q16.base.packed == q32.base.packed);
+    CHECK(q16.error_history == q32.error_history);
+    CHECK(pissa::quantization_error(w16, q16) == doctest::Approx(q16.error_history.back()).epsilon(1e-5));
+    // The base written back in bfloat16 re-quantises to the same codes (what `pissa init --quantize` relies on).
+    const Matrix<Eigen::bfloat16> written = pissa::dequantize_nf4<Eigen::bfloat16>(q16.base);
+    CHECK(pissa::quantize_nf4(written).packed == q16.base.packed);
+}
+
 TEST_CASE("nuclear_norm sums every singular value; error_reduction") {
     Vector<double> sigma(5);
     sigma << 5, 3, 2, 0.5, 0.25;
