@@ -96,7 +96,7 @@ TEST_CASE_TEMPLATE("skinny products match a double reference on odd shapes", Sto
     for (const KernelIsa isa : families()) {
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
-        // Shapes around the tile sizes: 4-row units, 16 lanes, 64-column tiles, 256-column strips,
+        // Shapes around the tile sizes: 4-row tiles, 8-row units, 16 lanes, 64-column tiles, 512-column strips,
         // 64-row chunks, 512-column chunks.
         for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {3, 17}, {4, 16}, {5, 33}, {65, 63}, {131, 257},
                                    {37, 529}, {70, 300}}) {
@@ -147,7 +147,7 @@ TEST_CASE_TEMPLATE("skinny products are bit-identical across 1, 2 and 3 threads"
                    Eigen::half, double) {
 #ifdef _OPENMP
     using Scalar = pissa::compute_scalar_t<Storage>;
-    // Several work units per thread in both products (4-row units, 256-column strips).
+    // Several work units per thread in both products (8-row units, 512-column strips).
     const StridedWeight<Storage> W(301, 1100, 1111, 3);
     const Matrix<Scalar> X = gaussian<Scalar>(1100, 19, 4);
     const Matrix<Scalar> Yin = gaussian<Scalar>(301, 19, 5);

@@ -3,7 +3,7 @@
 /// Eigen::bfloat16. Compiled with `__attribute__((target))`, called only after a run-time check
 /// (detail/cpu_features.hpp); the rest of the program needs no AVX-512 flags.
 ///
-/// `Y = W X` (multiply_rows): the work unit is 16 rows of W. Each output `Y(i, k)` is a dot
+/// `Y = W X` (multiply_rows): the work unit is 8 rows of W. Each output `Y(i, k)` is a dot
 /// product of row i of W with column k of X, accumulated in 16 float lanes over the columns of W
 /// in order (chunks of kDepth columns, register tile 4 rows x 6 columns of X, partial sums parked
 /// in a small buffer between chunks), then reduced across lanes in a fixed order.
@@ -46,11 +46,11 @@ namespace pissa::detail::avx512 {
 
 inline constexpr Index kLanes = 16;
 inline constexpr int kRowTile = 4;        ///< multiply: rows of W per register tile
-inline constexpr Index kRowUnit = 16;     ///< multiply: rows of W per work unit
+inline constexpr Index kRowUnit = 8;      ///< multiply: rows of W per work unit
 inline constexpr int kColTile = 6;        ///< columns of X (or Y) per register tile
 inline constexpr Index kDepth = 512;      ///< multiply: columns of W per chunk (W and X chunks stay in L1)
 inline constexpr Index kSuperCols = 24;   ///< multiply: columns of X whose partial sums are parked at once
-inline constexpr Index kStrip = 256;      ///< multiply_transposed: columns of W per work unit
+inline constexpr Index kStrip = 512;      ///< multiply_transposed: columns of W per work unit
 inline constexpr int kStripVectors = 4;   ///< multiply_transposed: 64 columns of W per register tile
 inline constexpr Index kChunkRows = 64;   ///< multiply_transposed: rows of W per chunk
 
