@@ -101,6 +101,8 @@ TEST_CASE_TEMPLATE("block Krylov converges on an LLM-like spectrum and reports i
 
 TEST_CASE("automatic picks block Krylov for small ranks of large matrices, full SVD otherwise") {
     CHECK(pissa::detail::prefer_block_krylov(4096, 4096, 16));
+    CHECK(pissa::detail::prefer_block_krylov(4096, 4096, 128));
+    CHECK_FALSE(pissa::detail::prefer_block_krylov(1024, 1024, 64));
     CHECK_FALSE(pissa::detail::prefer_block_krylov(4096, 4096, 1024));
     CHECK_FALSE(pissa::detail::prefer_block_krylov(100, 100, 2));
 }
