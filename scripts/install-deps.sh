@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev zlib1g-dev
           clang libclang-rt-14-dev dataset-fashion-mnist)
-if [[ "${1:-}" == "--peers" ]]; then packages+=(python3-torch python3-sklearn python3-numpy); fi
+if [[ "${1:-}" == "--peers" ]]; then packages+=(python3-torch python3-sklearn python3-numpy libopenblas0-pthread); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
