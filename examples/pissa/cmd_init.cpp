@@ -1,6 +1,7 @@
 // pissa init: split each target weight W into a PiSSA adapter (A, B) and the residual W - s B A.
 // Writes OUT/ (the residual model: same files, keys, shapes, dtypes and metadata as the input,
 // non-target tensors byte-identical, other files copied) and OUT/pissa_init/ (the peft adapter).
+#include "quant_report.hpp"
 #include "tool.hpp"
 
 #include <pissa/detail/random.hpp>
@@ -24,16 +25,8 @@ struct ModuleSummary {
     pissa::Index rank = 0;
     double energy = 0, weight_norm = 0, residual_norm = 0, seconds = 0;
     std::uint64_t seed = 0;
+    ModuleQuantErrors quant;  ///< Frobenius errors of QLoRA / LoftQ / QPiSSA (with --quantize nf4)
 };
-
-std::vector<std::string> split_list(const std::string& text) {
-    std::vector<std::string> out;
-    std::stringstream in(text);
-    std::string item;
-    while (std::getline(in, item, ','))
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
 
 }  // namespace
 
@@ -56,7 +49,12 @@ int cmd_init(int argc, char** argv) {
         .option("seed", "S", "seed of the randomized SVD (module i uses stream i of it)", "0")
         .option("threads", "N", "threads (0: all cores)", "0")
         .flag("force", "replace DIR if it exists")
-        .flag("json", "print the summary as JSON on stdout instead of a table");
+        .flag("json", "print the summary as JSON on stdout instead of a table")
+        .option("quantize", "nf4",
+                "QPiSSA: write the residual as dequantised NF4 (bitsandbytes) in the checkpoint's dtype, so\n"
+                "                           loading it in 4 bits gives back the same codes; the summary compares\n"
+                "                           the quantisation error with QLoRA and LoftQ (Frobenius norm)");
+    add_quant_options(args);
     if (!args.parse(argc, argv)) return 0;
 
     pissa::PissaConfig config;
@@ -69,7 +67,12 @@ int cmd_init(int argc, char** argv) {
     config.method = exact ? pissa::SvdMethod::exact : pissa::SvdMethod::randomized;
     config.randomized.niter = static_cast<int>(args.get_int("niter", 0, 1000));
     const std::uint64_t seed = args.get_u64("seed");
-    if (args.has("targets") && args.has("target-regex")) throw UsageError("--targets and --target-regex exclude each other");
+    const bool quantize = args.has("quantize");
+    if (quantize && args.get("quantize") != "nf4")
+        throw UsageError("--quantize supports nf4 only, got '" + args.get("quantize") + "'");
+    if (!quantize && (args.has("quant-iters") || args.has("quant-block")))
+        throw UsageError("--quant-iters and --quant-block need --quantize nf4");
+    const pissa::QuantInitConfig quant_config = quant_config_from_args(args, config);
     if (!args.has("out")) throw UsageError("--out is required");
     set_threads(static_cast<int>(args.get_int("threads", 0, 4096)));
 
@@ -87,17 +90,7 @@ int cmd_init(int argc, char** argv) {
     adapter_config.fan_in_fan_out = config.fan_in_fan_out;
     adapter_config.init_lora_weights = true;
     adapter_config.base_model_name_or_path = fs::absolute(model_path).lexically_normal().string();
-    if (args.has("target-regex")) {
-        adapter_config.target_regex = args.get("target-regex");
-        try {
-            std::regex check(adapter_config.target_regex);
-        } catch (const std::regex_error& e) {
-            throw UsageError("--target-regex is not a valid regular expression: " + std::string(e.what()));
-        }
-    } else {
-        adapter_config.target_modules = split_list(args.get("targets"));
-        if (adapter_config.target_modules.empty()) throw UsageError("--targets is empty");
-    }
+    set_targets_from_args(args, adapter_config);
     const auto targets = pissa::io::select_targets(model, adapter_config);
     const std::set<std::string> target_set(targets.begin(), targets.end());
 
@@ -115,6 +108,11 @@ int cmd_init(int argc, char** argv) {
                         {"pissa.lora_alpha", format("%.17g", config.lora_alpha)},
                         {"pissa.use_rslora", config.use_rslora ? "true" : "false"},
                         {"pissa.fan_in_fan_out", config.fan_in_fan_out ? "true" : "false"}};
+    if (quantize) {
+        adapter.metadata["pissa.quantize"] = "nf4";
+        adapter.metadata["pissa.quant_iters"] = std::to_string(quant_config.iterations);
+        adapter.metadata["pissa.quant_block"] = std::to_string(quant_config.nf4.block_size);
+    }
 
     std::vector<ModuleSummary> summary;
     Progress progress(stderr_is_tty() && !args.has("json"));
@@ -139,6 +137,16 @@ int cmd_init(int argc, char** argv) {
                 using Storage = decltype(tag);
                 pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
                 file.release(t);
+                if (quantize) {
+                    // QPiSSA: the residual written is deq(NF4(W - s B A)) (the last of T alternations).
+                    pissa::QuantInitConfig module_quant = quant_config;
+                    module_quant.pissa = module_config;
+                    row.quant.module = row.name;
+                    row.quant.shape = row.shape;
+                    const auto q = run_quant_methods(W, module_quant, pissa::QuantErrorNorm::frobenius, row.quant);
+                    adapter.modules.push_back({row.name, q.adapter.A.template cast<float>(), q.adapter.B.template cast<float>()});
+                    return pissa::io::matrix_bytes(pissa::dequantize_nf4<float>(q.base), t.dtype);
+                }
                 auto result = pissa::init_in_place(W, module_config);
                 adapter.modules.push_back({row.name, result.A.template cast<float>(), result.B.template cast<float>()});
                 row.energy = result.quality.adapter_energy_fraction;
@@ -147,6 +155,7 @@ int cmd_init(int argc, char** argv) {
                 return pissa::io::matrix_bytes(W, t.dtype);
             });
             row.seconds = seconds_since(t0);
+            row.quant.seconds = row.seconds;
             summary.push_back(row);
             return bytes;
         },
@@ -174,6 +183,19 @@ int cmd_init(int argc, char** argv) {
         j["use_rslora"] = config.use_rslora;
         j["fan_in_fan_out"] = config.fan_in_fan_out;
         j["seconds"] = total;
+        if (quantize) {
+            j["quantize"] = {{"format", "nf4"}, {"quant_iters", quant_config.iterations},
+                             {"quant_block", quant_config.nf4.block_size}, {"norm", "fro"}};
+            std::vector<ModuleQuantErrors> errors;
+            for (const auto& m : summary) errors.push_back(m.quant);
+            add_quant_report(j, errors);
+            for (std::size_t i = 0; i < summary.size(); ++i) {
+                j["modules"][i]["rank"] = summary[i].rank;
+                j["modules"][i]["seed"] = summary[i].seed;
+            }
+            std::cout << j.dump(2) << std::endl;
+            return 0;
+        }
         j["modules"] = nlohmann::ordered_json::array();
         for (const auto& m : summary)
             j["modules"].push_back({{"name", m.name}, {"shape", m.shape}, {"rank", m.rank},
@@ -182,11 +204,20 @@ int cmd_init(int argc, char** argv) {
         std::cout << j.dump(2) << std::endl;
         return 0;
     }
-    std::vector<std::vector<std::string>> rows;
-    for (const auto& m : summary)
-        rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank), format("%.2f%%", 100 * m.energy),
-                        format("%.4g", m.residual_norm), format("%.4g", m.weight_norm), format("%.3f s", m.seconds)});
-    print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
+    if (quantize) {
+        std::vector<ModuleQuantErrors> errors;
+        for (const auto& m : summary) errors.push_back(m.quant);
+        print_quant_report(errors, "Frobenius");
+        std::printf("\nresidual written as dequantised NF4 (blocks of %lld) after T = %d alternations; QLoRA and "
+                    "LoftQ are the baselines on the same weights\n",
+                    static_cast<long long>(quant_config.nf4.block_size), quant_config.iterations);
+    } else {
+        std::vector<std::vector<std::string>> rows;
+        for (const auto& m : summary)
+            rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank), format("%.2f%%", 100 * m.energy),
+                            format("%.4g", m.residual_norm), format("%.4g", m.weight_norm), format("%.3f s", m.seconds)});
+        print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
+    }
     std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %llu, %.2f s\n", summary.size(),
                 static_cast<long long>(config.rank), config.lora_alpha, config.scaling(),
                 exact ? "exact SVD" : format("randomized SVD niter %d", config.randomized.niter).c_str(),

@@ -4,6 +4,7 @@
 //   pissa merge MODEL ADAPTER --out OUT                 W + s B A for every adapted weight
 //   pissa inspect PATH                                  tensors of a checkpoint, or an adapter
 //   pissa generate --out DIR                            the synthetic Llama-shaped test model
+//   pissa quant-error [MODEL]                           NF4 error of QLoRA / LoftQ / QPiSSA per module
 // Exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error.
 #include "tool.hpp"
 
@@ -18,6 +19,8 @@
 #include <cstring>
 #include <iostream>
 #include <random>
+#include <regex>
+#include <sstream>
 
 #include <unistd.h>
 #ifdef _OPENMP
@@ -263,6 +266,30 @@ void set_threads(int threads) {
     Eigen::setNbThreads(threads);
 }
 
+std::vector<std::string> split_list(const std::string& text) {
+    std::vector<std::string> out;
+    std::stringstream in(text);
+    std::string item;
+    while (std::getline(in, item, ','))
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
+    if (args.has("targets") && args.has("target-regex")) throw UsageError("--targets and --target-regex exclude each other");
+    if (args.has("target-regex")) {
+        config.target_regex = args.get("target-regex");
+        try {
+            std::regex check(config.target_regex);
+        } catch (const std::regex_error& e) {
+            throw UsageError("--target-regex is not a valid regular expression: " + std::string(e.what()));
+        }
+        return;
+    }
+    config.target_modules = split_list(args.get("targets"));
+    if (config.target_modules.empty()) throw UsageError("--targets is empty");
+}
+
 }  // namespace pissa_tool
 
 namespace {
@@ -274,11 +301,13 @@ void print_usage(std::FILE* out) {
                  "pissa %d.%d.%d: PiSSA adapters for safetensors checkpoints, files peft loads unchanged\n\n"
                  "usage: pissa <command> [options]   (pissa <command> --help for each)\n\n"
                  "commands:\n"
-                 "  init      split a model into a residual model and a PiSSA adapter (DIR/pissa_init)\n"
-                 "  convert   turn a trained PiSSA adapter into a rank-2r LoRA for the original model\n"
-                 "  merge     write W + s B A for every weight an adapter adapts\n"
-                 "  inspect   list a checkpoint's tensors, or an adapter's rank, alpha and norms\n"
-                 "  generate  write the built-in synthetic Llama-shaped checkpoint\n\n"
+                 "  init         split a model into a residual model and a PiSSA adapter (DIR/pissa_init);\n"
+                 "               --quantize nf4 writes the NF4-quantised residual (QPiSSA)\n"
+                 "  convert      turn a trained PiSSA adapter into a rank-2r LoRA for the original model\n"
+                 "  merge        write W + s B A for every weight an adapter adapts\n"
+                 "  inspect      list a checkpoint's tensors, or an adapter's rank, alpha and norms\n"
+                 "  generate     write the built-in synthetic Llama-shaped checkpoint\n"
+                 "  quant-error  NF4 quantisation error of QLoRA, LoftQ and QPiSSA per module\n\n"
                  "exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error\n",
                  PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH);
 }
@@ -306,7 +335,8 @@ int main(int argc, char** argv) {
                                                         {"convert", pissa_tool::cmd_convert},
                                                         {"merge", pissa_tool::cmd_merge},
                                                         {"inspect", pissa_tool::cmd_inspect},
-                                                        {"generate", pissa_tool::cmd_generate}};
+                                                        {"generate", pissa_tool::cmd_generate},
+                                                        {"quant-error", pissa_tool::cmd_quant_error}};
     for (const auto& [name, run] : commands) {
         if (command != name) continue;
         try {

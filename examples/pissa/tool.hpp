@@ -4,6 +4,7 @@
 #pragma once
 
 #include <pissa/errors.hpp>
+#include <pissa/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -135,6 +136,14 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 /// Sets the number of OpenMP / Eigen threads (0: leave the default).
 void set_threads(int threads);
 
+/// "a,b,,c" -> {"a", "b", "c"}.
+std::vector<std::string> split_list(const std::string& text);
+
+/// Which modules a command works on, from --targets LIST or --target-regex RE (peft's
+/// target_modules / target_regex fields of `config`).
+/// \throws UsageError when both are given, the list is empty or the regex does not compile.
+void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config);
+
 /// The built-in model: generated once into the cache folder ($PISSA_CACHE_DIR, else
 /// $XDG_CACHE_HOME/pissa, else ~/.cache/pissa, else the temp folder) and reused.
 fs::path builtin_model();
@@ -145,6 +154,7 @@ int cmd_convert(int argc, char** argv);
 int cmd_merge(int argc, char** argv);
 int cmd_inspect(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
+int cmd_quant_error(int argc, char** argv);
 
 /// Options of the synthetic checkpoint generator (`pissa generate`).
 struct GenerateOptions {

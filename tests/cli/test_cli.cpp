@@ -1,7 +1,6 @@
 // End-to-end tests of the pissa tool: runs the binary on generated checkpoints (Llama- and GPT-2
 // shaped, single and sharded) and checks what it writes with the io library.
-#include "support.hpp"
-#include "io/io_support.hpp"
+#include "cli/cli_support.hpp"
 
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/peft.hpp>
@@ -12,49 +11,7 @@
 #include <set>
 
 using namespace pissa::io;
-using pissa_test::ScratchDir;
-namespace fs = std::filesystem;
-
-namespace {
-
-struct Run {
-    int code;
-    std::string out, err;
-};
-
-/// Runs `pissa <args>` in `dir` with the cache folder inside it; captures stdout and stderr.
-Run pissa_run(const ScratchDir& dir, const std::string& args) {
-    const auto out = dir / ".stdout", err = dir / ".stderr";
-    const std::string command = "cd '" + dir.path().string() + "' && PISSA_CACHE_DIR='" + (dir / ".cache").string() +
-                                "' '" + PISSA_TOOL + "' " + args + " > '" + out.string() + "' 2> '" + err.string() + "'";
-    const int status = std::system(command.c_str());
-    Run r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, pissa_test::read_bytes(out), pissa_test::read_bytes(err)};
-    fs::remove(out);
-    fs::remove(err);
-    return r;
-}
-
-const std::string small_llama = "--layers 2 --hidden 64 --intermediate 96 --vocab 128 --heads 4";
-
-std::string bytes_of(const Checkpoint& c, const std::string& name) {
-    const auto& file = c.file_of(name);
-    const ByteView v = file.bytes(file.at(name));
-    return std::string(reinterpret_cast<const char*>(v.data), v.size);
-}
-
-/// Entries of a folder other than the given ones (to find leftovers such as temporary folders).
-std::set<std::string> entries(const fs::path& dir) {
-    std::set<std::string> out;
-    for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
-    return out;
-}
-
-pissa::Matrix<double> weight(const Checkpoint& c, const std::string& name) {
-    const auto& file = c.file_of(name);
-    return read_matrix<double>(file, file.at(name));
-}
-
-}  // namespace
+using namespace pissa_cli_test;
 
 TEST_CASE("init on the built-in model: residual model + peft adapter with the reference layout") {
     ScratchDir dir("cli-init");
