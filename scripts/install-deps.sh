@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pissa needs to build, test and run its examples, when missing.
-# Usage: scripts/install-deps.sh [--peers]   (--peers adds torch and sklearn for bench/compare_peers.py)
+# Usage: scripts/install-deps.sh [--peers]   (--peers adds the peers of the benchmarks: torch, sklearn, Spectra)
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev zlib1g-dev
           clang libclang-rt-14-dev dataset-fashion-mnist)
-if [[ "${1:-}" == "--peers" ]]; then packages+=(python3-torch python3-sklearn python3-numpy libopenblas0-pthread); fi
+if [[ "${1:-}" == "--peers" ]]; then packages+=(python3-torch python3-sklearn python3-numpy libopenblas0-pthread libspectra-dev); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
