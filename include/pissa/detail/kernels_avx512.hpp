@@ -3,19 +3,26 @@
 /// Eigen::bfloat16. Compiled with `__attribute__((target))`, called only after a run-time check
 /// (detail/cpu_features.hpp); the rest of the program needs no AVX-512 flags.
 ///
-/// `Y = W X` (multiply_rows): the work unit is 8 rows of W. Each output `Y(i, k)` is a dot
-/// product of row i of W with column k of X, accumulated in 16 float lanes over the columns of W
-/// in order (chunks of kDepth columns, register tile 4 rows x 6 columns of X, partial sums parked
-/// in a small buffer between chunks), then reduced across lanes in a fixed order.
+/// Both products are GEMM micro-kernels over packed operands: every FMA is an outer product of a
+/// 16-lane vector of W with one broadcast value of the skinny operand, the register tile is
+/// 48 elements of W (3 vectors) x 8 columns (24 zmm accumulators, 3 vector loads + 8 broadcasts
+/// per 24 FMAs), and W is packed a small block at a time into a contiguous L1-resident buffer
+/// (so that rows of W whose stride is a multiple of 4 KiB do not fight over the same L1 sets).
 ///
-/// `Z = W^T Y` (multiply_transposed_strip): the work unit is a strip of kStrip columns of W, which
-/// owns the same rows of Z. For every row i of W in order, `Z(j, k) += W(i, j) Y(i, k)`
-/// (register tile 64 columns of W x 6 columns of Y, Y packed so that its 6 values of row i are
-/// adjacent; partial sums live in Z itself between chunks of kChunkRows rows).
+/// `Y = W X` (multiply_panel): the work unit is a panel of kPanelRows = 48 rows of W. For every
+/// chunk of kPanelDepth columns, the `[48, kPanelDepth]` block of W is transposed into
+/// `P[k][i]` (16 x 16 register transposes, 16-bit storage widened in the same registers), then
+/// for every group of 8 columns of X (packed `[n, 8]` row-major, zero-padded) the tile
+/// `Y(i, c) += sum_k P[k][i] X(j0 + k, c)` runs over the chunk, k in order.
 ///
-/// 16-bit storage is widened on the fly (bfloat16: shift left by 16; half: vcvtph2ps), a few rows
-/// at a time into a small float buffer that stays in L1/L2, never as a copy of W. The partition
-/// and summation order depend only on the shapes, never on the thread count.
+/// `Z = W^T Y` (multiply_transposed_strip): the work unit is a strip of kStripTiles x 48 columns of
+/// W, which owns the same rows of Z. For every chunk of kChunkRows rows, each 48-column tile of the
+/// chunk is copied (widened) to a contiguous `[rows, 48]` buffer and `Z(j, c) += sum_i W(i, j) Y(i, c)`
+/// runs over its rows in order for every group of 8 columns of Y (packed `[m, 8]` row-major).
+///
+/// Every output element is a sum over chunks in order of sums over the chunk in order; the
+/// partition depends only on the shapes, never on the thread count. The next block of W is
+/// prefetched while the current one is multiplied.
 #pragma once
 
 #include <pissa/detail/cpu_features.hpp>
@@ -45,172 +52,167 @@
 namespace pissa::detail::avx512 {
 
 inline constexpr Index kLanes = 16;
-inline constexpr int kRowTile = 4;        ///< multiply: rows of W per register tile
-inline constexpr Index kRowUnit = 8;      ///< multiply: rows of W per work unit
-inline constexpr int kColTile = 6;        ///< columns of X (or Y) per register tile
-inline constexpr Index kDepth = 512;      ///< multiply: columns of W per chunk (W and X chunks stay in L1)
-inline constexpr Index kSuperCols = 24;   ///< multiply: columns of X whose partial sums are parked at once
-inline constexpr Index kStrip = 512;      ///< multiply_transposed: columns of W per work unit
-inline constexpr int kStripVectors = 4;   ///< multiply_transposed: 64 columns of W per register tile
-inline constexpr Index kChunkRows = 64;   ///< multiply_transposed: rows of W per chunk
+inline constexpr int kTileVectors = 3;                    ///< vectors of W per register tile
+inline constexpr Index kTileWidth = kTileVectors * kLanes;  ///< 48 elements of W per register tile
+inline constexpr int kGroup = 8;                          ///< columns of X (or Y) per register tile
+inline constexpr Index kPanelRows = kTileWidth;           ///< multiply: rows of W per work unit
+inline constexpr Index kPanelDepth = 128;                 ///< multiply: columns of W per packed block (24 KiB)
+inline constexpr Index kStripTiles = 4;                   ///< multiply_transposed: 48-column tiles per work unit
+inline constexpr Index kStrip = kStripTiles * kTileWidth; ///< multiply_transposed: columns of W per work unit
+inline constexpr Index kChunkRows = 64;                   ///< multiply_transposed: rows of W per packed tile (12 KiB)
+inline constexpr Index kPrefetchBlocks = 2;               ///< blocks of W prefetched ahead of the one packed
 
 // The maskz_ forms with an all-ones mask stand for the plain intrinsics, whose GCC 12 definitions
 // (_mm512_undefined_*) trip -Wmaybe-uninitialized.
 inline constexpr __mmask16 kAll = 0xFFFF;
+inline constexpr __mmask8 kAll8 = 0xFF;
 
+/// The first `count` lanes, 0 <= count <= 16.
 PISSA_AVX512_TARGET inline __mmask16 tail_mask(Index count) {
     return static_cast<__mmask16>((1u << static_cast<unsigned>(count)) - 1u);
 }
 
-PISSA_AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 PISSA_AVX512_TARGET inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-PISSA_AVX512_TARGET inline __m512 load16(const Eigen::bfloat16* p) {
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, bits), 16));
-}
 PISSA_AVX512_TARGET inline __m512 load16(const Eigen::bfloat16* p, __mmask16 m) {
     const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, bits), 16));
-}
-PISSA_AVX512_TARGET inline __m512 load16(const Eigen::half* p) {
-    return _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 PISSA_AVX512_TARGET inline __m512 load16(const Eigen::half* p, __mmask16 m) {
     return _mm512_maskz_cvtph_ps(kAll, _mm256_maskz_loadu_epi16(m, p));
 }
 
-/// dst[0, count) = float(src[0, count)), exactly.
-template <class Storage>
-PISSA_AVX512_TARGET inline void widen(const Storage* src, Index count, float* dst) {
-    Index j = 0;
-    for (; j + kLanes <= count; j += kLanes) _mm512_storeu_ps(dst + j, load16(src + j));
-    if (j < count) {
-        const __mmask16 m = tail_mask(count - j);
-        _mm512_mask_storeu_ps(dst + j, m, load16(src + j, m));
+/// In-register transpose of the 16 x 16 floats r[i] lane j -> r[j] lane i.
+PISSA_AVX512_TARGET inline void transpose16(__m512* r) {
+    __m512 t[16];
+    PISSA_UNROLL
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_maskz_unpacklo_ps(kAll, r[i], r[i + 1]);
+        t[i + 1] = _mm512_maskz_unpackhi_ps(kAll, r[i], r[i + 1]);
     }
-}
-
-/// Sum of the 16 lanes at `lanes`, as a fixed pairwise tree.
-inline float reduce16(const float* lanes) {
-    float t[8];
-    for (int i = 0; i < 8; ++i) t[i] = lanes[i] + lanes[i + 8];
-    for (int i = 0; i < 4; ++i) t[i] += t[i + 4];
-    return (t[0] + t[2]) + (t[1] + t[3]);
+    PISSA_UNROLL
+    for (int i = 0; i < 16; i += 4) {
+        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, b, d));
+    }
+    // r[4h + s] now holds, in each 128-bit lane l, row elements 4l + s of rows 4h .. 4h + 3.
+    PISSA_UNROLL
+    for (int h = 0; h < 16; h += 8) {
+        PISSA_UNROLL
+        for (int s = 0; s < 4; ++s) {
+            t[h + s] = _mm512_maskz_shuffle_f32x4(kAll, r[h + s], r[h + 4 + s], 0x88);
+            t[h + 4 + s] = _mm512_maskz_shuffle_f32x4(kAll, r[h + s], r[h + 4 + s], 0xdd);
+        }
+    }
+    PISSA_UNROLL
+    for (int s = 0; s < 8; ++s) {
+        r[s] = _mm512_maskz_shuffle_f32x4(kAll, t[s], t[s + 8], 0x88);
+        r[s + 8] = _mm512_maskz_shuffle_f32x4(kAll, t[s], t[s + 8], 0xdd);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Y = W X
 
-/// acc[r][c] (16 lanes each, parked at `park`) += sum over j < count of w[r][j] * x[c][j].
-template <int R, int C>
-PISSA_AVX512_TARGET inline void dot_tile(const float* const* w, const float* const* x, Index count, bool first,
-                                         float* park) {
-    __m512 acc[R][C];
-    PISSA_UNROLL
-    for (int r = 0; r < R; ++r)
-        PISSA_UNROLL
-        for (int c = 0; c < C; ++c)
-            acc[r][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(park + (r * C + c) * kLanes);
-    Index j = 0;
-    for (; j + kLanes <= count; j += kLanes) {
-        __m512 xv[C];
-        PISSA_UNROLL
-        for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_ps(x[c] + j);
-        PISSA_UNROLL
-        for (int r = 0; r < R; ++r) {
-            const __m512 wv = _mm512_loadu_ps(w[r] + j);
-            PISSA_UNROLL
-            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
-        }
-    }
-    if (j < count) {
-        const __mmask16 m = tail_mask(count - j);
-        __m512 xv[C];
-        PISSA_UNROLL
-        for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(m, x[c] + j);
-        PISSA_UNROLL
-        for (int r = 0; r < R; ++r) {
-            const __m512 wv = _mm512_maskz_loadu_ps(m, w[r] + j);
-            PISSA_UNROLL
-            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
-        }
-    }
-    PISSA_UNROLL
-    for (int r = 0; r < R; ++r)
-        PISSA_UNROLL
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(park + (r * C + c) * kLanes, acc[r][c]);
-}
-
-template <int R>
-PISSA_AVX512_TARGET inline void dot_tile_c(int C, const float* const* w, const float* const* x, Index count,
-                                           bool first, float* park) {
-    switch (C) {
-        case 1: dot_tile<R, 1>(w, x, count, first, park); break;
-        case 2: dot_tile<R, 2>(w, x, count, first, park); break;
-        case 3: dot_tile<R, 3>(w, x, count, first, park); break;
-        case 4: dot_tile<R, 4>(w, x, count, first, park); break;
-        case 5: dot_tile<R, 5>(w, x, count, first, park); break;
-        default: dot_tile<R, 6>(w, x, count, first, park); break;
-    }
-}
-
-PISSA_AVX512_TARGET inline void dot_tile_rc(int R, int C, const float* const* w, const float* const* x, Index count,
-                                            bool first, float* park) {
-    switch (R) {
-        case 1: dot_tile_c<1>(C, w, x, count, first, park); break;
-        case 2: dot_tile_c<2>(C, w, x, count, first, park); break;
-        case 3: dot_tile_c<3>(C, w, x, count, first, park); break;
-        default: dot_tile_c<4>(C, w, x, count, first, park); break;
-    }
-}
-
-/// Rows [r0, r0 + min(kRowUnit, m - r0)) of `Y = W X`. X `[n, q]` col-major with leading
-/// dimension ldx, Y col-major with leading dimension ldy. `wide`: kRowUnit kDepth floats (16-bit
-/// storage only); `park`: kRowUnit kSuperCols 16 floats. Loop order: columns of X in groups of
-/// kSuperCols, then chunks of kDepth columns of W, then 6 columns of X, then 4 rows of W: the
-/// chunk of X (6 x kDepth) is reused by the 4 row tiles from L1, the chunk of W by the groups.
+/// P[k * 48 + i] = float(W(r0 + i, j0 + k)) for i < rows, k < count (count <= kPanelDepth);
+/// zero for rows <= i < 48.
+/// While packing, the block at rows [pr0, pr0 + prows) x columns [pj0, pj0 + pcount) is
+/// prefetched into L2, a line per row and 16 columns, interleaved with the transposes.
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_rows(const RowMajorView<Storage>& W, const float* X, Index ldx, Index q, float* Y,
-                                       Index ldy, Index r0, float* wide, float* park) {
-    const Index rows = std::min<Index>(kRowUnit, W.rows - r0);
-    const Index n = W.cols;
-    const Index tiles = (rows + kRowTile - 1) / kRowTile;
-    constexpr Index tile_park = kSuperCols * kRowTile * kLanes;
-    for (Index s0 = 0; s0 < q; s0 += kSuperCols) {
-        const Index sc = std::min(kSuperCols, q - s0);
-        for (Index j0 = 0; j0 < n; j0 += kDepth) {
-            const Index count = std::min(kDepth, n - j0);
-            const float* base;
-            Index ldw;
-            if constexpr (std::is_same_v<Storage, float>) {
-                base = W.row(r0) + j0;
-                ldw = W.stride;
-            } else {
-                for (Index i = 0; i < rows; ++i) widen(W.row(r0 + i) + j0, count, wide + i * kDepth);
-                base = wide;
-                ldw = kDepth;
+PISSA_AVX512_TARGET inline void pack_panel(const RowMajorView<Storage>& W, Index r0, Index rows, Index j0,
+                                           Index count, float* P, Index pr0, Index prows, Index pj0, Index pcount) {
+    for (Index k0 = 0; k0 < count; k0 += kLanes) {
+        const Index kc = std::min(kLanes, count - k0);
+        const __mmask16 m = tail_mask(kc);
+        PISSA_UNROLL
+        for (int v = 0; v < kTileVectors; ++v) {
+            __m512 r[16];
+            PISSA_UNROLL
+            for (int i = 0; i < 16; ++i) {
+                const Index row = v * kLanes + i;
+                r[i] = row < rows ? load16(W.row(r0 + row) + j0 + k0, m) : _mm512_setzero_ps();
             }
-            for (Index c0 = 0; c0 < sc; c0 += kColTile) {
-                const int C = static_cast<int>(std::min<Index>(kColTile, sc - c0));
-                const float* x[kColTile] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-                for (int c = 0; c < C; ++c) x[c] = X + (s0 + c0 + c) * ldx + j0;
-                for (Index t = 0; t < tiles; ++t) {
-                    const int R = static_cast<int>(std::min<Index>(kRowTile, rows - t * kRowTile));
-                    const float* w[kRowTile] = {nullptr, nullptr, nullptr, nullptr};
-                    for (int r = 0; r < R; ++r) w[r] = base + (t * kRowTile + r) * ldw;
-                    dot_tile_rc(R, C, w, x, count, j0 == 0, park + t * tile_park + c0 * kRowTile * kLanes);
-                }
+            if (k0 < pcount) {
+                const Index last = std::min<Index>(prows, (v + 1) * kLanes);
+                for (Index i = v * kLanes; i < last; ++i)
+                    _mm_prefetch(reinterpret_cast<const char*>(W.row(pr0 + i) + pj0 + k0), _MM_HINT_T1);
+            }
+            transpose16(r);
+            float* dst = P + k0 * kTileWidth + v * kLanes;
+            if (kc == kLanes) {
+                PISSA_UNROLL
+                for (int k = 0; k < 16; ++k) _mm512_store_ps(dst + k * kTileWidth, r[k]);
+            } else {
+                PISSA_UNROLL
+                for (int k = 0; k < 16; ++k)
+                    if (k < kc) _mm512_store_ps(dst + k * kTileWidth, r[k]);
             }
         }
-        for (Index t = 0; t < tiles; ++t) {
-            const int R = static_cast<int>(std::min<Index>(kRowTile, rows - t * kRowTile));
-            for (Index c0 = 0; c0 < sc; c0 += kColTile) {
-                const int C = static_cast<int>(std::min<Index>(kColTile, sc - c0));
-                const float* tile = park + t * tile_park + c0 * kRowTile * kLanes;
-                for (int r = 0; r < R; ++r)
-                    for (int c = 0; c < C; ++c)
-                        Y[(s0 + c0 + c) * ldy + r0 + t * kRowTile + r] = reduce16(tile + (r * C + c) * kLanes);
-            }
+    }
+}
+
+/// Y(i, c) (+)= sum over k < count of P[k * 48 + i] xg[k * 8 + c], for i < rows, c < cols;
+/// `first`: Y is overwritten instead of accumulated. Y col-major with leading dimension ldy.
+PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Index count, float* Y, Index ldy,
+                                           Index rows, int cols, bool first) {
+    __m512 acc[kTileVectors][kGroup];
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v)
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+    for (Index k = 0; k < count; ++k) {
+        const float* p = P + k * kTileWidth;
+        const float* x = xg + k * kGroup;
+        __m512 w[kTileVectors];
+        PISSA_UNROLL
+        for (int v = 0; v < kTileVectors; ++v) w[v] = _mm512_load_ps(p + v * kLanes);
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) {
+            const __m512 b = _mm512_set1_ps(x[c]);
+            PISSA_UNROLL
+            for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
+        }
+    }
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v) {
+        const Index live = std::clamp<Index>(rows - v * kLanes, 0, kLanes);
+        if (live == 0) continue;
+        const __mmask16 m = tail_mask(live);
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) {
+            if (c >= cols) break;
+            float* y = Y + c * ldy + v * kLanes;
+            const __m512 sum = first ? acc[v][c] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, y), acc[v][c]);
+            _mm512_mask_storeu_ps(y, m, sum);
+        }
+    }
+}
+
+/// Rows [r0, r0 + min(48, m - r0)) of `Y = W X`. `xpack`: X as ceil(q/8) groups of `[n, 8]`
+/// row-major (zero-padded); Y col-major with leading dimension ldy; `P`: 64-byte aligned
+/// kPanelDepth x 48 floats.
+template <class Storage>
+PISSA_AVX512_TARGET void multiply_panel(const RowMajorView<Storage>& W, const float* xpack, Index q, float* Y,
+                                        Index ldy, Index r0, float* P) {
+    const Index rows = std::min<Index>(kPanelRows, W.rows - r0), n = W.cols;
+    const Index groups = (q + kGroup - 1) / kGroup;
+    for (Index j0 = 0; j0 < n; j0 += kPanelDepth) {
+        const Index count = std::min(kPanelDepth, n - j0);
+        // Prefetch kPrefetchBlocks blocks ahead along this thread's sequence of blocks (the
+        // panels of a thread are consecutive under the static schedule).
+        Index pr0 = r0, pj0 = j0 + kPrefetchBlocks * kPanelDepth;
+        if (pj0 >= n) {
+            pr0 += kPanelRows;
+            pj0 = std::min(pj0 - (n + kPanelDepth - 1) / kPanelDepth * kPanelDepth, n);
+        }
+        const Index prows = std::clamp<Index>(W.rows - pr0, 0, kPanelRows);
+        pack_panel(W, r0, rows, j0, count, P, pr0, prows, pj0, std::min(kPanelDepth, n - pj0));
+        for (Index g = 0; g < groups; ++g) {
+            const int cols = static_cast<int>(std::min<Index>(kGroup, q - g * kGroup));
+            panel_tile(P, xpack + (g * n + j0) * kGroup, count, Y + g * kGroup * ldy + r0, ldy, rows, cols, j0 == 0);
         }
     }
 }
@@ -218,93 +220,62 @@ PISSA_AVX512_TARGET void multiply_rows(const RowMajorView<Storage>& W, const flo
 // ---------------------------------------------------------------------------------------------
 // Z = W^T Y
 
-/// z[:, c] (V vectors of 16 rows, the last one masked by `last`) += sum over i < rows of
-/// w[i * ldw + :] * yp[i * 6 + c]; starts from zero when `first`.
-template <int V, int C>
-PISSA_AVX512_TARGET inline void axpy_tile(const float* w, Index ldw, const float* yp, Index rows, float* z, Index ldz,
-                                          __mmask16 last, bool first) {
-    __m512 acc[V][C];
-    PISSA_UNROLL
-    for (int c = 0; c < C; ++c)
-        PISSA_UNROLL
-        for (int v = 0; v < V; ++v)
-            acc[v][c] = first ? _mm512_setzero_ps()
-                              : (v == V - 1 ? _mm512_maskz_loadu_ps(last, z + c * ldz + v * kLanes)
-                                            : _mm512_loadu_ps(z + c * ldz + v * kLanes));
-    for (Index i = 0; i < rows; ++i) {
-        const float* wr = w + i * ldw;
-        __m512 wv[V];
-        PISSA_UNROLL
-        for (int v = 0; v < V; ++v)
-            wv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, wr + v * kLanes) : _mm512_loadu_ps(wr + v * kLanes);
-        const float* yr = yp + i * kColTile;
-        PISSA_UNROLL
-        for (int c = 0; c < C; ++c) {
-            const __m512 b = _mm512_set1_ps(yr[c]);
-            PISSA_UNROLL
-            for (int v = 0; v < V; ++v) acc[v][c] = _mm512_fmadd_ps(wv[v], b, acc[v][c]);
-        }
-    }
-    PISSA_UNROLL
-    for (int c = 0; c < C; ++c)
-        PISSA_UNROLL
-        for (int v = 0; v < V; ++v) {
-            if (v == V - 1) _mm512_mask_storeu_ps(z + c * ldz + v * kLanes, last, acc[v][c]);
-            else _mm512_storeu_ps(z + c * ldz + v * kLanes, acc[v][c]);
-        }
-}
-
-template <int V>
-PISSA_AVX512_TARGET inline void axpy_tile_c(int C, const float* w, Index ldw, const float* yp, Index rows, float* z,
-                                            Index ldz, __mmask16 last, bool first) {
-    switch (C) {
-        case 1: axpy_tile<V, 1>(w, ldw, yp, rows, z, ldz, last, first); break;
-        case 2: axpy_tile<V, 2>(w, ldw, yp, rows, z, ldz, last, first); break;
-        case 3: axpy_tile<V, 3>(w, ldw, yp, rows, z, ldz, last, first); break;
-        case 4: axpy_tile<V, 4>(w, ldw, yp, rows, z, ldz, last, first); break;
-        case 5: axpy_tile<V, 5>(w, ldw, yp, rows, z, ldz, last, first); break;
-        default: axpy_tile<V, 6>(w, ldw, yp, rows, z, ldz, last, first); break;
-    }
-}
-
-PISSA_AVX512_TARGET inline void axpy_tile_vc(int V, int C, const float* w, Index ldw, const float* yp, Index rows,
-                                             float* z, Index ldz, __mmask16 last, bool first) {
-    switch (V) {
-        case 1: axpy_tile_c<1>(C, w, ldw, yp, rows, z, ldz, last, first); break;
-        case 2: axpy_tile_c<2>(C, w, ldw, yp, rows, z, ldz, last, first); break;
-        case 3: axpy_tile_c<3>(C, w, ldw, yp, rows, z, ldz, last, first); break;
-        default: axpy_tile_c<4>(C, w, ldw, yp, rows, z, ldz, last, first); break;
-    }
-}
-
-/// Rows [j0, j0 + min(kStrip, n - j0)) of `Z = W^T Y`. `packed`: Y as ceil(q/6) groups of
-/// `[m, 6]` row-major (zero-padded); Z col-major with leading dimension ldz; `wide`:
-/// kChunkRows kStrip floats (16-bit storage only).
+/// T[i * 48 + j] = float(W(i0 + i, c0 + j)) for i < rows, j < width (width <= 48); zero for
+/// width <= j < 48.
+/// While copying, rows [pi0, pi0 + prows) x columns [pc0, pc0 + pwidth) are prefetched into L2.
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_transposed_strip(const RowMajorView<Storage>& W, const float* packed, Index q,
-                                                   float* Z, Index ldz, Index j0, float* wide) {
+PISSA_AVX512_TARGET inline void pack_tile(const RowMajorView<Storage>& W, Index i0, Index rows, Index c0, Index width,
+                                          float* T, Index pi0, Index prows, Index pc0, Index pwidth) {
+    const Index line = 64 / Index(sizeof(Storage));
+    __mmask16 m[kTileVectors];
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v) m[v] = tail_mask(std::clamp<Index>(width - v * kLanes, 0, kLanes));
+    for (Index i = 0; i < rows; ++i) {
+        const Storage* src = W.row(i0 + i) + c0;
+        if (i < prows) {
+            const Storage* ahead = W.row(pi0 + i) + pc0;
+            for (Index j = 0; j < pwidth; j += line)
+                _mm_prefetch(reinterpret_cast<const char*>(ahead + j), _MM_HINT_T1);
+        }
+        PISSA_UNROLL
+        for (int v = 0; v < kTileVectors; ++v) _mm512_store_ps(T + i * kTileWidth + v * kLanes, load16(src + v * kLanes, m[v]));
+    }
+}
+
+/// Z(j, c) (+)= sum over i < rows of T[i * 48 + j] yg[i * 8 + c], for j < width, c < cols;
+/// `first`: Z is overwritten instead of accumulated. Z col-major with leading dimension ldz.
+PISSA_AVX512_TARGET inline void strip_tile(const float* T, const float* yg, Index rows, float* Z, Index ldz,
+                                           Index width, int cols, bool first) {
+    // The same register tile as panel_tile, with the roles of the packed operands unchanged.
+    panel_tile(T, yg, rows, Z, ldz, width, cols, first);
+}
+
+/// Rows [j0, j0 + min(kStrip, n - j0)) of `Z = W^T Y`. `ypack`: Y as ceil(q/8) groups of
+/// `[m, 8]` row-major (zero-padded); Z col-major with leading dimension ldz; `T`: 64-byte aligned
+/// kChunkRows x 48 floats.
+template <class Storage>
+PISSA_AVX512_TARGET void multiply_transposed_strip(const RowMajorView<Storage>& W, const float* ypack, Index q,
+                                                   float* Z, Index ldz, Index j0, float* T) {
     const Index m = W.rows, width = std::min(kStrip, W.cols - j0);
-    const Index groups = (q + kColTile - 1) / kColTile;
+    const Index groups = (q + kGroup - 1) / kGroup;
     for (Index i0 = 0; i0 < m; i0 += kChunkRows) {
         const Index rows = std::min(kChunkRows, m - i0);
-        const float* w;
-        Index ldw;
-        if constexpr (std::is_same_v<Storage, float>) {
-            w = W.row(i0) + j0;
-            ldw = W.stride;
-        } else {
-            for (Index i = 0; i < rows; ++i) widen(W.row(i0 + i) + j0, width, wide + i * kStrip);
-            w = wide;
-            ldw = kStrip;
+        // Prefetch kPrefetchBlocks chunks of rows ahead along this thread's sequence (the strips of
+        // a thread are consecutive under the static schedule).
+        Index pi0 = i0 + kPrefetchBlocks * kChunkRows, pj0 = j0;
+        if (pi0 >= m) {
+            pi0 -= (m + kChunkRows - 1) / kChunkRows * kChunkRows;
+            pj0 += kStrip;
         }
-        for (Index v0 = 0; v0 < width; v0 += kStripVectors * kLanes) {
-            const Index cols = std::min<Index>(kStripVectors * kLanes, width - v0);
-            const int V = static_cast<int>((cols + kLanes - 1) / kLanes);
-            const __mmask16 last = tail_mask(cols - (V - 1) * kLanes);
+        const Index prows = pj0 < W.cols ? std::clamp<Index>(m - pi0, 0, kChunkRows) : 0;
+        for (Index t0 = 0; t0 < width; t0 += kTileWidth) {
+            const Index tw = std::min(kTileWidth, width - t0);
+            const Index pw = std::clamp<Index>(W.cols - pj0 - t0, 0, tw);
+            pack_tile(W, i0, rows, j0 + t0, tw, T, pi0, prows, pj0 + t0, pw);
             for (Index g = 0; g < groups; ++g) {
-                const int C = static_cast<int>(std::min<Index>(kColTile, q - g * kColTile));
-                axpy_tile_vc(V, C, w + v0, ldw, packed + (g * m + i0) * kColTile, rows,
-                             Z + g * kColTile * ldz + j0 + v0, ldz, last, i0 == 0);
+                const int cols = static_cast<int>(std::min<Index>(kGroup, q - g * kGroup));
+                strip_tile(T, ypack + (g * m + i0) * kGroup, rows, Z + g * kGroup * ldz + j0 + t0, ldz, tw, cols,
+                           i0 == 0);
             }
         }
     }

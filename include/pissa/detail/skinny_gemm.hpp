@@ -107,28 +107,39 @@ inline float* aligned_64(float* p) {
     return p + ((64 - address % 64) % 64) / sizeof(float);
 }
 
-/// AVX-512 `Y = W X` (float compute); work unit: kRowUnit rows of W, static schedule.
+/// `src [rows, q]` (col-major, leading dimension ld) as ceil(q/8) groups of `[rows, 8]` row-major,
+/// zero-padded: the 8 values of a row of a group are adjacent (the broadcasts of the kernels).
+inline void pack_groups(const float* src, Index ld, Index rows, Index q, std::vector<float>& out) {
+    const Index groups = (q + avx512::kGroup - 1) / avx512::kGroup;
+    out.assign(static_cast<std::size_t>(groups * rows * avx512::kGroup), 0.0f);
+    for (Index g = 0; g < groups; ++g) {
+        const Index c0 = g * avx512::kGroup, cols = std::min<Index>(avx512::kGroup, q - c0);
+        float* dst = out.data() + g * rows * avx512::kGroup;
+        for (Index c = 0; c < cols; ++c) {
+            const float* column = src + (c0 + c) * ld;
+            for (Index i = 0; i < rows; ++i) dst[i * avx512::kGroup + c] = column[i];
+        }
+    }
+}
+
+/// AVX-512 `Y = W X` (float compute); work unit: a panel of kPanelRows rows of W, static schedule.
 template <class Storage>
 void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Matrix<float>& Y) {
     const Index m = W.rows, n = W.cols, q = X.cols();
-    const Index units = (m + avx512::kRowUnit - 1) / avx512::kRowUnit;
-    // X copied to 64-byte aligned columns: its vector loads then never straddle cache lines.
-    const Index ldx = (n + avx512::kLanes - 1) / avx512::kLanes * avx512::kLanes;
-    std::vector<float> x_storage(static_cast<std::size_t>(ldx * q + avx512::kLanes));
-    float* x_aligned = aligned_64(x_storage.data());
-    for (Index k = 0; k < q; ++k) std::copy_n(X.data() + k * X.rows(), n, x_aligned + k * ldx);
+    const Index units = (m + avx512::kPanelRows - 1) / avx512::kPanelRows;
+    std::vector<float> xpack;
+    pack_groups(X.data(), X.rows(), n, q, xpack);
 #ifdef _OPENMP
 #pragma omp parallel if (units > 1)
 #endif
     {
-        std::vector<float> wide(std::is_same_v<Storage, float> ? 0 : static_cast<std::size_t>(avx512::kRowUnit * avx512::kDepth));
-        std::vector<float> park(static_cast<std::size_t>(avx512::kRowUnit * avx512::kSuperCols * avx512::kLanes));
+        std::vector<float> panel(static_cast<std::size_t>(avx512::kPanelDepth * avx512::kPanelRows + avx512::kLanes));
+        float* P = aligned_64(panel.data());
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (Index u = 0; u < units; ++u)
-            avx512::multiply_rows(W, x_aligned, ldx, q, Y.data(), Y.rows(), u * avx512::kRowUnit, wide.data(),
-                                  park.data());
+            avx512::multiply_panel(W, xpack.data(), q, Y.data(), Y.rows(), u * avx512::kPanelRows, P);
     }
 }
 
@@ -136,29 +147,20 @@ void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Mat
 template <class Storage>
 void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Y, Matrix<float>& Z) {
     const Index m = W.rows, n = W.cols, q = Y.cols();
-    const Index groups = (q + avx512::kColTile - 1) / avx512::kColTile;
     const Index units = (n + avx512::kStrip - 1) / avx512::kStrip;
-    // Y packed as `groups` blocks of [m, 6] row-major, zero-padded: the 6 values of a row adjacent.
-    std::vector<float> packed(static_cast<std::size_t>(groups * m * avx512::kColTile), 0.0f);
-    for (Index g = 0; g < groups; ++g) {
-        const Index c0 = g * avx512::kColTile, cols = std::min<Index>(avx512::kColTile, q - c0);
-        float* dst = packed.data() + g * m * avx512::kColTile;
-        for (Index c = 0; c < cols; ++c) {
-            const float* src = Y.data() + (c0 + c) * Y.rows();
-            for (Index i = 0; i < m; ++i) dst[i * avx512::kColTile + c] = src[i];
-        }
-    }
+    std::vector<float> ypack;
+    pack_groups(Y.data(), Y.rows(), m, q, ypack);
 #ifdef _OPENMP
 #pragma omp parallel if (units > 1)
 #endif
     {
-        std::vector<float> wide(std::is_same_v<Storage, float> ? 0
-                                                               : static_cast<std::size_t>(avx512::kChunkRows * avx512::kStrip));
+        std::vector<float> tile(static_cast<std::size_t>(avx512::kChunkRows * avx512::kTileWidth + avx512::kLanes));
+        float* T = aligned_64(tile.data());
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (Index u = 0; u < units; ++u)
-            avx512::multiply_transposed_strip(W, packed.data(), q, Z.data(), Z.rows(), u * avx512::kStrip, wide.data());
+            avx512::multiply_transposed_strip(W, ypack.data(), q, Z.data(), Z.rows(), u * avx512::kStrip, T);
     }
 }
 #endif
