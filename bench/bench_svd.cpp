@@ -1,6 +1,6 @@
 // Google Benchmark: the decompositions behind PiSSA initialisation, against the machine's roofline.
 //
-//   BM_bandwidth/<MiB>               read bandwidth probe (2-thread sum over a buffer)
+//   BM_bandwidth/<MiB>               read bandwidth probe (all threads, 8 accumulators each)
 //   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
 //   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the rows
 //   BM_randomized_fused/...          the same with fused_power_iteration
@@ -29,6 +29,13 @@
 #endif
 
 #include <benchmark/benchmark.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -89,6 +96,33 @@ void set_roofline(benchmark::State& state, Index m, Index n, Index q, double pas
 
 // ---- bandwidth probe ----------------------------------------------------------------------------
 
+/// Sum of buffer[0, count) with 8 independent accumulators (a single running sum is a chain of
+/// dependent adds: latency-bound at a fraction of the memory bandwidth).
+float probe_sum(const float* buffer, Index count) {
+#ifdef __AVX512F__
+    __m512 a[8];
+    for (auto& v : a) v = _mm512_setzero_ps();
+    Index i = 0;
+    for (; i + 128 <= count; i += 128)
+        for (int k = 0; k < 8; ++k) a[k] = _mm512_add_ps(a[k], _mm512_loadu_ps(buffer + i + 16 * k));
+    // (_mm512_reduce_add_ps trips GCC 12's -Wuninitialized through _mm256_undefined_pd.)
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+                                         _mm512_add_ps(_mm512_add_ps(a[4], a[5]), _mm512_add_ps(a[6], a[7]))));
+    float sum = 0;
+    for (const float v : lanes) sum += v;
+#else
+    float a[32] = {};
+    Index i = 0;
+    for (; i + 32 <= count; i += 32)
+        for (int k = 0; k < 32; ++k) a[k] += buffer[i + k];
+    float sum = 0;
+    for (const float v : a) sum += v;
+#endif
+    for (; i < count; ++i) sum += buffer[i];
+    return sum;
+}
+
 void BM_bandwidth(benchmark::State& state) {
     const Index count = state.range(0) * (Index(1) << 20) / Index(sizeof(float));
     std::vector<float> buffer(static_cast<std::size_t>(count), 1.0f);
@@ -96,15 +130,23 @@ void BM_bandwidth(benchmark::State& state) {
     for (auto _ : state) {
         float sum = 0;
 #ifdef _OPENMP
-#pragma omp parallel for simd reduction(+ : sum) schedule(static)
+#pragma omp parallel reduction(+ : sum)
+        {
+            // Static halves: each thread reads its own contiguous range.
+            const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
+            const Index begin = count * t / threads / 128 * 128;
+            const Index end = t + 1 == threads ? count : count * (t + 1) / threads / 128 * 128;
+            sum += probe_sum(buffer.data() + begin, end - begin);
+        }
+#else
+        sum = probe_sum(buffer.data(), count);
 #endif
-        for (Index i = 0; i < count; ++i) sum += buffer[static_cast<std::size_t>(i)];
         total += sum;
         benchmark::DoNotOptimize(total);
     }
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * count * Index(sizeof(float)));
 }
-BENCHMARK(BM_bandwidth)->Arg(16)->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_bandwidth)->Arg(16)->Arg(64)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // ---- single products ----------------------------------------------------------------------------
 
