@@ -1,12 +1,15 @@
 // The skinny products Y = W X and Z = W^T Y (detail/skinny_gemm.hpp), both kernel families, every
 // storage dtype: against a double-precision reference on odd shapes (m, n not multiples of the
 // tiles, q = 1..130), row strides larger than the row, empty operands, and bit identity across
-// thread counts.
+// thread counts. The orthonormalisation between them (detail/orthonormalize.hpp): CholeskyQR2 and
+// its Householder fallback for rank-deficient and ill-conditioned input.
 #include "support.hpp"
 
 #include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/orthonormalize.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -96,10 +99,10 @@ TEST_CASE_TEMPLATE("skinny products match a double reference on odd shapes", Sto
     for (const KernelIsa isa : families()) {
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
-        // Shapes around the tile sizes: 4-row tiles, 8-row units, 16 lanes, 64-column tiles, 512-column strips,
-        // 64-row chunks, 512-column chunks.
+        // Shapes around the tile sizes: 16 lanes, 48-row panels and 48-column tiles, 128-column blocks,
+        // 192-column strips, 64-row chunks, 8-column groups, prefetches two blocks ahead across panels/strips.
         for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {3, 17}, {4, 16}, {5, 33}, {65, 63}, {131, 257},
-                                   {37, 529}, {70, 300}}) {
+                                   {37, 529}, {70, 300}, {48, 128}, {49, 129}, {97, 193}, {200, 385}}) {
             for (const Index q : {1, 2, 5, 6, 7, 13, 48, 49, 50}) {
                 const StridedWeight<Storage> W(m, n, n, std::uint64_t(m * 1000 + n));
                 check_products(W, q, std::uint64_t(q));
@@ -174,6 +177,50 @@ TEST_CASE_TEMPLATE("skinny products are bit-identical across 1, 2 and 3 threads"
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif
+}
+
+namespace {
+
+/// X's columns orthonormalised: Q^T Q = I and Q Q^T X = X (Q spans X) to `tolerance`, relative.
+template <class Scalar>
+void check_orthonormalize(const Matrix<Scalar>& X, double tolerance) {
+    Matrix<Scalar> Q = X;
+    pissa::detail::orthonormalize(Q);
+    REQUIRE(Q.rows() == X.rows());
+    REQUIRE(Q.cols() == X.cols());
+    const Matrix<double> Qd = Q.template cast<double>(), Xd = X.template cast<double>();
+    const Matrix<double> gram = Qd.transpose() * Qd;
+    CHECK((gram - Matrix<double>::Identity(X.cols(), X.cols())).cwiseAbs().maxCoeff() <= tolerance);
+    CHECK((Qd * (Qd.transpose() * Xd) - Xd).norm() <= tolerance * Xd.norm());
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("orthonormalize: well conditioned, ill conditioned and rank deficient columns", Scalar, float,
+                   double) {
+    const double tolerance = 200 * eps<Scalar>();
+    const Index k = 300;
+    for (const Index q : {1, 5, 48, 130}) {
+        CAPTURE(q);
+        check_orthonormalize(gaussian<Scalar>(k, q, std::uint64_t(q)), tolerance);  // CholeskyQR2
+        // Column scales from 1 to 1e-9: beyond what the Cholesky checks accept (Householder runs).
+        Matrix<Scalar> ill = gaussian<Scalar>(k, q, std::uint64_t(q + 1));
+        for (Index c = 0; c < q; ++c)
+            ill.col(c) *= Scalar(std::pow(10.0, -9.0 * double(c) / double(std::max<Index>(1, q - 1))));
+        check_orthonormalize(ill, tolerance);
+    }
+    // Rank deficient: a repeated column and a zero column still give orthonormal Q spanning X.
+    Matrix<Scalar> deficient = gaussian<Scalar>(k, 6, 9);
+    deficient.col(3) = deficient.col(1);
+    deficient.col(5).setZero();
+    check_orthonormalize(deficient, tolerance);
+    // Exactly the thin Householder Q when the fallback runs.
+    Matrix<Scalar> householder = deficient;
+    pissa::detail::run_serial_eigen([&] { pissa::detail::orthonormalize_householder(householder); });
+    Matrix<Scalar> Q = deficient;
+    pissa::detail::orthonormalize(Q);
+    CHECK(Q == householder);
+    CHECK_FALSE(pissa::detail::cholesky_qr2(deficient));
 }
 
 TEST_CASE("the kernel family follows the CPU and the override") {
