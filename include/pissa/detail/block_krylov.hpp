@@ -55,7 +55,11 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
     const Index m = W.rows(), n = W.cols(), k = std::min(m, n);
     Index block = std::min(k, rank + std::max<Index>(8, rank / 2));
     if (2 * block > k) block = k;  // small problem: one block spans everything, Rayleigh-Ritz is exact
-    const Index steps = std::clamp<Index>(k / block, 1, 6);
+    // Up to 6 Krylov steps, but a basis of at most ~kMaxWidth columns: the QR of the image and the
+    // small SVD cost O(m width^2) and O(width^3) serial flops per cycle, which at r = 128 and 6
+    // steps (width 1152) cost more than all the passes over W.
+    constexpr Index kMaxWidth = 384;
+    const Index steps = std::clamp<Index>(std::min(k / block, std::max<Index>(2, kMaxWidth / block)), 1, 6);
     const Index width = steps * block;
 
     Matrix<Scalar> start, Z, Y;
@@ -84,7 +88,10 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
         run_serial_eigen([&] {
             Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
             const Matrix<Scalar> R = qr.matrixQR().topRows(width).template triangularView<Eigen::Upper>();
-            Eigen::JacobiSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
+            Eigen::BDCSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
+            if (small.info() != Eigen::Success)
+                throw numerical_error(concat("truncated_svd: the small SVD of the Rayleigh-Ritz matrix [", width, " x ",
+                                             width, "] failed"));
             U.setIdentity(m, block);
             U.topRows(width) = small.matrixU().leftCols(block);
             U.applyOnTheLeft(qr.householderQ());
