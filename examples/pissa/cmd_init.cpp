@@ -51,9 +51,8 @@ int cmd_init(int argc, char** argv) {
         .flag("force", "replace DIR if it exists")
         .flag("json", "print the summary as JSON on stdout instead of a table")
         .option("quantize", "nf4",
-                "QPiSSA: write the residual as dequantised NF4 (bitsandbytes) in the checkpoint's dtype, so\n"
-                "                           loading it in 4 bits gives back the same codes; the summary compares\n"
-                "                           the quantisation error with QLoRA and LoftQ (Frobenius norm)");
+                "QPiSSA: the residual is written as deq(NF4(W - s B A)) in the model's dtype; the summary\n"
+                "                           compares the error ||W - deq(Q) - s B A||_F with QLoRA's and LoftQ's");
     add_quant_options(args);
     if (!args.parse(argc, argv)) return 0;
 
