@@ -119,9 +119,8 @@ int cmd_init(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     pissa::io::rewrite_checkpoint(
         model, out.path(),
-        [&](const pissa::io::SafetensorsFile& file,
-            const pissa::io::TensorInfo& t) -> std::optional<std::vector<unsigned char>> {
-            if (!target_set.count(t.name)) return std::nullopt;
+        [&](const pissa::io::SafetensorsFile& file, const pissa::io::TensorInfo& t, std::vector<unsigned char>& bytes) {
+            if (!target_set.count(t.name)) return false;
             const auto t0 = std::chrono::steady_clock::now();
             ModuleSummary row;
             row.name = pissa::io::module_of_weight(t.name);
@@ -130,11 +129,11 @@ int cmd_init(int argc, char** argv) {
             row.seed = pissa::detail::stream_seed(seed, summary.size());
             pissa::PissaConfig module_config = config;
             module_config.randomized.seed = row.seed;
-            // One matrix at a time: a copy in its stored dtype, split in place (float32 inside
-            // for 16-bit storage), written back in the stored dtype and layout.
-            auto bytes = pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
+            // One matrix at a time, split in place in its stored dtype inside the output buffer
+            // (float32 inside for 16-bit storage): the bytes left there are the residual's.
+            pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
                 using Storage = decltype(tag);
-                pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
+                auto W = pissa::io::copy_matrix_into<Storage>(file, t, bytes);
                 file.release(t);
                 if (quantize) {
                     // QPiSSA: the residual written is deq(NF4(W - s B A)) (the last of T alternations).
@@ -144,19 +143,19 @@ int cmd_init(int argc, char** argv) {
                     row.quant.shape = row.shape;
                     const auto q = run_quant_methods(W, module_quant, pissa::QuantErrorNorm::frobenius, row.quant);
                     adapter.modules.push_back({row.name, q.adapter.A.template cast<float>(), q.adapter.B.template cast<float>()});
-                    return pissa::io::matrix_bytes(pissa::dequantize_nf4<float>(q.base), t.dtype);
+                    W = pissa::dequantize_nf4<float>(q.base).template cast<Storage>();
+                    return;
                 }
                 auto result = pissa::init_in_place(W, module_config);
                 adapter.modules.push_back({row.name, result.A.template cast<float>(), result.B.template cast<float>()});
                 row.energy = result.quality.adapter_energy_fraction;
                 row.weight_norm = result.quality.weight_norm;
                 row.residual_norm = result.quality.residual_norm;
-                return pissa::io::matrix_bytes(W, t.dtype);
             });
             row.seconds = seconds_since(t0);
             row.quant.seconds = row.seconds;
             summary.push_back(row);
-            return bytes;
+            return true;
         },
         [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
             progress.update(i, n, t.name, bytes_done);

@@ -72,26 +72,25 @@ int cmd_merge(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     pissa::io::rewrite_checkpoint(
         model, out.path(),
-        [&](const pissa::io::SafetensorsFile& file,
-            const pissa::io::TensorInfo& t) -> std::optional<std::vector<unsigned char>> {
+        [&](const pissa::io::SafetensorsFile& file, const pissa::io::TensorInfo& t, std::vector<unsigned char>& bytes) {
             const auto it = by_weight.find(t.name);
-            if (it == by_weight.end()) return std::nullopt;
+            if (it == by_weight.end()) return false;
             const auto t0 = std::chrono::steady_clock::now();
             const pissa::io::LoraModule& m = *it->second;
             const double s = config.scaling_for(m.name);
-            auto bytes = pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
+            // Merged in place in its stored dtype inside the output buffer.
+            pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
                 using Storage = decltype(tag);
-                pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
+                auto W = pissa::io::copy_matrix_into<Storage>(file, t, bytes);
                 if (config.fan_in_fan_out) {
                     auto Wt = W.transpose();
                     pissa::lora_merge(Wt, m.A, m.B, s);
                 } else {
                     pissa::lora_merge(W, m.A, m.B, s);
                 }
-                return pissa::io::matrix_bytes(W, t.dtype);
             });
             rows.push_back({m.name, t.shape, s, seconds_since(t0)});
-            return bytes;
+            return true;
         },
         [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
             progress.update(i, n, t.name, bytes_done);

@@ -118,15 +118,23 @@ void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::Matri
     const Index blocks = (rows + block - 1) / block;
     std::vector<double> weight_sq(static_cast<std::size_t>(blocks)), residual_sq(weight_sq.size());
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
 #endif
-    for (Index b = 0; b < blocks; ++b) {
-        const Index r0 = b * block, nr = std::min(block, rows - r0);
-        const Matrix<Scalar> w = source.middleRows(r0, nr).template cast<Scalar>();
-        const Matrix<Storage> res = (w - left.middleRows(r0, nr) * right).template cast<Storage>();
-        target.middleRows(r0, nr) = res;
-        weight_sq[static_cast<std::size_t>(b)] = w.template cast<double>().squaredNorm();
-        residual_sq[static_cast<std::size_t>(b)] = res.template cast<double>().squaredNorm();
+    {
+        // Row-major like the weights the tool streams (no transposing copies), and reused from
+        // block to block (no fresh pages per block).
+        RowMatrix<Scalar> residual;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index b = 0; b < blocks; ++b) {
+            const Index r0 = b * block, nr = std::min(block, rows - r0);
+            residual = source.middleRows(r0, nr).template cast<Scalar>();
+            weight_sq[static_cast<std::size_t>(b)] = residual.template cast<double>().squaredNorm();
+            residual.noalias() -= left.middleRows(r0, nr) * right;
+            target.middleRows(r0, nr) = residual.template cast<Storage>();  // source rows r0.. already read
+            residual_sq[static_cast<std::size_t>(b)] = target.middleRows(r0, nr).template cast<double>().squaredNorm();
+        }
     }
     double weight_total = 0, residual_total = 0;
     for (std::size_t b = 0; b < weight_sq.size(); ++b) {

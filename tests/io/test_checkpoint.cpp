@@ -52,10 +52,11 @@ TEST_CASE("a sharded folder reads as one model and is rewritten with the same sh
     std::size_t calls = 0;
     rewrite_checkpoint(
         in, dir / "out",
-        [&](const SafetensorsFile& file, const TensorInfo& t) -> std::optional<std::vector<unsigned char>> {
-            if (t.name != "layers.4.proj.weight") return std::nullopt;
+        [&](const SafetensorsFile& file, const TensorInfo& t, std::vector<unsigned char>& bytes) {
+            if (t.name != "layers.4.proj.weight") return false;
             const pissa::RowMatrix<float> m = read_matrix<float>(file, t) * 2.0f;
-            return matrix_bytes(m, t.dtype);
+            bytes = matrix_bytes(m, t.dtype);
+            return true;
         },
         [&](std::size_t i, std::size_t n, const TensorInfo&) {
             CHECK(i == calls++);

@@ -96,6 +96,27 @@ TEST_CASE_TEMPLATE("float matrices convert through every float dtype", Storage, 
         CHECK(static_cast<double>(map(2, 3)) == static_cast<double>(static_cast<Storage>(W(2, 3))));
         CHECK(static_cast<double>(map(4, 0)) == static_cast<double>(static_cast<Storage>(W(4, 0))));
     }
+    // copy_matrix_into: the same values in a caller's buffer, which keeps its capacity when reused
+    // for a smaller tensor, and a clear error for the wrong storage type.
+    std::vector<unsigned char> buffer;
+    auto copy = copy_matrix_into<Storage>(file, t, buffer);
+    CHECK(buffer.size() == 5 * 7 * sizeof(Storage));
+    CHECK(copy.rows() == 5);
+    CHECK(copy.cols() == 7);
+    CHECK((copy.template cast<double>() - copy_matrix<Storage>(file, t).template cast<double>()).norm() == 0);
+    copy(1, 2) = Storage(0.5f);
+    CHECK(static_cast<double>(copy_matrix<Storage>(file, t)(1, 2)) == static_cast<double>(static_cast<Storage>(W(1, 2))));
+    const std::size_t capacity = buffer.capacity();
+    const auto path_small = dir / "small.safetensors";
+    write_safetensors(path_small, {matrix_tensor("v", W.topLeftCorner(2, 3), dtype)});
+    SafetensorsFile small(path_small);
+    const auto copy_small = copy_matrix_into<Storage>(small, small.at("v"), buffer);
+    CHECK(buffer.capacity() == capacity);
+    CHECK(static_cast<double>(copy_small(1, 2)) == static_cast<double>(static_cast<Storage>(W(1, 2))));
+    using Other = std::conditional_t<std::is_same_v<Storage, float>, double, float>;
+    const std::string message = "tensor 'w': stored as " + std::string(dtype_name(dtype));
+    CHECK_THROWS_WITH_AS(copy_matrix_into<Other>(file, t, buffer), doctest::Contains(message.c_str()),
+                         pissa::invalid_argument);
 }
 
 TEST_CASE("writer refuses wrong sizes and leaves nothing behind when not committed") {

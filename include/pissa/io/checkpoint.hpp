@@ -26,7 +26,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -205,31 +204,39 @@ private:
     std::map<std::string, std::size_t> m_where;  // tensor -> shard
 };
 
-/// New bytes for a tensor (same dtype and shape), or nullopt to copy it unchanged.
-using TensorRewrite = std::function<std::optional<std::vector<unsigned char>>(const SafetensorsFile&, const TensorInfo&)>;
+/// Replaces a tensor: fills `bytes` with its new bytes (same dtype and shape) and returns true, or
+/// returns false to copy it unchanged. `bytes` is one buffer reused from tensor to tensor (see
+/// copy_matrix_into), so a rewrite that works in it allocates once for the whole checkpoint.
+using TensorRewrite =
+    std::function<bool(const SafetensorsFile&, const TensorInfo&, std::vector<unsigned char>& bytes)>;
 /// Called before each tensor: index (0-based) and count over the whole checkpoint, the tensor.
 using RewriteProgress = std::function<void(std::size_t, std::size_t, const TensorInfo&)>;
 
 /// Writes `in` into the folder `out_dir` (which must exist) with the same layout: each shard under
 /// its own file name (a single-file checkpoint under its file name), same tensor order, dtypes,
 /// shapes and `__metadata__`; the index (if any) with the same weight_map and metadata.total_size
-/// updated. `rewrite` gives a tensor's new bytes or nullopt to copy it unchanged. When
+/// updated. `rewrite` gives a tensor's new bytes or declines to copy it unchanged. When
 /// `copy_other_files` is set, the other files of a model folder (config.json, ...) are copied too.
+/// The next tensor is read from disk in the background while the current one is rewritten.
 /// \throws pissa::invalid_argument when `rewrite` returns a wrong byte count (naming the tensor),
 ///         io_error when writing fails; every shard is written atomically.
 inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path& out_dir, const TensorRewrite& rewrite,
                                const RewriteProgress& progress = {}, bool copy_other_files = true) {
     const std::size_t count = in.size();
     std::size_t done = 0;
+    std::vector<unsigned char> buffer;
     for (const auto& shard : in.shards()) {
+        const auto& tensors = shard->tensors();
         std::vector<TensorSpec> specs;
-        for (const auto& t : shard->tensors()) specs.push_back({t.name, t.dtype, t.shape});
+        for (const auto& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
         SafetensorsWriter writer(out_dir / shard->path().filename(), specs, shard->metadata());
-        for (const auto& t : shard->tensors()) {
+        if (!tensors.empty()) shard->prefetch(tensors.front());
+        for (std::size_t i = 0; i < tensors.size(); ++i) {
+            const TensorInfo& t = tensors[i];
+            if (i + 1 < tensors.size()) shard->prefetch(tensors[i + 1]);
             if (progress) progress(done, count, t);
-            std::optional<std::vector<unsigned char>> replaced = rewrite ? rewrite(*shard, t) : std::nullopt;
-            if (replaced) {
-                writer.write(replaced->data(), replaced->size());
+            if (rewrite && rewrite(*shard, t, buffer)) {
+                writer.write(buffer.data(), buffer.size());
             } else {
                 const ByteView bytes = shard->bytes(t);
                 writer.write(bytes.data, bytes.size);

@@ -86,6 +86,23 @@ RowMatrix<Storage> copy_matrix(const SafetensorsFile& file, const TensorInfo& t)
     return out;
 }
 
+/// Copies a 2-D tensor stored as `Storage` into `buffer` and returns it viewed as the row-major
+/// matrix. `buffer` is resized, never shrunk: reused from tensor to tensor, it is allocated once
+/// for a whole checkpoint instead of once per tensor (fresh pages of a large allocation cost a
+/// page fault each). The view is valid until `buffer` is next resized.
+/// \throws pissa::invalid_argument when the tensor is not 2-D or not stored as `Storage`.
+template <class Storage>
+Eigen::Map<RowMatrix<Storage>> copy_matrix_into(const SafetensorsFile& file, const TensorInfo& t,
+                                                std::vector<unsigned char>& buffer) {
+    const auto [rows, cols] = matrix_shape(t, file.path().string());
+    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
+                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    const ByteView bytes = file.bytes(t);
+    buffer.resize(bytes.size);
+    if (bytes.size) std::memcpy(buffer.data(), bytes.data, bytes.size);
+    return {reinterpret_cast<Storage*>(buffer.data()), rows, cols};
+}
+
 /// Reads a 2-D float tensor (F32/F64/F16/BF16) converted to `Scalar` (float or double).
 template <class Scalar>
 RowMatrix<Scalar> read_matrix(const SafetensorsFile& file, const TensorInfo& t) {
