@@ -45,7 +45,7 @@ CASES = [
     ("tiny_r8", 768, 512, 8, 4),  # smoke test of the script only (--cases tiny_r8)
 ]
 QUICK = ["sq_r16", "sq_r128"]
-EXACT = ["sq_r16", "sq_r64", "tall_r16", "tiny_r8"]  # exact mode (block Krylov) rows
+EXACT = ["sq_r16", "sq_r64", "sq_r128", "tall_r16", "tiny_r8"]  # exact mode (block Krylov) rows
 
 
 def matrix_path(tmp, m, n):

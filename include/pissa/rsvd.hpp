@@ -7,7 +7,7 @@
 ///     G ~ N(0, 1) [m, q]                       q = r + oversampling (peft: oversampling = 0)
 ///     Q = qr(W^T G)                            [n, q]
 ///     K times:  P = qr(W Q);  Q = qr(W^T P)    an orthonormalisation after every product
-///     B = W Q = Ub diag(S) Vb^T                small SVD of [m, q]
+///     B = W Q = Ub diag(S) Vb^T                small SVD of [m, q] (detail/ritz.hpp)
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
 /// That is 2K + 2 passes over W. With `fused_power_iteration` each power step is
@@ -21,16 +21,13 @@
 
 #include <pissa/detail/block_krylov.hpp>
 #include <pissa/detail/orthonormalize.hpp>
-#include <pissa/detail/serial_eigen.hpp>
+#include <pissa/detail/ritz.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/svd_result.hpp>
 #include <pissa/types.hpp>
-
-#include <Eigen/QR>
-#include <Eigen/SVD>
 
 #include <cstdint>
 #include <utility>
@@ -71,21 +68,8 @@ SvdResult<Scalar> randomized_svd(const WeightOperator<Storage>& W, Index rank, c
     }
     W.apply(Q, P);  // B = W Q  [m, q]
     SvdResult<Scalar> out;
-    run_serial_eigen([&] {
-        // SVD of the tall B through its thin QR: B = Qb R, R = Ur diag(S) Vr^T, so U = Qb Ur.
-        // Four times cheaper than a bidiagonalisation of the whole [m, q] B at q = 128.
-        Eigen::HouseholderQR<Matrix<Scalar>> qr(P);
-        const Matrix<Scalar> R = qr.matrixQR().topRows(q).template triangularView<Eigen::Upper>();
-        Eigen::BDCSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
-        if (small.info() != Eigen::Success || !R.allFinite())
-            throw numerical_error(concat("randomized_svd: the small SVD of W Q [", P.rows(), " x ", P.cols(),
-                                         "] failed (non-finite values from an overflow in W?)"));
-        out.U.setZero(P.rows(), rank);
-        out.U.topRows(q) = small.matrixU().leftCols(rank);
-        out.U.applyOnTheLeft(qr.householderQ());
-        out.S = small.singularValues().head(rank);
-        out.V.noalias() = Q * small.matrixV().leftCols(rank);
-    });
+    ritz_triplets(Q, P, rank, rank, "randomized_svd", out.U, out.S, out.V);
+    out.S.conservativeResize(rank);
     out.report = {options.niter, -1.0, true};
     return out;
 }

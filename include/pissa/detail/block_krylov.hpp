@@ -11,14 +11,13 @@
 
 #include <pissa/detail/orthonormalize.hpp>
 #include <pissa/detail/random.hpp>
+#include <pissa/detail/ritz.hpp>
 #include <pissa/detail/serial_eigen.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/svd_result.hpp>
-
-#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cstdint>
@@ -82,22 +81,10 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
             W.apply(Z, Y);
             image.middleCols(j * block, block) = Y;
         }
-        // Rayleigh-Ritz: W K = P = Qp Rp, Rp = Ur diag(S) Vr^T  =>  W (K Vr) = (Qp Ur) diag(S).
+        // Rayleigh-Ritz; the whole leading block of U restarts the next cycle.
         Matrix<Scalar> U;
         Vector<Scalar> S;
-        run_serial_eigen([&] {
-            Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
-            const Matrix<Scalar> R = qr.matrixQR().topRows(width).template triangularView<Eigen::Upper>();
-            Eigen::BDCSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
-            if (small.info() != Eigen::Success)
-                throw numerical_error(concat("truncated_svd: the small SVD of the Rayleigh-Ritz matrix [", width, " x ",
-                                             width, "] failed"));
-            U.setIdentity(m, block);
-            U.topRows(width) = small.matrixU().leftCols(block);
-            U.applyOnTheLeft(qr.householderQ());
-            S = small.singularValues();
-            out.V.noalias() = basis * small.matrixV().leftCols(rank);
-        });
+        ritz_triplets(basis, image, block, rank, "truncated_svd", U, S, out.V);
         out.U = U.leftCols(rank);
         out.S = S.head(rank);
 
