@@ -272,6 +272,25 @@ void BM_pissa_init(benchmark::State& state) {
 }
 BENCHMARK(BM_pissa_init)->Args({4096, 4096, 16})->Args({11008, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 
+/// What `pissa init` runs per tensor: init_in_place on the stored bf16 matrix (no residual allocation).
+void BM_pissa_init_in_place(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1);
+    pissa::PissaConfig config;
+    config.rank = state.range(2);
+    config.lora_alpha = double(config.rank);
+    config.method = pissa::SvdMethod::randomized;
+    RowMatrix<Eigen::bfloat16> W = weight_bf16(m, n);
+    for (auto _ : state) {
+        state.PauseTiming();
+        W = weight_bf16(m, n);
+        state.ResumeTiming();
+        benchmark::DoNotOptimize(pissa::init_in_place(W, config));
+    }
+    set_roofline(state, m, n, config.rank, 2.0 * config.randomized.niter + 2, 2.0);
+}
+BENCHMARK(BM_pissa_init_in_place)->Args({4096, 4096, 16})->Args({11008, 4096, 16})->Args({4096, 11008, 16})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+
 #ifdef PISSA_BENCH_LORA
 void BM_lora_forward(benchmark::State& state) {
     const Index batch = state.range(0), n = state.range(1), r = state.range(2);
