@@ -91,6 +91,7 @@ int cmd_init(int argc, char** argv) {
     adapter_config.base_model_name_or_path = fs::absolute(model_path).lexically_normal().string();
     set_targets_from_args(args, adapter_config);
     const auto targets = pissa::io::select_targets(model, adapter_config);
+    refuse_embedding_targets(targets);
     const std::set<std::string> target_set(targets.begin(), targets.end());
 
     OutputDir out(args.get("out"), args.has("force"), {model_path});

@@ -8,6 +8,7 @@
 // Exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error.
 #include "tool.hpp"
 
+#include <pissa/io/peft.hpp>
 #include <pissa/io/safetensors.hpp>
 #include <pissa/version.hpp>
 
@@ -20,6 +21,7 @@
 #include <iostream>
 #include <random>
 #include <regex>
+#include <set>
 #include <sstream>
 
 #include <unistd.h>
@@ -288,6 +290,19 @@ void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
     }
     config.target_modules = split_list(args.get("targets"));
     if (config.target_modules.empty()) throw UsageError("--targets is empty");
+}
+
+void refuse_embedding_targets(const std::vector<std::string>& targets) {
+    static const std::set<std::string> embeddings = {"embed_tokens",  "wte",          "wpe",
+                                                     "word_embeddings", "position_embeddings", "token_type_embeddings",
+                                                     "embed_in",      "embed_positions", "shared"};
+    for (const auto& name : targets) {
+        const std::string module = pissa::io::module_of_weight(name);
+        const std::string last = module.substr(module.rfind('.') + 1);
+        if (embeddings.count(last))
+            throw UsageError(name + " is an embedding: peft initialises embedding targets as plain LoRA "
+                             "(lora_embedding_A/B), not PiSSA; leave '" + last + "' out of the targets");
+    }
 }
 
 }  // namespace pissa_tool

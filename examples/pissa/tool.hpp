@@ -144,6 +144,14 @@ std::vector<std::string> split_list(const std::string& text);
 /// \throws UsageError when both are given, the list is empty or the regex does not compile.
 void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config);
 
+/// Refuses embedding weights among `targets` (tensor names). peft applies PiSSA to Linear layers
+/// only: an nn.Embedding target keeps LoRA's init and stores lora_embedding_A / lora_embedding_B,
+/// so a PiSSA adapter written for it would not load as one and the residual base would silently
+/// lack s B A. A checkpoint does not record layer types; embeddings are recognised by their
+/// conventional names (embed_tokens, wte, wpe, word_embeddings, embed_in, shared, ...).
+/// \throws UsageError naming the first embedding target.
+void refuse_embedding_targets(const std::vector<std::string>& targets);
+
 /// The built-in model: generated once into the cache folder ($PISSA_CACHE_DIR, else
 /// $XDG_CACHE_HOME/pissa, else ~/.cache/pissa, else the temp folder) and reused.
 fs::path builtin_model();

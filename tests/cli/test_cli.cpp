@@ -265,6 +265,9 @@ TEST_CASE("usage errors, overwrite protection, --help everywhere") {
     const Run none = pissa_run(dir, "init m --out o --targets wq,wv");
     CHECK(none.code == 2);
     CHECK(none.err.find("q_proj (2)") != std::string::npos);            // lists what the model has
+    const Run embedding = pissa_run(dir, "init m --out o --targets q_proj,embed_tokens");
+    CHECK(embedding.code == 2);                                           // peft: plain LoRA there
+    CHECK(embedding.err.find("model.embed_tokens.weight is an embedding") != std::string::npos);
     CHECK(entries(dir.path()) == std::set<std::string>{"m"});
 
     REQUIRE(pissa_run(dir, "init m --out o --rank 2").code == 0);
