@@ -260,12 +260,18 @@ BENCHMARK(BM_exact_full)->Args({1024, 1024, 16})->Unit(benchmark::kMillisecond)-
 
 // ---- PiSSA init and the forward pass ------------------------------------------------------------
 
-void BM_pissa_init(benchmark::State& state) {
-    const Index m = state.range(0), n = state.range(1);
+/// peft's pissa_niter_4 at rank state.range(2), lora_alpha = r.
+pissa::PissaConfig randomized_init_config(const benchmark::State& state) {
     pissa::PissaConfig config;
     config.rank = state.range(2);
     config.lora_alpha = double(config.rank);
     config.method = pissa::SvdMethod::randomized;
+    return config;
+}
+
+void BM_pissa_init(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1);
+    const pissa::PissaConfig config = randomized_init_config(state);
     const auto& W = weight_bf16(m, n);
     for (auto _ : state) benchmark::DoNotOptimize(pissa::init(W, config));
     set_roofline(state, m, n, config.rank, 2.0 * config.randomized.niter + 2, 2.0);
@@ -275,10 +281,7 @@ BENCHMARK(BM_pissa_init)->Args({4096, 4096, 16})->Args({11008, 4096, 16})->Unit(
 /// What `pissa init` runs per tensor: init_in_place on the stored bf16 matrix (no residual allocation).
 void BM_pissa_init_in_place(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1);
-    pissa::PissaConfig config;
-    config.rank = state.range(2);
-    config.lora_alpha = double(config.rank);
-    config.method = pissa::SvdMethod::randomized;
+    const pissa::PissaConfig config = randomized_init_config(state);
     RowMatrix<Eigen::bfloat16> W = weight_bf16(m, n);
     for (auto _ : state) {
         state.PauseTiming();

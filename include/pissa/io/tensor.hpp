@@ -20,6 +20,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace pissa::io {
@@ -61,13 +62,21 @@ inline std::pair<Index, Index> matrix_shape(const TensorInfo& t, const std::stri
     return {static_cast<Index>(t.shape[0]), static_cast<Index>(t.shape[1])};
 }
 
+/// rows, cols of a 2-D tensor stored as `Storage`.
+/// \throws pissa::invalid_argument naming file and tensor when it is not 2-D or not stored as `Storage`.
+template <class Storage>
+std::pair<Index, Index> stored_matrix_shape(const SafetensorsFile& file, const TensorInfo& t) {
+    const auto shape = matrix_shape(t, file.path().string());
+    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
+                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    return shape;
+}
+
 /// A zero-copy map of a 2-D tensor's bytes as `RowMatrix<Storage>` `[rows, cols]`; `ok` is false
 /// (and the map empty) when the bytes are not aligned for Storage. The dtype must be dtype_of<Storage>.
 template <class Storage>
 Eigen::Map<const RowMatrix<Storage>> map_matrix(const SafetensorsFile& file, const TensorInfo& t, bool& ok) {
-    const auto [rows, cols] = matrix_shape(t, file.path().string());
-    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
-                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
     const ByteView bytes = file.bytes(t);
     ok = reinterpret_cast<std::uintptr_t>(bytes.data) % alignof(Storage) == 0;
     if (!ok) return {nullptr, 0, 0};
@@ -77,9 +86,7 @@ Eigen::Map<const RowMatrix<Storage>> map_matrix(const SafetensorsFile& file, con
 /// Copies a 2-D tensor into a RowMatrix of its own storage type (an aligned copy of the bytes).
 template <class Storage>
 RowMatrix<Storage> copy_matrix(const SafetensorsFile& file, const TensorInfo& t) {
-    const auto [rows, cols] = matrix_shape(t, file.path().string());
-    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
-                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
     RowMatrix<Storage> out(rows, cols);
     const ByteView bytes = file.bytes(t);
     if (bytes.size) std::memcpy(static_cast<void*>(out.data()), bytes.data, bytes.size);
@@ -94,9 +101,7 @@ RowMatrix<Storage> copy_matrix(const SafetensorsFile& file, const TensorInfo& t)
 template <class Storage>
 Eigen::Map<RowMatrix<Storage>> copy_matrix_into(const SafetensorsFile& file, const TensorInfo& t,
                                                 std::vector<unsigned char>& buffer) {
-    const auto [rows, cols] = matrix_shape(t, file.path().string());
-    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
-                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
     const ByteView bytes = file.bytes(t);
     buffer.resize(bytes.size);
     if (bytes.size) std::memcpy(buffer.data(), bytes.data, bytes.size);
