@@ -3,7 +3,8 @@
 //   BM_bandwidth/<MiB>               read bandwidth probe (all threads, 8 accumulators each)
 //   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
 //   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the rows
-//   BM_randomized_fused/...          the same with fused_power_iteration
+//   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
+//   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
 //   BM_exact_krylov/<m>/<n>/<r>      exact top-r by block Krylov (float32 accuracy test)
 //   BM_exact_full/<m>/<n>/<r>        exact top-r by a full BDCSVD (smaller size)
 //   BM_pissa_init/<m>/<n>/<r>        pissa::init, bfloat16 row-major W, randomized niter 4
@@ -196,7 +197,10 @@ BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit
 
 // ---- randomized SVD (peft pissa_niter_K) --------------------------------------------------------
 
-template <bool Fused>
+/// `Reused`: one RandomizedSvd object across the iterations (buffers kept, the steady state of a
+/// model's many matrices); otherwise a fresh randomized_svd call each time (cold buffers: fresh
+/// pages, a page fault per 4 KiB).
+template <bool Fused, bool Reused>
 void BM_randomized_impl(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1), r = state.range(2);
     const int niter = static_cast<int>(state.range(3));
@@ -204,14 +208,21 @@ void BM_randomized_impl(benchmark::State& state) {
     pissa::RandomizedSvdOptions options;
     options.niter = niter;
     options.fused_power_iteration = Fused;
+    pissa::RandomizedSvd<float> reused(options);
     for (auto _ : state) {
-        if (bf16) benchmark::DoNotOptimize(pissa::randomized_svd(weight_bf16(m, n), r, options));
-        else benchmark::DoNotOptimize(pissa::randomized_svd(weight(m, n), r, options));
+        if constexpr (Reused) {
+            if (bf16) benchmark::DoNotOptimize(reused.compute(weight_bf16(m, n), r).singular_values().data());
+            else benchmark::DoNotOptimize(reused.compute(weight(m, n), r).singular_values().data());
+        } else {
+            if (bf16) benchmark::DoNotOptimize(pissa::randomized_svd(weight_bf16(m, n), r, options));
+            else benchmark::DoNotOptimize(pissa::randomized_svd(weight(m, n), r, options));
+        }
     }
     set_roofline(state, m, n, r, 2.0 * niter + 2, bf16 ? 2.0 : 4.0);
 }
-void BM_randomized(benchmark::State& state) { BM_randomized_impl<false>(state); }
-void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true>(state); }
+void BM_randomized(benchmark::State& state) { BM_randomized_impl<false, false>(state); }
+void BM_randomized_reused(benchmark::State& state) { BM_randomized_impl<false, true>(state); }
+void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true, true>(state); }
 
 /// The table: {m, n, r, niter, bf16}.
 void randomized_args(benchmark::internal::Benchmark* b) {
@@ -227,8 +238,8 @@ void randomized_args(benchmark::internal::Benchmark* b) {
     b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 BENCHMARK(BM_randomized)->Apply(randomized_args);
-BENCHMARK(BM_randomized_fused)->Args({4096, 4096, 16, 4, 0})->Args({4096, 4096, 128, 4, 0})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_randomized_reused)->Apply(randomized_args);
+BENCHMARK(BM_randomized_fused)->Apply(randomized_args);
 
 // ---- exact mode ---------------------------------------------------------------------------------
 
@@ -311,8 +322,8 @@ BENCHMARK(BM_lora_forward)->Args({1, 4096, 16})->Args({64, 4096, 16})->Unit(benc
 
 // ---- matrices from files (bench/compare_peers.py) ------------------------------------------------
 //
-// PISSA_PEER_INPUT="name:path:m:n:r:niter;..." registers BM_file_randomized/<name> and
-// BM_file_exact/<name> on the raw float32 row-major [m, n] file. PISSA_PEER_OUT=dir makes each
+// PISSA_PEER_INPUT="name:path:m:n:r:niter;..." registers BM_file_{randomized,reused,fused,exact}/<name>
+// on the raw float32 row-major [m, n] file. PISSA_PEER_OUT=dir makes each
 // write <dir>/<name>_<mode>.txt with the singular values and ||W - U S V^T||_F (double).
 
 struct FileCase {
@@ -352,23 +363,42 @@ void write_result(const FileCase& c, const char* mode, const pissa::SvdResult<fl
     out << '\n';
 }
 
-void file_benchmark(benchmark::State& state, const FileCase& c, bool exact) {
+/// The modes of BM_file_*: exact (block Krylov), randomized (a fresh randomized_svd call per
+/// iteration), reused (one RandomizedSvd object), fused (one object, fused_power_iteration).
+enum class FileMode { exact, randomized, reused, fused };
+const char* file_mode_name(FileMode mode) {
+    switch (mode) {
+    case FileMode::exact: return "exact";
+    case FileMode::randomized: return "randomized";
+    case FileMode::reused: return "reused";
+    case FileMode::fused: return "fused";
+    }
+    return "?";
+}
+
+void file_benchmark(benchmark::State& state, const FileCase& c, FileMode mode) {
     const RowMatrix<float>& W = file_weight(c);
+    pissa::RandomizedSvdOptions options;
+    options.niter = c.niter;
+    options.fused_power_iteration = mode == FileMode::fused;
+    pissa::RandomizedSvd<float> reused(options);
     pissa::SvdResult<float> last;
     for (auto _ : state) {
-        if (exact) {
-            pissa::ExactSvdOptions options;
-            options.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
-            last = pissa::truncated_svd(W, c.r, options);
-        } else {
-            pissa::RandomizedSvdOptions options;
-            options.niter = c.niter;
+        if (mode == FileMode::exact) {
+            pissa::ExactSvdOptions exact;
+            exact.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
+            last = pissa::truncated_svd(W, c.r, exact);
+            benchmark::DoNotOptimize(last);
+        } else if (mode == FileMode::randomized) {
             last = pissa::randomized_svd(W, c.r, options);
+            benchmark::DoNotOptimize(last);
+        } else {
+            benchmark::DoNotOptimize(reused.compute(W, c.r).singular_values().data());
         }
-        benchmark::DoNotOptimize(last);
     }
-    if (!exact) set_roofline(state, c.m, c.n, c.r, 2.0 * c.niter + 2, 4.0);
-    write_result(c, exact ? "exact" : "randomized", last);
+    if (mode == FileMode::reused || mode == FileMode::fused) last = reused.result();
+    if (mode != FileMode::exact) set_roofline(state, c.m, c.n, c.r, 2.0 * c.niter + 2, 4.0);
+    write_result(c, file_mode_name(mode), last);
 }
 
 const bool file_cases_registered = [] {
@@ -391,12 +421,10 @@ const bool file_cases_registered = [] {
         c.n = std::atoll(n.c_str());
         c.r = std::atoll(r.c_str());
         c.niter = std::atoi(niter.c_str());
-        benchmark::RegisterBenchmark(("BM_file_randomized/" + c.name).c_str(),
-                                     [c](benchmark::State& s) { file_benchmark(s, c, false); })
-            ->Unit(benchmark::kMillisecond)->UseRealTime();
-        benchmark::RegisterBenchmark(("BM_file_exact/" + c.name).c_str(),
-                                     [c](benchmark::State& s) { file_benchmark(s, c, true); })
-            ->Unit(benchmark::kMillisecond)->UseRealTime();
+        for (const FileMode mode : {FileMode::randomized, FileMode::reused, FileMode::fused, FileMode::exact})
+            benchmark::RegisterBenchmark((std::string("BM_file_") + file_mode_name(mode) + "/" + c.name).c_str(),
+                                         [c, mode](benchmark::State& s) { file_benchmark(s, c, mode); })
+                ->Unit(benchmark::kMillisecond)->UseRealTime();
     }
     return true;
 }();

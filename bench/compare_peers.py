@@ -2,7 +2,10 @@
 """Side-by-side timing and accuracy of pissa's decompositions and the Python peers.
 
 Runs, on the same matrices and in one session:
-  * pissa (bench/bench_svd built in Release: BM_file_randomized and BM_file_exact on raw float32 files),
+  * pissa (bench/bench_svd built in Release, on raw float32 files): BM_file_randomized (a fresh
+    randomized_svd call per run), BM_file_reused (one RandomizedSvd object across the runs: its
+    buffers are kept, as when a model's matrices are decomposed one after another), BM_file_fused
+    (the same with the fused_power_iteration option) and BM_file_exact (block Krylov),
   * torch.svd_lowrank(W, q=r, niter=K)           (peft init_lora_weights="pissa_niter_K"),
   * sklearn.utils.extmath.randomized_svd(W, r, n_oversamples=0, n_iter=K),
   * torch.linalg.svd(W, full_matrices=False)      (peft init_lora_weights="pissa"),
@@ -141,7 +144,7 @@ def run_pissa(bench, tmp, cases, reps, exact_names, env_extra):
     spec = ";".join(f"{name}:{matrix_path(tmp, m, n)}:{m}:{n}:{r}:{niter}" for name, m, n, r, niter in cases)
     names = "|".join(name for name, *_ in cases)
     exact = "|".join(e for e in exact_names if any(e == c[0] for c in cases))
-    flt = f"BM_file_randomized/({names})/"
+    flt = f"BM_file_(randomized|reused|fused)/({names})/"
     if exact:
         flt = f"({flt})|(BM_file_exact/({exact})/)"
     env = dict(os.environ, PISSA_PEER_INPUT=spec, PISSA_PEER_OUT=tmp)
@@ -156,6 +159,12 @@ def run_pissa(bench, tmp, cases, reps, exact_names, env_extra):
             unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
             times[base] = b["real_time"] * unit
     return times
+
+
+def roofline_seconds(m, n, r, niter, gbs=32.6, gflops=388.0):
+    """The issue's roofline: 2 niter + 2 passes over float32 W, each max(bytes / bandwidth, 2 m n r / peak)."""
+    passes = 2 * niter + 2
+    return passes * max(m * n * 4 / (gbs * 1e9), 2.0 * m * n * r / (gflops * 1e9))
 
 
 def read_result(tmp, name, mode):
@@ -206,26 +215,33 @@ def main():
     print(f"# torch default: {torch_default['_threads']}")
     print(f"# torch passive: {torch_passive['_threads']}")
     print()
-    print("| job | pissa randomized | torch.svd_lowrank (best setup) | sklearn | ratio torch/pissa | ratio sklearn/pissa "
-          "| err/opt pissa | err/opt torch | err/opt sklearn |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| job | pissa one-off call | pissa reused object | pissa fused (option) | torch.svd_lowrank (best setup) "
+          "| sklearn | torch / pissa reused | sklearn / pissa reused | roofline | pissa / roofline: one-off, reused, fused "
+          "| err/opt pissa | err/opt pissa fused | err/opt torch | err/opt sklearn |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, m, n, r, niter in cases:
         sigma = full[f"{m}x{n}"]["sigma"]
         opt = sum(s * s for s in sigma[r:]) ** 0.5
-        mine = read_result(tmp, name, "randomized")
-        t_ours = ours[f"BM_file_randomized/{name}"]
+        mine = read_result(tmp, name, "reused")
+        mine_fused = read_result(tmp, name, "fused")
+        t = {mode: ours[f"BM_file_{mode}/{name}"] for mode in ("randomized", "reused", "fused")}
+        setup = {mode: ours_setup[f"BM_file_{mode}/{name}"] for mode in t}
         td, tp = torch_default[name], torch_passive[name]
         best = td if td["time"] <= tp["time"] else tp
-        setup = "default" if best is td else "passive"
+        torch_setup = "default" if best is td else "passive"
         s = sk[name]
-        print(f"| {m}x{n}, r={r}, niter={niter} | {t_ours * 1e3:.1f} ms ({ours_setup[f'BM_file_randomized/{name}']}) "
-              f"| {best['time'] * 1e3:.1f} ms ({setup}) "
-              f"| {s['time'] * 1e3:.1f} ms | {best['time'] / t_ours:.2f}x | {s['time'] / t_ours:.2f}x "
-              f"| {mine['frob_error'] / opt:.6f} | {best['frob'] / opt:.6f} | {s['frob'] / opt:.6f} |")
+        roof = roofline_seconds(m, n, r, niter)
+        print(f"| {m}x{n}, r={r}, niter={niter} "
+              + "".join(f"| {t[mode] * 1e3:.1f} ms ({setup[mode]}) " for mode in ("randomized", "reused", "fused"))
+              + f"| {best['time'] * 1e3:.1f} ms ({torch_setup}) | {s['time'] * 1e3:.1f} ms "
+              f"| {best['time'] / t['reused']:.2f}x | {s['time'] / t['reused']:.2f}x | {roof * 1e3:.1f} ms "
+              f"| {t['randomized'] / roof:.2f}x, {t['reused'] / roof:.2f}x, {t['fused'] / roof:.2f}x "
+              f"| {mine['frob_error'] / opt:.6f} | {mine_fused['frob_error'] / opt:.6f} "
+              f"| {best['frob'] / opt:.6f} | {s['frob'] / opt:.6f} |")
         if args.verbose:
-            key = f"BM_file_randomized/{name}"
-            print(f"|   pissa default {ours_default[key] * 1e3:.1f} ms, passive {ours_passive[key] * 1e3:.1f} ms; "
-                  f"torch default {td['time'] * 1e3:.1f} ms, passive {tp['time'] * 1e3:.1f} ms |")
+            print("|   " + "; ".join(f"pissa {mode} default {ours_default[f'BM_file_{mode}/{name}'] * 1e3:.1f} ms, "
+                                    f"passive {ours_passive[f'BM_file_{mode}/{name}'] * 1e3:.1f} ms" for mode in t)
+                  + f"; torch default {td['time'] * 1e3:.1f} ms, passive {tp['time'] * 1e3:.1f} ms |")
     print()
     print("| exact top-r | pissa block Krylov | cycles | residual bound | max rel. sigma error vs LAPACK "
           "| err/opt - 1 | torch.linalg.svd (full) | speed-up |")

@@ -11,26 +11,30 @@
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
 /// That is 2K + 2 passes over W. With `fused_power_iteration` each power step is
-/// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), which is what a kernel
-/// that keeps a block of W in cache for both products computes; it is a different algorithm
-/// (less robust in float32 when niter is large and the spectrum decays fast), so it is opt-in.
+/// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two); it is a different
+/// algorithm (less robust in float32 when niter is large and the spectrum decays fast), so it is
+/// opt-in. (A kernel computing `W^T (W Q)` in one pass over W, each 48-row panel transposed while
+/// still in the L2 cache, was built and measured: no faster than the two products, whose cost at
+/// small q is the kernels' arithmetic, not the memory traffic; it was not kept.)
 ///
 /// The Gaussian draws come from pissa's own splitmix64 stream (not torch's generator), so the
 /// result is a deterministic function of (W, rank, options) on every platform and thread count.
 #pragma once
 
-#include <pissa/detail/block_krylov.hpp>
-#include <pissa/detail/orthonormalize.hpp>
+#include <pissa/detail/random.hpp>
 #include <pissa/detail/ritz.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
+#include <pissa/detail/tall_qr.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/svd_result.hpp>
 #include <pissa/types.hpp>
 
+#include <algorithm>
 #include <cstdint>
-#include <utility>
+#include <stdexcept>
+#include <type_traits>
 
 namespace pissa {
 
@@ -51,27 +55,49 @@ inline void require_valid(const RandomizedSvdOptions& options) {
 
 namespace detail {
 
-/// The algorithm of the file comment.
+/// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats).
+template <class Scalar>
+struct RandomizedSvdWorkspace {
+    KernelWorkspace kernels;
+    Matrix<Scalar> G, Q, P;              ///< test matrix [m, q], basis [n, q], image [m, q]
+    TallQr<Scalar> qr_image, qr_basis;   ///< factorisations of P and Q
+};
+
+/// The algorithm of the file comment; the triplets go to `out`.
 template <class Scalar, class Storage>
-SvdResult<Scalar> randomized_svd(const WeightOperator<Storage>& W, Index rank, const RandomizedSvdOptions& options) {
+void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const RandomizedSvdOptions& options,
+                    RandomizedSvdWorkspace<Scalar>& ws, SvdResult<Scalar>& out) {
+    const WeightOperator<Storage> W{weight, ws.kernels};
     const Index q = std::min(std::min(W.rows(), W.cols()), rank + options.oversampling);
-    Matrix<Scalar> G, Q, P;
-    fill_gaussian(G, W.rows(), q, options.seed);
-    W.apply_transposed(G, Q);
-    require_finite_product(W, Q, "randomized_svd");
-    orthonormalize(Q);
+    const Matrix<Scalar> identity = Matrix<Scalar>::Identity(q, q);
+    auto orthonormalize = [&](TallQr<Scalar>& qr, Matrix<Scalar>& X) {
+        qr.factor(X);
+        qr.apply_q(identity, X);
+    };
+    fill_gaussian(ws.G, W.rows(), q, options.seed);
+    W.apply_transposed(ws.G, ws.Q);
+    require_finite_product(W, ws.Q, "randomized_svd");
+    orthonormalize(ws.qr_basis, ws.Q);
     for (int it = 0; it < options.niter; ++it) {
-        W.apply(Q, P);
-        if (!options.fused_power_iteration) orthonormalize(P);
-        W.apply_transposed(P, Q);
-        orthonormalize(Q);
+        W.apply(ws.Q, ws.P);
+        if (!options.fused_power_iteration) orthonormalize(ws.qr_image, ws.P);
+        W.apply_transposed(ws.P, ws.Q);
+        orthonormalize(ws.qr_basis, ws.Q);
     }
-    W.apply(Q, P);  // B = W Q  [m, q]
-    SvdResult<Scalar> out;
-    ritz_triplets(Q, P, rank, rank, "randomized_svd", out.U, out.S, out.V);
+    W.apply(ws.Q, ws.P);  // B = W Q  [m, q]
+    ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
     out.S.conservativeResize(rank);
     out.report = {options.niter, -1.0, true};
-    return out;
+}
+
+/// Checks the arguments of randomized_svd (public forms).
+template <class Derived>
+void check_randomized_svd_arguments(const Eigen::MatrixBase<Derived>& W, Index rank,
+                                    const RandomizedSvdOptions& options) {
+    static_assert(is_supported_storage_v<typename Derived::Scalar>,
+                  "pissa: W must hold float, double, Eigen::half or Eigen::bfloat16");
+    check_rank(W.rows(), W.cols(), rank, "randomized_svd");
+    require_valid(options);
 }
 
 }  // namespace detail
@@ -89,12 +115,57 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> randomized_svd(const Eigen
                                                                      const RandomizedSvdOptions& options = {}) {
     using Storage = typename Derived::Scalar;
     using Scalar = compute_scalar_t<Storage>;
-    static_assert(is_supported_storage_v<Storage>, "pissa: W must hold float, double, Eigen::half or Eigen::bfloat16");
-    detail::check_rank(W.rows(), W.cols(), rank, "randomized_svd");
-    require_valid(options);
+    detail::check_randomized_svd_arguments(W, rank, options);
     detail::PreparedWeight<Storage> prepared;
     detail::prepare_weight(W, prepared);
-    return detail::randomized_svd<Scalar>(detail::WeightOperator<Storage>{prepared}, rank, options);
+    detail::RandomizedSvdWorkspace<Scalar> workspace;
+    SvdResult<Scalar> result;
+    detail::randomized_svd(prepared, rank, options, workspace, result);
+    return result;
 }
+
+/// Object form of randomized_svd, for many matrices in a row (a model's layers): the buffers of
+/// the decomposition and of the result are kept between compute() calls, so same-shaped matrices
+/// reuse them. Fresh multi-megabyte buffers cost a page fault per 4 KiB; on the development VM
+/// (12 us a fault) that is 25% of a 4096 x 4096, r = 128 decomposition.
+///
+///     RandomizedSvd<float> svd(options);
+///     for (auto& W : weights) use(svd.compute(W, r).matrix_u(), svd.singular_values(), svd.matrix_v());
+template <class Scalar>
+class RandomizedSvd {
+    static_assert(std::is_floating_point_v<Scalar>, "pissa::RandomizedSvd: Scalar must be float or double");
+
+public:
+    explicit RandomizedSvd(RandomizedSvdOptions options = {}) : m_options(options) { require_valid(options); }
+
+    /// Computes the top-`rank` triplets of W (see randomized_svd); returns *this.
+    template <class Derived>
+    RandomizedSvd& compute(const Eigen::MatrixBase<Derived>& W, Index rank) {
+        static_assert(std::is_same_v<compute_scalar_t<typename Derived::Scalar>, Scalar>,
+                      "pissa::RandomizedSvd: W's compute scalar must match the class's Scalar");
+        m_computed = false;  // a throwing call leaves no stale result behind
+        detail::check_randomized_svd_arguments(W, rank, m_options);
+        detail::PreparedWeight<typename Derived::Scalar> prepared;
+        detail::prepare_weight(W, prepared);
+        detail::randomized_svd(prepared, rank, m_options, m_workspace, m_result);
+        m_computed = true;
+        return *this;
+    }
+
+    const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
+    const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
+    const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
+    const SvdResult<Scalar>& result() const { return checked(); }          ///< all of it
+
+private:
+    const SvdResult<Scalar>& checked() const {
+        if (!m_computed) throw std::logic_error("pissa::RandomizedSvd: call compute() first");
+        return m_result;
+    }
+    RandomizedSvdOptions m_options;
+    detail::RandomizedSvdWorkspace<Scalar> m_workspace;
+    SvdResult<Scalar> m_result;
+    bool m_computed = false;
+};
 
 }  // namespace pissa

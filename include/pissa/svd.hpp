@@ -13,6 +13,7 @@
 #pragma once
 
 #include <pissa/detail/block_krylov.hpp>
+#include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
@@ -109,8 +110,9 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> truncated_svd(const Eigen:
 
     const double tolerance =
         options.tolerance > 0 ? options.tolerance : 100.0 * std::numeric_limits<Scalar>::epsilon();
-    SvdResult<Scalar> result = detail::block_krylov_svd<Scalar>(detail::WeightOperator<Storage>{prepared}, rank,
-                                                                tolerance, options.max_iterations, options.seed);
+    detail::KernelWorkspace kernels;
+    SvdResult<Scalar> result = detail::block_krylov_svd<Scalar>(detail::WeightOperator<Storage>{prepared, kernels},
+                                                                rank, tolerance, options.max_iterations, options.seed);
     if (result.report.converged || options.algorithm == ExactSvdAlgorithm::block_krylov) return result;
     // automatic promises the exact triplets: when the iteration stalls above the tolerance (a very
     // flat spectrum), fall back to the full decomposition and say how far Krylov had got.

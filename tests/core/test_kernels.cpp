@@ -1,13 +1,16 @@
 // The skinny products Y = W X and Z = W^T Y (detail/skinny_gemm.hpp), both kernel families, every
 // storage dtype: against a double-precision reference on odd shapes (m, n not multiples of the
 // tiles, q = 1..130), row strides larger than the row, empty operands, and bit identity across
-// thread counts. The orthonormalisation between them (detail/orthonormalize.hpp) on well
-// conditioned, ill-conditioned and rank-deficient input.
+// thread counts. The orthonormalisation between them (detail/orthonormalize.hpp, detail/tall_qr.hpp:
+// one Householder QR or the two-block TSQR) on well conditioned, ill-conditioned and rank-deficient
+// input, and the parallel Gaussian fill (detail/random.hpp) against the sequential stream.
 #include "support.hpp"
 
 #include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/orthonormalize.hpp>
+#include <pissa/detail/random.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
+#include <pissa/detail/tall_qr.hpp>
 
 #include <cmath>
 #include <string>
@@ -214,6 +217,88 @@ TEST_CASE_TEMPLATE("orthonormalize: well conditioned, ill conditioned and rank d
     deficient.col(3) = deficient.col(1);
     deficient.col(5).setZero();
     check_orthonormalize(deficient, tolerance);
+}
+
+TEST_CASE_TEMPLATE("orthonormalize and TallQr on blocks large enough for the two-block TSQR", Scalar, float,
+                   double) {
+    using pissa::detail::TallQr;
+    const double tolerance = 200 * eps<Scalar>();
+    const Index k = 2100;
+    for (const Index q : {125, 130}) {  // 262,500 and 273,000 elements: two blocks
+        CAPTURE(q);
+        REQUIRE(k * q >= TallQr<Scalar>::kTwoBlockElements);
+        check_orthonormalize(gaussian<Scalar>(k, q, std::uint64_t(q)), tolerance);
+        Matrix<Scalar> ill = gaussian<Scalar>(k, q, std::uint64_t(q + 1));
+        for (Index c = 0; c < q; ++c)
+            ill.col(c) *= Scalar(std::pow(10.0, -9.0 * double(c) / double(q - 1)));
+        check_orthonormalize(ill, tolerance);
+        Matrix<Scalar> deficient = gaussian<Scalar>(k, q, std::uint64_t(q + 2));
+        deficient.col(7) = deficient.col(3);
+        deficient.col(q - 1).setZero();
+        check_orthonormalize(deficient, tolerance);
+    }
+    // Q R reproduces X, and Q C is Q times C, on both paths (one block: 300 x 40).
+    for (const Index rows : {Index(300), k}) {
+        CAPTURE(rows);
+        const Index q = 125;
+        const Matrix<Scalar> X = gaussian<Scalar>(rows, std::min(q, rows / 4), 31);
+        TallQr<Scalar> qr;
+        qr.factor(X);
+        const Matrix<Scalar> R = qr.r();
+        CHECK(R.isUpperTriangular());
+        Matrix<Scalar> QR, Q, QC;
+        qr.apply_q(R, QR);
+        CHECK((QR - X).norm() <= tolerance * X.norm());
+        qr.apply_q(Matrix<Scalar>::Identity(X.cols(), X.cols()), Q);
+        const Matrix<Scalar> C = gaussian<Scalar>(X.cols(), 3, 32);
+        qr.apply_q(C, QC);
+        CHECK((QC - Q * C).norm() <= tolerance * C.norm());
+    }
+}
+
+TEST_CASE("the two-block TSQR is bit-identical across 1, 2 and 3 threads") {
+#ifdef _OPENMP
+    const Matrix<float> X = gaussian<float>(2100, 130, 41);
+    const int saved = omp_get_max_threads();
+    std::vector<Matrix<float>> results;
+    for (const int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        Matrix<float> Q = X;
+        pissa::detail::orthonormalize(Q);
+        results.push_back(Q);
+    }
+    omp_set_num_threads(saved);
+    CHECK(results[0] == results[1]);
+    CHECK(results[0] == results[2]);
+#else
+    MESSAGE("built without OpenMP: a single thread, nothing to compare");
+#endif
+}
+
+TEST_CASE("the parallel Gaussian fill is the sequential stream, with any thread count") {
+    // 3 chunks of the stream, the last one partial.
+    const Index rows = 301, cols = 130;
+    Matrix<double> sequential(rows, cols);
+    pissa::detail::SplitMix64 rng(77);
+    for (Index j = 0; j < cols; ++j)
+        for (Index i = 0; i < rows; ++i) sequential(i, j) = rng.normal();
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    for (const int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+#else
+    {
+#endif
+        Matrix<double> G;
+        pissa::detail::fill_gaussian(G, rows, cols, 77);
+        CHECK(G == sequential);
+        Matrix<float> Gf;
+        pissa::detail::fill_gaussian(Gf, rows, cols, 77);
+        CHECK(Gf == sequential.cast<float>());
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
 }
 
 TEST_CASE("the kernel family follows the CPU and the override") {

@@ -5,6 +5,9 @@
 #include <pissa/rsvd.hpp>
 #include <pissa/svd.hpp>
 
+#include <stdexcept>
+#include <vector>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -124,6 +127,60 @@ TEST_CASE("bit-identical results across 1 and 2 threads") {
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif
+}
+
+TEST_CASE("bit-identical across 1 and 2 threads on blocks large enough for the two-block TSQR") {
+#ifdef _OPENMP
+    const Matrix<float> W = gaussian<float>(2100, 600, 23);
+    const int saved = omp_get_max_threads();
+    std::vector<pissa::SvdResult<float>> results;
+    for (const int threads : {1, 2}) {
+        omp_set_num_threads(threads);
+        pissa::RandomizedSvdOptions options;
+        options.niter = 2;
+        results.push_back(pissa::randomized_svd(W, 130, options));
+    }
+    omp_set_num_threads(saved);
+    CHECK(results[0].U == results[1].U);
+    CHECK(results[0].S == results[1].S);
+    CHECK(results[0].V == results[1].V);
+#else
+    MESSAGE("built without OpenMP: a single thread, nothing to compare");
+#endif
+}
+
+TEST_CASE_TEMPLATE("the RandomizedSvd object gives randomized_svd's bits and reuses its buffers across shapes", S,
+                   float, double) {
+    pissa::RandomizedSvdOptions options;
+    options.seed = 3;
+    options.oversampling = 4;
+    pissa::RandomizedSvd<S> svd(options);
+    CHECK_THROWS_AS(svd.singular_values(), std::logic_error);
+    const Matrix<S> A = gaussian<S>(90, 70, 1);
+    const Matrix<S> B = gaussian<S>(50, 120, 2);
+    const pissa::RowMatrix<S> C = gaussian<S>(130, 40, 3);
+    for (int round = 0; round < 2; ++round) {  // the second round runs on buffers of other shapes
+        CAPTURE(round);
+        const auto a = pissa::randomized_svd(A, 9, options);
+        svd.compute(A, 9);
+        CHECK(svd.matrix_u() == a.U);
+        CHECK(svd.singular_values() == a.S);
+        CHECK(svd.matrix_v() == a.V);
+        const auto b = pissa::randomized_svd(B, 5, options);
+        CHECK(svd.compute(B, 5).singular_values() == b.S);
+        CHECK(svd.matrix_u() == b.U);
+        CHECK(svd.result().V == b.V);
+        const auto c = pissa::randomized_svd(C, 12, options);
+        svd.compute(C, 12);
+        CHECK(svd.singular_values() == c.S);
+        CHECK(svd.matrix_v() == c.V);
+    }
+    CHECK_THROWS_WITH_AS(svd.compute(A, 71), doctest::Contains("min(m, n) = 70"), pissa::invalid_argument);
+    CHECK_THROWS_AS(svd.singular_values(), std::logic_error);  // a failed compute leaves no stale result
+    pissa::RandomizedSvdOptions negative;
+    negative.niter = -2;
+    CHECK_THROWS_WITH_AS(pissa::RandomizedSvd<S>{negative}, doctest::Contains("niter must be >= 0, got -2"),
+                         pissa::invalid_argument);
 }
 
 TEST_CASE_TEMPLATE("oversampling and the fused power iteration", S, float, double) {

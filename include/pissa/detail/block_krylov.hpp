@@ -14,6 +14,7 @@
 #include <pissa/detail/ritz.hpp>
 #include <pissa/detail/serial_eigen.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
+#include <pissa/detail/tall_qr.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
@@ -25,19 +26,11 @@
 
 namespace pissa::detail {
 
-/// Fills `G [rows, cols]` with standard normals from one seeded stream, column by column.
-template <class Scalar>
-void fill_gaussian(Matrix<Scalar>& G, Index rows, Index cols, std::uint64_t seed) {
-    G.resize(rows, cols);
-    SplitMix64 rng(seed);
-    for (Index j = 0; j < cols; ++j)
-        for (Index i = 0; i < rows; ++i) G(i, j) = static_cast<Scalar>(rng.normal());
-}
-
 /// Makes the columns of `Z` orthonormal and orthogonal to the orthonormal columns of `basis`
 /// (classical Gram-Schmidt twice, then QR, then once more: safe even when Z is almost in span(basis)).
 template <class Scalar>
-void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z) {
+void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z,
+                            Orthonormalizer<Scalar>& orthonormalize) {
     auto project_out = [&] { run_serial_eigen([&] { Z.noalias() -= basis * (basis.transpose() * Z); }); };
     project_out();
     project_out();
@@ -62,10 +55,13 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
     const Index width = steps * block;
 
     Matrix<Scalar> start, Z, Y;
+    Orthonormalizer<Scalar> orthonormalize;  // every block orthonormalised is [n, block]
     fill_gaussian(start, n, block, seed);
     orthonormalize(start);
 
-    Matrix<Scalar> basis(n, width), image(m, width);
+    Matrix<Scalar> basis(n, width), image(m, width), U;
+    Vector<Scalar> S;
+    TallQr<Scalar> qr_image;
     SvdResult<Scalar> out;
     double best = std::numeric_limits<double>::infinity();
     int best_cycle = 0;
@@ -76,15 +72,13 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
         image.leftCols(block) = Y;
         for (Index j = 1; j < steps; ++j) {
             W.apply_transposed(Y, Z);  // (W^T W) times the previous block
-            orthonormalize_against<Scalar>(basis.leftCols(j * block), Z);
+            orthonormalize_against<Scalar>(basis.leftCols(j * block), Z, orthonormalize);
             basis.middleCols(j * block, block) = Z;
             W.apply(Z, Y);
             image.middleCols(j * block, block) = Y;
         }
         // Rayleigh-Ritz; the whole leading block of U restarts the next cycle.
-        Matrix<Scalar> U;
-        Vector<Scalar> S;
-        ritz_triplets(basis, image, block, rank, "truncated_svd", U, S, out.V);
+        ritz_triplets(basis, image, block, rank, "truncated_svd", U, S, out.V, qr_image);
         out.U = U.leftCols(rank);
         out.S = S.head(rank);
 

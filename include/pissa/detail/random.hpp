@@ -5,6 +5,9 @@
 /// the same seed gives the same bits on every platform and thread count.
 #pragma once
 
+#include <pissa/types.hpp>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -15,6 +18,9 @@ namespace pissa::detail {
 class SplitMix64 {
 public:
     explicit SplitMix64(std::uint64_t seed) : m_state(seed) {}
+
+    /// Jumps over the next `draws` outputs (the state is a counter: O(1)).
+    void skip(std::uint64_t draws) { m_state += draws * 0x9E3779B97F4A7C15ULL; }
 
     /// The next 64 random bits.
     std::uint64_t next() {
@@ -49,6 +55,27 @@ private:
 inline std::uint64_t stream_seed(std::uint64_t seed, std::uint64_t stream) {
     SplitMix64 mix(seed ^ (0xD1B54A32D192ED03ULL * (stream + 1)));
     return mix.next();
+}
+
+/// Fills `G [rows, cols]` with standard normals from one seeded stream, column by column
+/// (element k of the column-major storage is the stream's k-th normal). Fixed chunks of the
+/// stream are drawn in parallel, each generator jumped to its chunk's start: the same bits with
+/// any thread count, at half the time on two threads (~40 ns a draw: a log, a cos, a sqrt).
+template <class Scalar>
+void fill_gaussian(Matrix<Scalar>& G, Index rows, Index cols, std::uint64_t seed) {
+    G.resize(rows, cols);
+    constexpr Index kChunk = Index(1) << 14;
+    const Index total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
+    Scalar* out = G.data();
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (chunks > 1)
+#endif
+    for (Index chunk = 0; chunk < chunks; ++chunk) {
+        SplitMix64 rng(seed);
+        rng.skip(2 * static_cast<std::uint64_t>(chunk * kChunk));  // two draws per normal
+        const Index end = std::min(total, (chunk + 1) * kChunk);
+        for (Index k = chunk * kChunk; k < end; ++k) out[k] = static_cast<Scalar>(rng.normal());
+    }
 }
 
 }  // namespace pissa::detail

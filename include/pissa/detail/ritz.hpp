@@ -8,36 +8,44 @@
 #pragma once
 
 #include <pissa/detail/serial_eigen.hpp>
+#include <pissa/detail/tall_qr.hpp>
 #include <pissa/detail/validate.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/types.hpp>
 
-#include <Eigen/QR>
 #include <Eigen/SVD>
 
 namespace pissa::detail {
 
 /// Rayleigh-Ritz triplets: `U = (Qp Ur)[:, :keep_u]` `[m, keep_u]`, all w singular values `S`
-/// (descending) and `V = K Vr[:, :keep_v]` `[n, keep_v]`. Runs serially (see serial_eigen.hpp).
+/// (descending) and `V = K Vr[:, :keep_v]` `[n, keep_v]`. The QR of P is a TallQr (two threads for
+/// large blocks; `qr` is reused storage); the small SVD and `K Vr` run serially (serial_eigen.hpp).
 /// \throws pissa::numerical_error naming `what` when the small SVD fails or P is not finite.
 template <class Scalar>
 void ritz_triplets(const Matrix<Scalar>& basis, const Matrix<Scalar>& image, Index keep_u, Index keep_v,
-                   const char* what, Matrix<Scalar>& U, Vector<Scalar>& S, Matrix<Scalar>& V) {
+                   const char* what, Matrix<Scalar>& U, Vector<Scalar>& S, Matrix<Scalar>& V, TallQr<Scalar>& qr) {
     const Index m = image.rows(), w = image.cols();
     PISSA_ASSERT(m >= w && basis.cols() == w && keep_u <= w && keep_v <= w);
+    qr.factor(image);
+    Eigen::BDCSVD<Matrix<Scalar>> small;
     run_serial_eigen([&] {
-        Eigen::HouseholderQR<Matrix<Scalar>> qr(image);
-        const Matrix<Scalar> R = qr.matrixQR().topRows(w).template triangularView<Eigen::Upper>();
-        Eigen::BDCSVD<Matrix<Scalar>> small(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
+        const Matrix<Scalar> R = qr.r();
+        small.compute(R, Eigen::ComputeFullU | Eigen::ComputeFullV);
         if (small.info() != Eigen::Success || !R.allFinite())
             throw numerical_error(concat(what, ": the small SVD of the projected matrix [", m, " x ", w,
                                          "] failed (non-finite values from an overflow in W?)"));
-        U.setZero(m, keep_u);
-        U.topRows(w) = small.matrixU().leftCols(keep_u);
-        U.applyOnTheLeft(qr.householderQ());
         S = small.singularValues();
         V.noalias() = basis * small.matrixV().leftCols(keep_v);
     });
+    qr.apply_q(small.matrixU().leftCols(keep_u), U);
+}
+
+/// ritz_triplets with storage of its own (one-off calls).
+template <class Scalar>
+void ritz_triplets(const Matrix<Scalar>& basis, const Matrix<Scalar>& image, Index keep_u, Index keep_v,
+                   const char* what, Matrix<Scalar>& U, Vector<Scalar>& S, Matrix<Scalar>& V) {
+    TallQr<Scalar> qr;
+    ritz_triplets(basis, image, keep_u, keep_v, what, U, S, V, qr);
 }
 
 }  // namespace pissa::detail

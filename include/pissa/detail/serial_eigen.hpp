@@ -45,4 +45,36 @@ void run_serial_eigen(Work&& work) {
 #endif
 }
 
+/// Runs two independent works at the same time on two threads, each with Eigen serial (as
+/// run_serial_eigen); one after the other when OpenMP is off, limited to one thread, or already
+/// inside a parallel region. Exceptions propagate.
+template <class WorkA, class WorkB>
+void run_serial_eigen_pair(WorkA&& work_a, WorkB&& work_b) {
+#ifdef _OPENMP
+    if (omp_in_parallel() || omp_get_max_threads() == 1) {
+        work_a();
+        work_b();
+        return;
+    }
+    std::exception_ptr failure[2];
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp for schedule(static)
+        for (int which = 0; which < 2; ++which) {
+            try {
+                if (which == 0) work_a();
+                else work_b();
+            } catch (...) {
+                failure[which] = std::current_exception();
+            }
+        }
+    }
+    for (const std::exception_ptr& f : failure)
+        if (f) std::rethrow_exception(f);
+#else
+    work_a();
+    work_b();
+#endif
+}
+
 }  // namespace pissa::detail
