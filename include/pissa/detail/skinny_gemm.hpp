@@ -28,8 +28,8 @@
 
 namespace pissa::detail {
 
-/// Scratch memory of the products, reused across the passes of one decomposition (WeightOperator
-/// owns one). A multi-megabyte buffer allocated per pass gets fresh pages from the OS each time, a
+/// Scratch memory of the products, reused across the passes of one decomposition (a
+/// WeightOperator refers to one). A multi-megabyte buffer allocated per pass gets fresh pages from the OS each time, a
 /// page fault per 4 KiB: 12 us each on the development VM, 16 ms per `W^T Y` at 11008 x 128.
 struct KernelWorkspace {
     std::vector<float> packed;  ///< the skinny operand, packed in groups of 8 columns
@@ -172,7 +172,6 @@ void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<flo
             avx512::multiply_transposed_strip(W, ypack.data(), q, Z.data(), Z.rows(), u * avx512::kStrip, T);
     }
 }
-
 #endif
 
 /// Whether the AVX-512 kernels serve this (storage, compute scalar) pair right now.
