@@ -69,20 +69,15 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
                     RandomizedSvdWorkspace<Scalar>& ws, SvdResult<Scalar>& out) {
     const WeightOperator<Storage> W{weight, ws.kernels};
     const Index q = std::min(std::min(W.rows(), W.cols()), rank + options.oversampling);
-    const Matrix<Scalar> identity = Matrix<Scalar>::Identity(q, q);
-    auto orthonormalize = [&](TallQr<Scalar>& qr, Matrix<Scalar>& X) {
-        qr.factor(X);
-        qr.apply_q(identity, X);
-    };
     fill_gaussian(ws.G, W.rows(), q, options.seed);
     W.apply_transposed(ws.G, ws.Q);
     require_finite_product(W, ws.Q, "randomized_svd");
-    orthonormalize(ws.qr_basis, ws.Q);
+    ws.qr_basis.orthonormalize(ws.Q);
     for (int it = 0; it < options.niter; ++it) {
         W.apply(ws.Q, ws.P);
-        if (!options.fused_power_iteration) orthonormalize(ws.qr_image, ws.P);
+        if (!options.fused_power_iteration) ws.qr_image.orthonormalize(ws.P);
         W.apply_transposed(ws.P, ws.Q);
-        orthonormalize(ws.qr_basis, ws.Q);
+        ws.qr_basis.orthonormalize(ws.Q);
     }
     W.apply(ws.Q, ws.P);  // B = W Q  [m, q]
     ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);

@@ -9,7 +9,6 @@
 /// vectors). Each cycle reads W 2s times; it only ever multiplies W by skinny blocks.
 #pragma once
 
-#include <pissa/detail/orthonormalize.hpp>
 #include <pissa/detail/random.hpp>
 #include <pissa/detail/ritz.hpp>
 #include <pissa/detail/serial_eigen.hpp>
@@ -30,13 +29,13 @@ namespace pissa::detail {
 /// (classical Gram-Schmidt twice, then QR, then once more: safe even when Z is almost in span(basis)).
 template <class Scalar>
 void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z,
-                            Orthonormalizer<Scalar>& orthonormalize) {
+                            TallQr<Scalar>& qr) {
     auto project_out = [&] { run_serial_eigen([&] { Z.noalias() -= basis * (basis.transpose() * Z); }); };
     project_out();
     project_out();
-    orthonormalize(Z);
+    qr.orthonormalize(Z);
     project_out();
-    orthonormalize(Z);
+    qr.orthonormalize(Z);
 }
 
 /// Top-`rank` triplets of `W [m, n]` by restarted block Krylov; see the file comment.
@@ -55,9 +54,9 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
     const Index width = steps * block;
 
     Matrix<Scalar> start, Z, Y;
-    Orthonormalizer<Scalar> orthonormalize;  // every block orthonormalised is [n, block]
+    TallQr<Scalar> qr_block;  // every block orthonormalised is [n, block]
     fill_gaussian(start, n, block, seed);
-    orthonormalize(start);
+    qr_block.orthonormalize(start);
 
     Matrix<Scalar> basis(n, width), image(m, width), U;
     Vector<Scalar> S;
@@ -72,7 +71,7 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
         image.leftCols(block) = Y;
         for (Index j = 1; j < steps; ++j) {
             W.apply_transposed(Y, Z);  // (W^T W) times the previous block
-            orthonormalize_against<Scalar>(basis.leftCols(j * block), Z, orthonormalize);
+            orthonormalize_against<Scalar>(basis.leftCols(j * block), Z, qr_block);
             basis.middleCols(j * block, block) = Z;
             W.apply(Z, Y);
             image.middleCols(j * block, block) = Y;
@@ -97,7 +96,7 @@ SvdResult<Scalar> block_krylov_svd(const WeightOperator<Storage>& W, Index rank,
             break;  // reported as not converged, with the bound reached
         }
         start = Z;
-        orthonormalize(start);
+        qr_block.orthonormalize(start);
     }
     return out;
 }

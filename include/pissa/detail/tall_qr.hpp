@@ -82,6 +82,13 @@ public:
                               [&] { half(top_rows, m_rows - top_rows, m_bottom, 1); });
     }
 
+    /// Replaces `X [k, q]` (k >= q) by the orthonormal columns of its thin Q (`Q I`): they span the
+    /// columns of X, and a rank-deficient X still gets orthonormal columns.
+    void orthonormalize(Matrix<Scalar>& X) {
+        factor(X);
+        apply_q(Matrix<Scalar>::Identity(m_cols, m_cols), X);
+    }
+
 private:
     Index m_rows = 0, m_cols = 0;
     bool m_split = false;
