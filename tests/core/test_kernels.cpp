@@ -1,7 +1,7 @@
 // The skinny products Y = W X and Z = W^T Y (detail/skinny_gemm.hpp), both kernel families, every
 // storage dtype: against a double-precision reference on odd shapes (m, n not multiples of the
 // tiles, q = 1..130), row strides larger than the row, empty operands, and bit identity across
-// thread counts. The orthonormalisation between them (detail/orthonormalize.hpp, detail/tall_qr.hpp:
+// thread counts and placements of W in memory. The orthonormalisation between them (detail/orthonormalize.hpp, detail/tall_qr.hpp:
 // one Householder QR or the two-block TSQR) on well conditioned, ill-conditioned and rank-deficient
 // input, and the parallel Gaussian fill (detail/random.hpp) against the sequential stream.
 #include "support.hpp"
@@ -12,7 +12,10 @@
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/tall_qr.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -180,6 +183,51 @@ TEST_CASE_TEMPLATE("skinny products are bit-identical across 1, 2 and 3 threads"
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif
+}
+
+TEST_CASE_TEMPLATE("skinny products have the same bits wherever W sits in memory", Storage, float, Eigen::bfloat16,
+                   Eigen::half) {
+    // The AVX-512 W^T Y cuts its tiles at 16-element boundaries of memory (the first tile of a row is
+    // narrower): W placed at every element offset within a 64-byte line, with the memory around it
+    // NaN, must give the same bits as W at offset 0 and stay accurate. n = 448 and 400 keep every row
+    // at the same alignment (the tiles move); n = 449 does not (they stay put).
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        for (const Index n : {448, 400, 449}) {
+            const Index m = 131;
+            const StridedWeight<Storage> W(m, n, n, std::uint64_t(n));
+            for (const Index q : {1, 9, 16, 17}) {
+                const Matrix<Scalar> X = gaussian<Scalar>(n, q, std::uint64_t(q));
+                const Matrix<Scalar> Yin = gaussian<Scalar>(m, q, std::uint64_t(q + 50));
+                Matrix<Scalar> Y0, Z0;
+                pissa::detail::multiply(W.view, X, Y0);
+                pissa::detail::multiply_transposed(W.view, Yin, Z0);
+                CHECK(scaled_error(Z0, W.exact.transpose(), Yin.template cast<double>()) <= 50 * eps<Scalar>());
+                const Index line = 64 / Index(sizeof(Storage));
+                std::vector<Storage> buffer(static_cast<std::size_t>(m * n + 3 * line),
+                                            Storage(std::numeric_limits<float>::quiet_NaN()));
+                // The first element of `buffer` at or after a 64-byte boundary.
+                const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+                const Index aligned = Index((64 - address % 64) % 64 / sizeof(Storage));
+                for (Index offset = 0; offset < line; ++offset) {
+                    CAPTURE(n);
+                    CAPTURE(q);
+                    CAPTURE(offset);
+                    Storage* start = buffer.data() + aligned + offset;
+                    std::copy(W.data.begin(), W.data.begin() + m * n, start);
+                    const RowMajorView<Storage> moved{start, m, n, n};
+                    Matrix<Scalar> Y, Z;
+                    pissa::detail::multiply(moved, X, Y);
+                    pissa::detail::multiply_transposed(moved, Yin, Z);
+                    CHECK(Y == Y0);
+                    CHECK(Z == Z0);
+                    std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
+                }
+            }
+        }
+    }
 }
 
 namespace {

@@ -152,12 +152,14 @@ void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Mat
     }
 }
 
-/// AVX-512 `Z = W^T Y` (float compute); work unit: kStrip columns of W (rows of Z), static schedule.
+/// AVX-512 `Z = W^T Y` (float compute); work unit: a strip of kStrip columns of W (rows of Z),
+/// static schedule.
 template <class Storage>
 void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Y, Matrix<float>& Z,
                                 KernelWorkspace& workspace) {
     const Index m = W.rows, n = W.cols, q = Y.cols();
-    const Index units = (n + avx512::kStrip - 1) / avx512::kStrip;
+    const avx512::StripGrid grid{m, n, avx512::StripGrid::shift_for(W)};
+    const Index units = grid.strips();
     std::vector<float>& ypack = workspace.packed;
     pack_groups(Y.data(), Y.rows(), m, q, ypack);
 #ifdef _OPENMP
@@ -170,7 +172,7 @@ void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<flo
 #pragma omp for schedule(static)
 #endif
         for (Index u = 0; u < units; ++u)
-            avx512::multiply_transposed_strip(W, ypack.data(), q, Z.data(), Z.rows(), u * avx512::kStrip, T);
+            avx512::multiply_transposed_strip(W, ypack.data(), q, Z.data(), Z.rows(), grid, u, T);
     }
 }
 #endif
