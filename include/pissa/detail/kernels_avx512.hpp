@@ -124,7 +124,7 @@ PISSA_AVX512_TARGET inline void transpose16(__m512* r) {
 /// While packing, the block at rows [pr0, pr0 + prows) x columns [pj0, pj0 + pcount) is
 /// prefetched into L2, a line per row and 16 columns, interleaved with the transposes.
 template <class Storage>
-PISSA_AVX512_TARGET inline void pack_panel(const RowMajorView<Storage>& W, Index r0, Index rows, Index j0,
+PISSA_AVX512_TARGET inline void pack_panel(RowMajorView<Storage> W, Index r0, Index rows, Index j0,
                                            Index count, float* P, Index pr0, Index prows, Index pj0, Index pcount) {
     for (Index k0 = 0; k0 < count; k0 += kLanes) {
         const Index kc = std::min(kLanes, count - k0);
@@ -197,7 +197,7 @@ PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Inde
 /// row-major (zero-padded); Y col-major with leading dimension ldy; `P`: 64-byte aligned
 /// kPanelDepth x 48 floats.
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_panel(const RowMajorView<Storage>& W, const float* xpack, Index q, float* Y,
+PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xpack, Index q, float* Y,
                                         Index ldy, Index r0, float* P) {
     const Index rows = std::min<Index>(kPanelRows, W.rows - r0), n = W.cols;
     const Index groups = (q + kGroup - 1) / kGroup;
@@ -262,7 +262,7 @@ struct StripGrid {
 /// width <= j < 48.
 /// While copying, rows [pi0, pi0 + prows) x columns [pc0, pc0 + pwidth) are prefetched into L2.
 template <class Storage>
-PISSA_AVX512_TARGET inline void pack_tile(const RowMajorView<Storage>& W, Index i0, Index rows, Index c0, Index width,
+PISSA_AVX512_TARGET inline void pack_tile(RowMajorView<Storage> W, Index i0, Index rows, Index c0, Index width,
                                           float* T, Index pi0, Index prows, Index pc0, Index pwidth) {
     const Index line = 64 / Index(sizeof(Storage));
     __mmask16 m[kTileVectors];
@@ -293,7 +293,7 @@ PISSA_AVX512_TARGET inline void strip_tile(const float* T, const float* yg, Inde
 /// kChunkRows x 48 floats. (`grid` by value and the prefetch width clamped to 48: through a
 /// reference, or with an unbounded prefetch loop, GCC's code ran the bf16 product 5-13% slower.)
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_transposed_strip(const RowMajorView<Storage>& W, const float* ypack, Index q,
+PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, const float* ypack, Index q,
                                                    float* Z, Index ldz, StripGrid grid, Index u, float* T) {
     const Index m = W.rows;
     const Index groups = (q + kGroup - 1) / kGroup;
