@@ -13,6 +13,7 @@
 /// rounding even when the randomized SVD is inexact.
 #pragma once
 
+#include <pissa/detail/huge_pages.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/lora.hpp>
 #include <pissa/quality.hpp>
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
 namespace pissa {
@@ -174,6 +176,7 @@ PissaResult<compute_scalar_t<typename Derived::Scalar>, typename Derived::Scalar
     PissaResult<Scalar, Storage> result;
     static_cast<PissaAdapter<Scalar>&>(result) = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
     result.residual.resize(W.rows(), W.cols());
+    detail::advise_huge_pages(result.residual.data(), sizeof(Storage) * std::size_t(result.residual.size()));
     detail::write_residual(W, result.residual, result, config.fan_in_fan_out);
     return result;
 }

@@ -3,7 +3,11 @@
 // the in-place form; the quality report; and every bad input.
 #include "support.hpp"
 
+#include <pissa/detail/huge_pages.hpp>
 #include <pissa/init.hpp>
+
+#include <cstddef>
+#include <cstdint>
 
 using namespace pissa_test;
 
@@ -154,6 +158,45 @@ TEST_CASE_TEMPLATE("init_in_place overwrites W with the same residual init retur
         CHECK(relative_error(Matrix<S>(adapter.B * adapter.A), Matrix<S>(copy.B * copy.A)) < 100 * eps<S>());
         CHECK(adapter.quality.residual_norm == doctest::Approx(copy.quality.residual_norm).epsilon(1e-6));
     }
+}
+
+TEST_CASE("init on a residual large enough for 2 MiB pages (6.5 MB): W_res + s B A == W") {
+    // init advises huge pages for its fresh residual buffer (detail/huge_pages.hpp) before writing it.
+    const Matrix<float> W = with_spectrum<float>(1600, 1024, spectrum(1024), 21);
+    pissa::PissaConfig config;
+    config.rank = 8;
+    config.method = pissa::SvdMethod::randomized;
+    const auto result = pissa::init(W, config);
+    const Matrix<float> rebuilt = result.residual + result.scaling * result.B * result.A;
+    CHECK(relative_error(rebuilt, W) < 100 * eps<float>());
+    CHECK(result.quality.residual_norm == doctest::Approx(result.residual.cast<double>().norm()).epsilon(1e-9));
+}
+
+TEST_CASE("huge_page_range: whole 2 MiB pages inside the buffer, none below two pages") {
+    using pissa::detail::huge_page_range;
+    using pissa::detail::kHugePage;
+    const std::uintptr_t page = kHugePage;
+    for (const std::uintptr_t begin : {page * 7, page * 7 + 16, page * 8 - 64}) {
+        for (const std::size_t bytes : {std::size_t(0), std::size_t(page), std::size_t(2 * page),
+                                        std::size_t(3 * page - 1), std::size_t(3 * page), std::size_t(64 * page + 48)}) {
+            CAPTURE(begin);
+            CAPTURE(bytes);
+            const auto range = huge_page_range(begin, bytes);
+            const std::uintptr_t whole_first = (begin + page - 1) / page * page;
+            const std::uintptr_t whole_last = (begin + bytes) / page * page;
+            const std::uintptr_t whole = whole_last > whole_first ? (whole_last - whole_first) / page : 0;
+            if (whole < 2) {
+                CHECK(range.first == range.last);
+            } else {
+                CHECK(range.first == whole_first);
+                CHECK(range.last == whole_last);
+                CHECK(range.first % page == 0);
+                CHECK(range.first >= begin);
+                CHECK(range.last <= begin + bytes);
+            }
+        }
+    }
+    CHECK(huge_page_range(0, 64 * page).first == huge_page_range(0, 64 * page).last);  // null: nothing
 }
 
 TEST_CASE("the quality report reads well") {
