@@ -173,38 +173,36 @@ void BM_multiply(benchmark::State& state) {
     set_roofline(state, m, n, q, 1, sizeof(Storage));
 }
 
+/// Times `Z = W^T Y` over `view` (Y random, q columns) and sets the counters.
 template <class Storage>
-void BM_multiply_t(benchmark::State& state) {
-    const Index m = state.range(0), n = state.range(1), q = state.range(2);
-    const auto& W = typed_weight<Storage>(m, n);
-    const pissa::detail::RowMajorView<Storage> view{W.data(), m, n, n};
-    const Matrix<float> Y = Matrix<float>::Random(m, q);
+void time_multiply_t(benchmark::State& state, const pissa::detail::RowMajorView<Storage>& view, Index q) {
+    const Matrix<float> Y = Matrix<float>::Random(view.rows, q);
     Matrix<float> Z;
     for (auto _ : state) {
         pissa::detail::multiply_transposed(view, Y, Z);
         benchmark::DoNotOptimize(Z.data());
     }
-    set_roofline(state, m, n, q, 1, sizeof(Storage));
+    set_roofline(state, view.rows, view.cols, q, 1, sizeof(Storage));
+}
+
+template <class Storage>
+void BM_multiply_t(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1);
+    const auto& W = typed_weight<Storage>(m, n);
+    time_multiply_t<Storage>(state, {W.data(), m, n, n}, state.range(2));
 }
 
 /// W placed `offset` bytes past a 64-byte boundary, as a 16-byte aligned allocation leaves it (what
 /// a consumer built without AVX-512 flags gets from Eigen, and glibc's malloc for large blocks).
 template <class Storage>
 void BM_multiply_t_offset(benchmark::State& state) {
-    const Index m = state.range(0), n = state.range(1), q = state.range(2), offset = state.range(3);
+    const Index m = state.range(0), n = state.range(1), offset = state.range(3);
     const auto& W = typed_weight<Storage>(m, n);
     std::vector<Storage> buffer(static_cast<std::size_t>(m * n) + 64);
     const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
     Storage* start = buffer.data() + ((64 - address % 64) % 64 + offset) / sizeof(Storage);
     std::copy(W.data(), W.data() + m * n, start);
-    const pissa::detail::RowMajorView<Storage> view{start, m, n, n};
-    const Matrix<float> Y = Matrix<float>::Random(m, q);
-    Matrix<float> Z;
-    for (auto _ : state) {
-        pissa::detail::multiply_transposed(view, Y, Z);
-        benchmark::DoNotOptimize(Z.data());
-    }
-    set_roofline(state, m, n, q, 1, sizeof(Storage));
+    time_multiply_t<Storage>(state, {start, m, n, n}, state.range(2));
 }
 
 void product_args(benchmark::internal::Benchmark* b) {
