@@ -4,10 +4,10 @@
 ///
 /// Writing fresh memory costs a page fault per 4 KiB page: 12 us each on the development VM, i.e.
 /// ~200 ms for a 64 MiB residual, more than the decomposition it belongs to. With transparent huge
-/// pages in `madvise` mode (Debian's default) the kernel uses 2 MiB pages only where asked; then
-/// the same buffer takes 512 times fewer faults (64 MiB written in 12 ms instead of 211 ms). Where
-/// THP is `always`, `never`, or the call is unavailable, this does nothing and nothing changes but
-/// speed.
+/// pages in `madvise` mode (as on the development VM) the kernel uses 2 MiB pages only where asked;
+/// then the same buffer takes 512 times fewer faults (64 MiB written in 12 ms instead of 211 ms).
+/// Where THP is `always` the advice is redundant; where it is `never`, or madvise is unavailable,
+/// nothing happens. Results never depend on it.
 #pragma once
 
 #include <cstddef>

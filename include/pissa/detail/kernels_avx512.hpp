@@ -222,19 +222,14 @@ PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xp
 // ---------------------------------------------------------------------------------------------
 // Z = W^T Y
 
-/// A tile of the transposed product: rows [i0, i0 + rows) x columns [c0, c0 + width) of W
-/// (width <= 48), multiplied from a contiguous `[rows, 48]` float copy.
-struct StripTile {
-    Index i0 = 0, rows = 0, c0 = 0, width = 0;
-};
-
-/// How the transposed product cuts W into strips (work units) and tiles. The grid of 48-column
-/// tiles starts `shift` columns left of column 0 (the first tile is narrower), chosen so that the
-/// other tiles begin at a 16-element boundary of memory: loads that straddle two cache lines cost
-/// 15-20% of the whole product. The cut decides only which tile computes which rows of Z, not the
-/// order of any sum: the bits of Z do not depend on it.
+/// How the transposed product cuts the n columns of W into strips (work units) of kStripTiles
+/// 48-column tiles. The grid starts `shift` columns left of column 0 (the first tile is narrower),
+/// chosen so that the other tiles begin at a 16-element boundary of memory: with a 16-byte aligned
+/// W every load straddled two cache lines, which cost 13-28% of the whole product. The cut decides
+/// only which tile computes which rows of Z, not the order of any sum: the bits of Z do not depend
+/// on it.
 struct StripGrid {
-    Index m = 0, n = 0, shift = 0;
+    Index n = 0, shift = 0;
 
     /// Columns to put left of column 0 so that the tiles start at a 16-element boundary of memory,
     /// when every row of W has the same alignment (row stride a multiple of 16); 0 otherwise.

@@ -158,7 +158,7 @@ template <class Storage>
 void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Y, Matrix<float>& Z,
                                 KernelWorkspace& workspace) {
     const Index m = W.rows, n = W.cols, q = Y.cols();
-    const avx512::StripGrid grid{m, n, avx512::StripGrid::shift_for(W)};
+    const avx512::StripGrid grid{n, avx512::StripGrid::shift_for(W)};
     const Index units = grid.strips();
     std::vector<float>& ypack = workspace.packed;
     pack_groups(Y.data(), Y.rows(), m, q, ypack);
