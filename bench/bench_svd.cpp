@@ -159,50 +159,46 @@ const RowMatrix<Storage>& typed_weight(Index m, Index n) {
     else return weight_bf16(m, n);
 }
 
-template <class Storage>
-void BM_multiply(benchmark::State& state) {
-    const Index m = state.range(0), n = state.range(1), q = state.range(2);
-    const auto& W = typed_weight<Storage>(m, n);
-    const pissa::detail::RowMajorView<Storage> view{W.data(), m, n, n};
-    const Matrix<float> X = Matrix<float>::Random(n, q);
+/// Times `Y = W X` (or, Transposed, `Z = W^T Y`) over `view` with a random q-column operand and
+/// sets the counters.
+template <class Storage, bool Transposed>
+void time_product(benchmark::State& state, const pissa::detail::RowMajorView<Storage>& view, Index q) {
+    const Matrix<float> X = Matrix<float>::Random(Transposed ? view.rows : view.cols, q);
     Matrix<float> Y;
     for (auto _ : state) {
-        pissa::detail::multiply(view, X, Y);
+        if constexpr (Transposed) pissa::detail::multiply_transposed(view, X, Y);
+        else pissa::detail::multiply(view, X, Y);
         benchmark::DoNotOptimize(Y.data());
     }
-    set_roofline(state, m, n, q, 1, sizeof(Storage));
+    set_roofline(state, view.rows, view.cols, q, 1, sizeof(Storage));
 }
 
-/// Times `Z = W^T Y` over `view` (Y random, q columns) and sets the counters.
 template <class Storage>
-void time_multiply_t(benchmark::State& state, const pissa::detail::RowMajorView<Storage>& view, Index q) {
-    const Matrix<float> Y = Matrix<float>::Random(view.rows, q);
-    Matrix<float> Z;
-    for (auto _ : state) {
-        pissa::detail::multiply_transposed(view, Y, Z);
-        benchmark::DoNotOptimize(Z.data());
-    }
-    set_roofline(state, view.rows, view.cols, q, 1, sizeof(Storage));
+void BM_multiply(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1);
+    const auto& W = typed_weight<Storage>(m, n);
+    time_product<Storage, false>(state, {W.data(), m, n, n}, state.range(2));
 }
 
 template <class Storage>
 void BM_multiply_t(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1);
     const auto& W = typed_weight<Storage>(m, n);
-    time_multiply_t<Storage>(state, {W.data(), m, n, n}, state.range(2));
+    time_product<Storage, true>(state, {W.data(), m, n, n}, state.range(2));
 }
 
-/// W placed `offset` bytes past a 64-byte boundary, as a 16-byte aligned allocation leaves it (what
-/// a consumer built without AVX-512 flags gets from Eigen, and glibc's malloc for large blocks).
-template <class Storage>
-void BM_multiply_t_offset(benchmark::State& state) {
+/// Both products with W placed `offset` bytes past a 64-byte boundary, as a 16-byte aligned
+/// allocation leaves it (what a consumer built without AVX-512 flags gets from Eigen, and glibc's
+/// malloc for large blocks).
+template <class Storage, bool Transposed>
+void BM_product_offset(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1), offset = state.range(3);
     const auto& W = typed_weight<Storage>(m, n);
     std::vector<Storage> buffer(static_cast<std::size_t>(m * n) + 64);
     const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
     Storage* start = buffer.data() + ((64 - address % 64) % 64 + offset) / sizeof(Storage);
     std::copy(W.data(), W.data() + m * n, start);
-    time_multiply_t<Storage>(state, {start, m, n, n}, state.range(2));
+    time_product<Storage, Transposed>(state, {start, m, n, n}, state.range(2));
 }
 
 void product_args(benchmark::internal::Benchmark* b) {
@@ -214,10 +210,13 @@ BENCHMARK_TEMPLATE(BM_multiply, float)->Apply(product_args);
 BENCHMARK_TEMPLATE(BM_multiply_t, float)->Apply(product_args);
 BENCHMARK_TEMPLATE(BM_multiply, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(BM_multiply_t_offset, float)->Args({4096, 4096, 16, 0})->Args({4096, 4096, 16, 16})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(BM_multiply_t_offset, Eigen::bfloat16)->Args({4096, 4096, 16, 0})->Args({4096, 4096, 16, 16})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+void offset_args(benchmark::internal::Benchmark* b) {
+    b->Args({4096, 4096, 16, 0})->Args({4096, 4096, 16, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK_TEMPLATE(BM_product_offset, float, false)->Apply(offset_args);
+BENCHMARK_TEMPLATE(BM_product_offset, Eigen::bfloat16, false)->Apply(offset_args);
+BENCHMARK_TEMPLATE(BM_product_offset, float, true)->Apply(offset_args);
+BENCHMARK_TEMPLATE(BM_product_offset, Eigen::bfloat16, true)->Apply(offset_args);
 
 // ---- randomized SVD (peft pissa_niter_K) --------------------------------------------------------
 
