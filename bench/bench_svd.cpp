@@ -2,6 +2,7 @@
 //
 //   BM_bandwidth/<MiB>               read bandwidth probe (all threads, 8 accumulators each)
 //   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
+//   BM_multiply_gram                 W^T (W Q) in one pass over W, beside the two products
 //   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the rows
 //   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
 //   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
@@ -39,6 +40,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -83,10 +85,12 @@ const RowMatrix<Eigen::bfloat16>& weight_bf16(Index m, Index n) {
     return *slot;
 }
 
-/// Sets bytes/s and the roofline counters for `passes` passes over W [m, n] with q columns.
-void set_roofline(benchmark::State& state, Index m, Index n, Index q, double passes, double element_bytes) {
+/// Sets bytes/s and the roofline counters for `passes` passes over W [m, n] with q columns, each
+/// `products_per_pass` skinny products (2 m n q flops each).
+void set_roofline(benchmark::State& state, Index m, Index n, Index q, double passes, double element_bytes,
+                  double products_per_pass = 1) {
     const double bytes = passes * double(m) * double(n) * element_bytes;
-    const double flops = passes * 2.0 * double(m) * double(n) * double(q);
+    const double flops = passes * products_per_pass * 2.0 * double(m) * double(n) * double(q);
     const double roofline_s = std::max(bytes / kBandwidth, flops / kPeak);
     state.SetBytesProcessed(static_cast<std::int64_t>(bytes * double(state.iterations())));
     state.counters["roofline_ms"] = roofline_s * 1e3;
@@ -217,6 +221,46 @@ BENCHMARK_TEMPLATE(BM_product_offset, float, false)->Apply(offset_args);
 BENCHMARK_TEMPLATE(BM_product_offset, Eigen::bfloat16, false)->Apply(offset_args);
 BENCHMARK_TEMPLATE(BM_product_offset, float, true)->Apply(offset_args);
 BENCHMARK_TEMPLATE(BM_product_offset, Eigen::bfloat16, true)->Apply(offset_args);
+
+/// `Z = W^T (W Q)` by multiply_gram (one pass over W for q <= 32 on the AVX-512 kernels; two
+/// products beyond) next to the same two products, timed alternately in one benchmark (the
+/// counters are the one-pass product's; `two_products_ms` and `ratio` compare).
+template <class Storage>
+void BM_multiply_gram(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), q = state.range(2);
+    const auto& W = typed_weight<Storage>(m, n);
+    const pissa::detail::RowMajorView<Storage> view{W.data(), m, n, n};
+    const Matrix<float> Q = Matrix<float>::Random(n, q);
+    Matrix<float> Y, Z, Y2, Z2;
+    pissa::detail::KernelWorkspace workspace;
+    std::vector<double> gram_s, two_s;
+    for (auto _ : state) {
+        auto t0 = std::chrono::steady_clock::now();
+        pissa::detail::multiply_gram(view, Q, Z, Y, workspace);
+        benchmark::DoNotOptimize(Z.data());
+        auto t1 = std::chrono::steady_clock::now();
+        state.PauseTiming();
+        pissa::detail::multiply(view, Q, Y2, workspace);
+        pissa::detail::multiply_transposed(view, Y2, Z2, workspace);
+        benchmark::DoNotOptimize(Z2.data());
+        const auto t2 = std::chrono::steady_clock::now();
+        state.ResumeTiming();
+        gram_s.push_back(std::chrono::duration<double>(t1 - t0).count());
+        two_s.push_back(std::chrono::duration<double>(t2 - t1).count());
+    }
+    std::sort(gram_s.begin(), gram_s.end());
+    std::sort(two_s.begin(), two_s.end());
+    state.counters["two_products_ms"] = two_s[two_s.size() / 2] * 1e3;
+    state.counters["ratio"] = gram_s[gram_s.size() / 2] / two_s[two_s.size() / 2];
+    set_roofline(state, m, n, q, 1, sizeof(Storage), 2);
+}
+void gram_args(benchmark::internal::Benchmark* b) {
+    for (const Index q : {8, 16, 32, 64}) b->Args({4096, 4096, q});
+    b->Args({11008, 4096, 16});
+    b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK_TEMPLATE(BM_multiply_gram, float)->Apply(gram_args);
+BENCHMARK_TEMPLATE(BM_multiply_gram, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // ---- randomized SVD (peft pissa_niter_K) --------------------------------------------------------
 

@@ -40,10 +40,11 @@ int main(int argc, char** argv) {
         wh[i] = Eigen::bfloat16(wf[i]);
     }
     const Dense X = Dense::Random(n, q), Y = Dense::Random(m, q), rank = Dense::Zero(1, q);
-    const char* names[] = {"W X   float", "W X   bf16", "W^T Y float", "W^T Y bf16", "rsvd  float", "rsvd  bf16"};
+    const char* names[] = {"W X   float", "W X   bf16", "W^T Y float", "W^T Y bf16",
+                           "rsvd  float", "rsvd  bf16", "fused float", "fused bf16"};
     std::printf("%ld x %ld, q = %ld, W %ld bytes past a 64-byte boundary, median of %d\n", m, n, q, offset,
                 repetitions);
-    for (int op = 0; op < 6; ++op) {
+    for (int op = 0; op < 8; ++op) {
         const void* w = op % 2 ? static_cast<const void*>(wh) : static_cast<const void*>(wf);
         const Dense& in = op < 2 ? X : op < 4 ? Y : rank;
         Dense a, b;

@@ -9,7 +9,8 @@
 using Dense = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic>;
 
 /// op 0: Y = W X (float W), 1: the same with bf16 W, 2: Z = W^T Y (float), 3: bf16,
-/// 4: randomized_svd (niter 4, rank = in.cols()) of float W, 5: of bf16 W (out = S).
+/// 4: randomized_svd (niter 4, rank = in.cols()) of float W, 5: of bf16 W (out = S), 6 and 7: the
+/// same with fused_power_iteration.
 void AB_SIDE(int op, const void* w, long m, long n, const Dense& in, Dense& out) {
     using namespace pissa;
     using namespace pissa::detail;
@@ -23,7 +24,8 @@ void AB_SIDE(int op, const void* w, long m, long n, const Dense& in, Dense& out)
     if (op >= 4) {
         RandomizedSvdOptions options;
         options.niter = 4;
-        if (op == 4) out = randomized_svd(Eigen::Map<const RowMatrix<float>>(f, m, n), in.cols(), options).S;
+        options.fused_power_iteration = op >= 6;
+        if (op % 2 == 0) out = randomized_svd(Eigen::Map<const RowMatrix<float>>(f, m, n), in.cols(), options).S;
         else out = randomized_svd(Eigen::Map<const RowMatrix<Eigen::bfloat16>>(h, m, n), in.cols(), options).S;
     }
 }

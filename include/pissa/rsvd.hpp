@@ -11,11 +11,11 @@
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
 /// That is 2K + 2 passes over W. With `fused_power_iteration` each power step is
-/// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two); it is a different
-/// algorithm (less robust in float32 when niter is large and the spectrum decays fast), so it is
-/// opt-in. (A kernel computing `W^T (W Q)` in one pass over W, each 48-row panel transposed while
-/// still in the L2 cache, was built and measured: no faster than the two products, whose cost at
-/// small q is the kernels' arithmetic, not the memory traffic; it was not kept.)
+/// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W
+/// with q <= 32 on the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W
+/// (detail::multiply_gram): K + 2 passes in all. It is a different algorithm (less robust in
+/// float32 when niter is large and the spectrum decays fast: the power step squares the condition
+/// of the basis before it is orthonormalised), so it is opt-in.
 ///
 /// The Gaussian draws come from pissa's own splitmix64 stream (not torch's generator), so the
 /// result is a deterministic function of (W, rank, options) on every platform and thread count.
@@ -55,11 +55,13 @@ inline void require_valid(const RandomizedSvdOptions& options) {
 
 namespace detail {
 
-/// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats).
+/// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats;
+/// the fused power step adds Z and up to 7 partial sums of it, 8 q n).
 template <class Scalar>
 struct RandomizedSvdWorkspace {
     KernelWorkspace kernels;
     Matrix<Scalar> G, Q, P;              ///< test matrix [m, q], basis [n, q], image [m, q]
+    Matrix<Scalar> Z;                    ///< W^T (W Q) [n, q] of the fused power step
     TallQr<Scalar> qr_image, qr_basis;   ///< factorisations of P and Q
 };
 
@@ -74,9 +76,14 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     require_finite_product(W, ws.Q, "randomized_svd");
     ws.qr_basis.orthonormalize(ws.Q);
     for (int it = 0; it < options.niter; ++it) {
-        W.apply(ws.Q, ws.P);
-        if (!options.fused_power_iteration) ws.qr_image.orthonormalize(ws.P);
-        W.apply_transposed(ws.P, ws.Q);
+        if (options.fused_power_iteration) {
+            W.apply_gram(ws.Q, ws.Z, ws.P);
+            ws.Q.swap(ws.Z);
+        } else {
+            W.apply(ws.Q, ws.P);
+            ws.qr_image.orthonormalize(ws.P);
+            W.apply_transposed(ws.P, ws.Q);
+        }
         ws.qr_basis.orthonormalize(ws.Q);
     }
     W.apply(ws.Q, ws.P);  // B = W Q  [m, q]

@@ -1,9 +1,10 @@
-// The skinny products Y = W X and Z = W^T Y (detail/skinny_gemm.hpp), both kernel families, every
-// storage dtype: against a double-precision reference on odd shapes (m, n not multiples of the
-// tiles, q = 1..130), row strides larger than the row, empty operands, and bit identity across
-// thread counts and placements of W in memory. The orthonormalisation between them (detail/orthonormalize.hpp, detail/tall_qr.hpp:
-// one Householder QR or the two-block TSQR) on well conditioned, ill-conditioned and rank-deficient
-// input, and the parallel Gaussian fill (detail/random.hpp) against the sequential stream.
+// The skinny products Y = W X, Z = W^T Y and Z = W^T (W Q) (detail/skinny_gemm.hpp), both kernel
+// families, every storage dtype: against a double-precision reference on odd shapes (m, n not
+// multiples of the tiles, q = 1..130), row strides larger than the row, empty operands, and bit
+// identity across thread counts and placements of W in memory. The orthonormalisation between them
+// (detail/orthonormalize.hpp, detail/tall_qr.hpp: one Householder QR or the two-block TSQR) on well
+// conditioned, ill-conditioned and rank-deficient input, and the parallel Gaussian fill
+// (detail/random.hpp) against the sequential stream.
 #include "support.hpp"
 
 #include <pissa/detail/cpu_features.hpp>
@@ -96,6 +97,32 @@ void check_products(const StridedWeight<Storage>& W, Index q, std::uint64_t seed
     CAPTURE(W.view.stride);
     CHECK(scaled_error(Y, W.exact, X.template cast<double>()) <= tolerance);
     CHECK(scaled_error(Z, W.exact.transpose(), Yin.template cast<double>()) <= tolerance);
+}
+
+/// max over entries of |got - want| / (|W|^T |W| |Q|)(i, k), want = W^T (W Q).
+template <class Scalar>
+double scaled_gram_error(const Matrix<Scalar>& got, const Matrix<double>& W, const Matrix<double>& Q) {
+    const Matrix<double> want = W.transpose() * (W * Q);
+    const Matrix<double> bound = W.cwiseAbs().transpose() * (W.cwiseAbs() * Q.cwiseAbs());
+    REQUIRE(got.rows() == want.rows());
+    REQUIRE(got.cols() == want.cols());
+    double worst = 0;
+    for (Index k = 0; k < want.cols(); ++k)
+        for (Index i = 0; i < want.rows(); ++i) {
+            const double err = std::abs(static_cast<double>(got(i, k)) - want(i, k));
+            if (!std::isfinite(err)) return std::numeric_limits<double>::infinity();
+            worst = std::max(worst, err / (bound(i, k) + 1e-300));
+        }
+    return worst;
+}
+
+/// Z = W^T (W Q) by multiply_gram (one pass over W on the AVX-512 kernels for q <= 32).
+template <class Storage, class Scalar>
+Matrix<Scalar> gram(const RowMajorView<Storage>& W, const Matrix<Scalar>& Q) {
+    pissa::detail::KernelWorkspace workspace;
+    Matrix<Scalar> Z, scratch;
+    pissa::detail::multiply_gram(W, Q, Z, scratch, workspace);
+    return Z;
 }
 
 }  // namespace
@@ -225,6 +252,87 @@ TEST_CASE_TEMPLATE("skinny products have the same bits wherever W sits in memory
                     CHECK(Z == Z0);
                     std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
                 }
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("W^T (W Q) in one pass matches a double reference on odd shapes and strides", Storage, float,
+                   double, Eigen::half, Eigen::bfloat16) {
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        // Around the one-pass kernel's sizes: 3-row dot tiles, 24-row panels, up to 8 panel groups,
+        // 16-lane k steps and their tail, 48-column tiles, 8-column groups; q = 33 takes two products.
+        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {2, 5}, {3, 17}, {23, 16}, {24, 48}, {25, 49},
+                                   {70, 47}, {49, 100}, {200, 385}, {301, 129}}) {
+            for (const Index stride : {n, n + 5}) {  // the padding is NaN: it must never be read
+                const StridedWeight<Storage> W(m, n, stride, std::uint64_t(m * 1000 + n));
+                for (const Index q : {1, 7, 8, 9, 16, 17, 32, 33}) {
+                    CAPTURE(m);
+                    CAPTURE(n);
+                    CAPTURE(stride);
+                    CAPTURE(q);
+                    const Matrix<Scalar> Q = gaussian<Scalar>(n, q, std::uint64_t(q));
+                    CHECK(scaled_gram_error(gram(W.view, Q), W.exact, Q.template cast<double>()) <= 50 * eps<Scalar>());
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("W^T (W Q) of empty operands", Storage, float, Eigen::bfloat16) {
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        const StridedWeight<Storage> no_rows(0, 5, 5, 1);
+        const Matrix<Scalar> Z = gram(no_rows.view, Matrix<Scalar>(Matrix<Scalar>::Ones(5, 3)));
+        CHECK(Z.rows() == 5);
+        CHECK(Z.cols() == 3);
+        CHECK(Z.isZero(0));
+        const StridedWeight<Storage> no_cols(6, 0, 0, 1);
+        CHECK(gram(no_cols.view, Matrix<Scalar>(0, 3)).rows() == 0);
+        const StridedWeight<Storage> W(6, 5, 5, 2);
+        CHECK(gram(W.view, Matrix<Scalar>(5, 0)).cols() == 0);
+    }
+}
+
+TEST_CASE_TEMPLATE("W^T (W Q) is bit-identical across 1, 2 and 3 threads and wherever W sits", Storage, float,
+                   Eigen::bfloat16, Eigen::half) {
+    using Scalar = pissa::compute_scalar_t<Storage>;
+    // 301 rows: 13 panels in 8 groups, summed by however many threads there are.
+    const Index m = 301, n = 448;
+    const StridedWeight<Storage> W(m, n, n, 9);
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        for (const Index q : {9, 16}) {
+            CAPTURE(q);
+            const Matrix<Scalar> Q = gaussian<Scalar>(n, q, std::uint64_t(q));
+            const Matrix<Scalar> Z0 = gram(W.view, Q);
+            CHECK(scaled_gram_error(Z0, W.exact, Q.template cast<double>()) <= 50 * eps<Scalar>());
+#ifdef _OPENMP
+            const int saved = omp_get_max_threads();
+            for (const int threads : {1, 2, 3}) {
+                omp_set_num_threads(threads);
+                CHECK(gram(W.view, Q) == Z0);
+            }
+            omp_set_num_threads(saved);
+#endif
+            // W at every element offset within a 64-byte line (the column tiles follow memory),
+            // NaN around it.
+            const Index line = 64 / Index(sizeof(Storage));
+            std::vector<Storage> buffer(static_cast<std::size_t>(m * n + 3 * line),
+                                        Storage(std::numeric_limits<float>::quiet_NaN()));
+            const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+            const Index aligned = Index((64 - address % 64) % 64 / sizeof(Storage));
+            for (Index offset = 0; offset < line; ++offset) {
+                CAPTURE(offset);
+                Storage* start = buffer.data() + aligned + offset;
+                std::copy(W.data.begin(), W.data.begin() + m * n, start);
+                CHECK(gram(RowMajorView<Storage>{start, m, n, n}, Q) == Z0);
+                std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
             }
         }
     }

@@ -21,6 +21,12 @@
 /// runs over its rows in order for every group of 8 columns of Y (packed `[m, 8]` row-major). The
 /// tiles start at 16-element boundaries of memory (StripGrid), so that no load straddles two lines.
 ///
+/// `Z = W^T (W Q)` in one pass over W (multiply_gram_panel, q <= 32): the work unit is a panel of
+/// kGramRows = 24 rows. `Y_p = W_p Q` as dot products (3 rows of W x 8 rows of Q^T, 16-lane
+/// partial sums reduced at the end: no transposes), then `Z += W_p^T Y_p` with the register tile
+/// above reading the panel in place from the L2 cache, while the next panel is prefetched. At
+/// small q this does the work of both products for ~70% of their time: W comes from memory once.
+///
 /// Every output element is a sum over chunks in order of sums over the chunk in order; the
 /// partition depends only on the shapes, never on the thread count. The next block of W is
 /// prefetched while the current one is multiplied.
@@ -156,6 +162,25 @@ PISSA_AVX512_TARGET inline void pack_panel(RowMajorView<Storage> W, Index r0, In
     }
 }
 
+/// Y(i, c) (+)= acc[i / 16][c] lane i % 16, for i < rows, c < cols (the end of every register
+/// tile); `first`: Y is overwritten instead of accumulated. Y col-major with leading dimension ldy.
+PISSA_AVX512_TARGET inline void store_tile(const __m512 (&acc)[kTileVectors][kGroup], float* Y, Index ldy, Index rows,
+                                           int cols, bool first) {
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v) {
+        const Index live = std::clamp<Index>(rows - v * kLanes, 0, kLanes);
+        if (live == 0) continue;
+        const __mmask16 m = tail_mask(live);
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) {
+            if (c >= cols) break;
+            float* y = Y + c * ldy + v * kLanes;
+            const __m512 sum = first ? acc[v][c] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, y), acc[v][c]);
+            _mm512_mask_storeu_ps(y, m, sum);
+        }
+    }
+}
+
 /// Y(i, c) (+)= sum over k < count of P[k * 48 + i] xg[k * 8 + c], for i < rows, c < cols;
 /// `first`: Y is overwritten instead of accumulated. Y col-major with leading dimension ldy.
 PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Index count, float* Y, Index ldy,
@@ -178,19 +203,7 @@ PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Inde
             for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
         }
     }
-    PISSA_UNROLL
-    for (int v = 0; v < kTileVectors; ++v) {
-        const Index live = std::clamp<Index>(rows - v * kLanes, 0, kLanes);
-        if (live == 0) continue;
-        const __mmask16 m = tail_mask(live);
-        PISSA_UNROLL
-        for (int c = 0; c < kGroup; ++c) {
-            if (c >= cols) break;
-            float* y = Y + c * ldy + v * kLanes;
-            const __m512 sum = first ? acc[v][c] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, y), acc[v][c]);
-            _mm512_mask_storeu_ps(y, m, sum);
-        }
-    }
+    store_tile(acc, Y, ldy, rows, cols, first);
 }
 
 /// Rows [r0, r0 + min(48, m - r0)) of `Y = W X`. `xpack`: X as ceil(q/8) groups of `[n, 8]`
@@ -244,12 +257,17 @@ struct StripGrid {
     }
 
     Index strips() const { return (n + shift + kStrip - 1) / kStrip; }
+    Index tiles() const { return (n + shift + kTileWidth - 1) / kTileWidth; }
 
-    /// Columns [c0, c0 + width) of tile t (from the left) of strip u; width <= 0 past the end of W.
-    void tile_columns(Index u, Index t, Index& c0, Index& width) const {
-        const Index begin = u * kStrip + t * kTileWidth - shift;
+    /// Columns [c0, c0 + width) of tile t of the whole grid; width <= 0 past the end of W.
+    void tile_columns(Index t, Index& c0, Index& width) const {
+        const Index begin = t * kTileWidth - shift;
         c0 = std::max<Index>(begin, 0);
         width = std::min(begin + kTileWidth, n) - c0;
+    }
+    /// Columns [c0, c0 + width) of tile t (from the left) of strip u.
+    void tile_columns(Index u, Index t, Index& c0, Index& width) const {
+        tile_columns(u * kStripTiles + t, c0, width);
     }
 };
 
@@ -313,6 +331,124 @@ PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, cons
                 strip_tile(T, ypack + (g * m + i0) * kGroup, rows, Z + g * kGroup * ldz + c0, ldz, width, cols,
                            i0 == 0);
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Z = W^T (W Q) in one pass over W
+
+inline constexpr Index kGramRows = 24;    ///< multiply_gram: rows of W per panel (a multiple of kDotRows)
+inline constexpr int kDotRows = 3;        ///< multiply_gram: rows of W per dot-product register tile
+
+/// Keeps `v` in a register. GCC otherwise folds a load that several FMAs use into each FMA's
+/// memory operand: the dot-product tile then issued 3 loads of Q per vector instead of one and ran
+/// at 154 instead of 184 GFLOP/s (one core, W in L2).
+PISSA_AVX512_TARGET inline void keep_in_register(__m512& v) { __asm__("" : "+v"(v)); }
+
+/// The sum of the 16 lanes of v, in a fixed tree order (halves, then quarters, ...). (GCC 12's
+/// _mm512_reduce_add_ps and _mm512_castps512_ps256 trip -Wuninitialized.)
+PISSA_AVX512_TARGET inline float horizontal_sum(__m512 v) {
+    const __m256 eight = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(kAll8, v, 0), _mm512_maskz_extractf32x8_ps(kAll8, v, 1));
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+/// y[r * 8 + c] = sum over k < n of W(r0 + r, k) qt[c * ldq + k], for r < 3, c < 8: three rows of W
+/// against 8 rows of the transposed basis, as 24 sixteen-lane partial sums (k in order within each
+/// lane) reduced at the end. Rows past `rows` repeat row r0 (their results are not used); `qt` is
+/// 64-byte aligned and zero-padded up to a multiple of 16 columns.
+template <class Storage>
+PISSA_AVX512_TARGET inline void dot_tile(RowMajorView<Storage> W, Index r0, Index rows, const float* qt, Index ldq,
+                                         float* y) {
+    const Storage* src[kDotRows];
+    PISSA_UNROLL
+    for (int r = 0; r < kDotRows; ++r) src[r] = W.row(r0 + (r < rows ? r : 0));
+    __m512 acc[kDotRows][kGroup];
+    PISSA_UNROLL
+    for (int r = 0; r < kDotRows; ++r)
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) acc[r][c] = _mm512_setzero_ps();
+    const Index n = W.cols;
+    for (Index k = 0; k < n; k += kLanes) {
+        const __mmask16 m = tail_mask(std::min(kLanes, n - k));
+        __m512 w[kDotRows];
+        PISSA_UNROLL
+        for (int r = 0; r < kDotRows; ++r) {
+            w[r] = load16(src[r] + k, m);
+            keep_in_register(w[r]);
+        }
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) {
+            __m512 b = _mm512_load_ps(qt + c * ldq + k);
+            keep_in_register(b);
+            PISSA_UNROLL
+            for (int r = 0; r < kDotRows; ++r) acc[r][c] = _mm512_fmadd_ps(w[r], b, acc[r][c]);
+        }
+    }
+    PISSA_UNROLL
+    for (int r = 0; r < kDotRows; ++r)
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) y[r * kGroup + c] = horizontal_sum(acc[r][c]);
+}
+
+/// Z(j, c) (+)= sum over i < rows of W(r0 + i, c0 + j) yg[i * 8 + c], for j < width, c < cols:
+/// the register tile of panel_tile, reading the rows of W in place (they are in the L2 cache).
+/// `first`: Z is overwritten instead of accumulated. Z col-major with leading dimension ldz.
+template <class Storage>
+PISSA_AVX512_TARGET inline void gram_tile(RowMajorView<Storage> W, Index r0, Index rows, Index c0, Index width,
+                                          const float* yg, float* Z, Index ldz, int cols, bool first) {
+    __mmask16 m[kTileVectors];
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v) m[v] = tail_mask(std::clamp<Index>(width - v * kLanes, 0, kLanes));
+    __m512 acc[kTileVectors][kGroup];
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v)
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+    for (Index i = 0; i < rows; ++i) {
+        const Storage* src = W.row(r0 + i) + c0;
+        const float* y = yg + i * kGroup;
+        __m512 w[kTileVectors];
+        PISSA_UNROLL
+        for (int v = 0; v < kTileVectors; ++v) w[v] = load16(src + v * kLanes, m[v]);
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) {
+            const __m512 b = _mm512_set1_ps(y[c]);
+            PISSA_UNROLL
+            for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
+        }
+    }
+    store_tile(acc, Z, ldz, width, cols, first);
+}
+
+/// One panel of `Z = W^T (W Q)`: rows [r0, r0 + min(24, m - r0)) of W add `W_p^T (W_p Q)` to Z
+/// (or set it: `first`). First `Y_p = W_p Q` by dot_tile (W streamed from memory, 3 rows at a
+/// time), then `W_p^T Y_p` by gram_tile over the columns of W in StripGrid tiles while the panel
+/// is still in the L2 cache; meanwhile the same columns of the next panel are prefetched into L2.
+/// `qt`: Q^T, ceil(q/8) * 8 rows with leading dimension ldq (see dot_tile); `ypack`: scratch of
+/// ceil(q/8) groups of `[24, 8]` floats. Z col-major with leading dimension ldz.
+template <class Storage>
+PISSA_AVX512_TARGET void multiply_gram_panel(RowMajorView<Storage> W, const float* qt, Index ldq, Index q, float* Z,
+                                             Index ldz, StripGrid grid, Index r0, bool first, float* ypack) {
+    const Index rows = std::min(kGramRows, W.rows - r0);
+    const Index groups = (q + kGroup - 1) / kGroup;
+    for (Index g = 0; g < groups; ++g)
+        for (Index i = 0; i < rows; i += kDotRows)
+            dot_tile(W, r0 + i, rows - i, qt + g * kGroup * ldq, ldq, ypack + (g * kGramRows + i) * kGroup);
+    const Index line = 64 / Index(sizeof(Storage));
+    const Index next = r0 + kGramRows, next_rows = std::clamp<Index>(W.rows - next, 0, kGramRows);
+    for (Index t = 0, tiles = grid.tiles(); t < tiles; ++t) {
+        Index c0, width;
+        grid.tile_columns(t, c0, width);
+        for (Index i = 0; i < next_rows; ++i)
+            for (Index j = 0; j < std::min(width, kTileWidth); j += line)
+                _mm_prefetch(reinterpret_cast<const char*>(W.row(next + i) + c0 + j), _MM_HINT_T1);
+        for (Index g = 0; g < groups; ++g) {
+            const int cols = static_cast<int>(std::min<Index>(kGroup, q - g * kGroup));
+            gram_tile(W, r0, rows, c0, width, ypack + g * kGramRows * kGroup, Z + g * kGroup * ldz + c0, ldz,
+                      cols, first);
         }
     }
 }

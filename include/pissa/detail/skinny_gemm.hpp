@@ -33,8 +33,17 @@ namespace pissa::detail {
 /// the OS each time, a page fault per 4 KiB: 12 us each on the development VM, i.e. ~16 ms for the
 /// 5.6 MB packed Y of one `W^T Y` at 11008 x 128.
 struct KernelWorkspace {
-    std::vector<float> packed;  ///< the skinny operand, packed in groups of 8 columns
+    std::vector<float> packed;   ///< the skinny operand, packed in groups of 8 columns (or transposed)
+    std::vector<float> partial;  ///< multiply_gram: the sums of panel groups 1.. (group 0 sums into Z)
 };
+
+/// multiply_gram runs in one pass over W (AVX-512) up to this many columns of Q; beyond, as two
+/// products, which are faster there (4096 x 4096 float, one pass / two products: q = 16 0.65,
+/// q = 32 0.88, q = 64 1.2).
+inline constexpr Index kGramMaxColumns = 32;
+/// multiply_gram: panels of W are summed in at most this many groups (contiguous runs of panels,
+/// one partial Z each, added in order at the end), whatever the thread count.
+inline constexpr Index kGramGroups = 8;
 
 /// Rows of W handled as one unit of work (and widened to the compute type at once).
 inline constexpr Index kRowBlock = 64;
@@ -175,6 +184,58 @@ void multiply_transposed_avx512(const RowMajorView<Storage>& W, const Matrix<flo
             avx512::multiply_transposed_strip(W, ypack.data(), q, Z.data(), Z.rows(), grid, u, T);
     }
 }
+
+/// AVX-512 `Z = W^T (W Q)` in one pass over W (float compute), q <= kGramMaxColumns. The panels
+/// of kGramRows rows are cut into kGramGroups contiguous groups; a thread sums a group's panels in
+/// order into its own partial Z (group 0 into Z), and the partials are added to Z in group order:
+/// the bits do not depend on the thread count.
+template <class Storage>
+void multiply_gram_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Q, Matrix<float>& Z,
+                          KernelWorkspace& workspace) {
+    const Index m = W.rows, n = W.cols, q = Q.cols();
+    const Index padded_q = (q + avx512::kGroup - 1) / avx512::kGroup * avx512::kGroup;
+    // Q^T, rows zero-padded to a multiple of 16 columns; the extra 16 keep its rows (and so the 8
+    // streams of a dot_tile) off the same L1 sets when n is a multiple of 1024.
+    const Index ldq = (n + avx512::kLanes - 1) / avx512::kLanes * avx512::kLanes + avx512::kLanes;
+    std::vector<float>& qt_buffer = workspace.packed;
+    qt_buffer.assign(static_cast<std::size_t>(padded_q * ldq + avx512::kLanes), 0.0f);
+    float* qt = aligned_64(qt_buffer.data());
+    for (Index c = 0; c < q; ++c)
+        for (Index k = 0; k < n; ++k) qt[c * ldq + k] = Q(k, c);
+    const Index panels = (m + avx512::kGramRows - 1) / avx512::kGramRows;
+    const Index groups = std::min(panels, kGramGroups);
+    workspace.partial.resize(static_cast<std::size_t>((groups - 1) * n * q));
+    const avx512::StripGrid grid{n, avx512::StripGrid::shift_for(W)};
+#ifdef _OPENMP
+#pragma omp parallel if (groups > 1)
+#endif
+    {
+        std::vector<float> ypack(static_cast<std::size_t>(padded_q * avx512::kGramRows));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index g = 0; g < groups; ++g) {
+            float* sum = g == 0 ? Z.data() : workspace.partial.data() + (g - 1) * n * q;
+            const Index first = g * panels / groups, last = (g + 1) * panels / groups;
+            for (Index p = first; p < last; ++p)
+                avx512::multiply_gram_panel(W, qt, ldq, q, sum, n, grid, p * avx512::kGramRows, p == first,
+                                            ypack.data());
+        }
+        // Z += the partials of groups 1.., in group order, element by element.
+        const Index size = n * q, chunk = 4096;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index e0 = 0; e0 < size; e0 += chunk) {
+            const Index e1 = std::min(size, e0 + chunk);
+            float* z = Z.data();
+            for (Index g = 1; g < groups; ++g) {
+                const float* part = workspace.partial.data() + (g - 1) * size;
+                for (Index e = e0; e < e1; ++e) z[e] += part[e];
+            }
+        }
+    }
+}
 #endif
 
 /// Whether the AVX-512 kernels serve this (storage, compute scalar) pair right now.
@@ -239,6 +300,29 @@ void multiply_transposed(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y
     multiply_transposed(W, Y, Z, workspace);
 }
 
+/// `Z = W^T (W Q)`: W `[m, n]`, Q `[n, q]`, Z `[n, q]` (resized); `Y` `[m, q]` is scratch. One pass
+/// over W with the AVX-512 kernels for q <= kGramMaxColumns (each panel of W multiplied by Q, then
+/// by its transpose while it is in the L2 cache); otherwise the two products `Y = W Q`,
+/// `Z = W^T Y`. The two ways round differently.
+template <class Storage, class Scalar>
+void multiply_gram(const RowMajorView<Storage>& W, const Matrix<Scalar>& Q, Matrix<Scalar>& Z, Matrix<Scalar>& Y,
+                   KernelWorkspace& workspace) {
+    PISSA_ASSERT(Q.rows() == W.cols);
+    PISSA_ASSERT(Q.data() != Z.data() || Q.size() == 0);
+#if PISSA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<Scalar, float> && !std::is_same_v<Storage, double>) {
+        if (use_avx512_kernels<Storage, Scalar>() && Q.cols() <= kGramMaxColumns) {
+            Z.resize(W.cols, Q.cols());
+            if (W.rows == 0) Z.setZero();
+            else if (Z.size() > 0) multiply_gram_avx512(W, Q, Z, workspace);
+            return;
+        }
+    }
+#endif
+    multiply(W, Q, Y, workspace);
+    multiply_transposed(W, Y, Z, workspace);
+}
+
 /// `W` as an operator for the decompositions: `apply` is `W X`, `apply_transposed` is `W^T Y`,
 /// whichever way round the prepared view stores it (a column-major W is viewed as row-major W^T).
 template <class Storage>
@@ -260,6 +344,17 @@ struct WeightOperator {
     void apply_transposed(const Matrix<Scalar>& Y, Matrix<Scalar>& Z) const {
         if (weight.transposed) multiply(weight.view, Y, Z, workspace);
         else multiply_transposed(weight.view, Y, Z, workspace);
+    }
+    /// `Z = W^T (W Q)`, Q `[cols, q]`; `Y` `[rows, q]` is scratch. In one pass over W when the view
+    /// is W itself (multiply_gram); a transposed view (column-major W) takes the two products.
+    template <class Scalar>
+    void apply_gram(const Matrix<Scalar>& Q, Matrix<Scalar>& Z, Matrix<Scalar>& Y) const {
+        if (weight.transposed) {
+            apply(Q, Y);
+            apply_transposed(Y, Z);
+        } else {
+            multiply_gram(weight.view, Q, Z, Y, workspace);
+        }
     }
 };
 
