@@ -255,7 +255,7 @@ void BM_multiply_gram(benchmark::State& state) {
     set_roofline(state, m, n, q, 1, sizeof(Storage), 2);
 }
 void gram_args(benchmark::internal::Benchmark* b) {
-    for (const Index q : {8, 16, 32, 64}) b->Args({4096, 4096, q});
+    for (const Index q : {8, 16, 24, 32, 64}) b->Args({4096, 4096, q});
     b->Args({11008, 4096, 16});
     b->Unit(benchmark::kMillisecond)->UseRealTime();
 }

@@ -12,7 +12,7 @@
 ///
 /// That is 2K + 2 passes over W. With `fused_power_iteration` each power step is
 /// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W
-/// with q <= 32 on the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W
+/// with q <= 24 on the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W
 /// (detail::multiply_gram): K + 2 passes in all. It is a different algorithm (less robust in
 /// float32 when niter is large and the spectrum decays fast: the power step squares the condition
 /// of the basis before it is orthonormalised), so it is opt-in.

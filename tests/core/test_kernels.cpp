@@ -116,7 +116,7 @@ double scaled_gram_error(const Matrix<Scalar>& got, const Matrix<double>& W, con
     return worst;
 }
 
-/// Z = W^T (W Q) by multiply_gram (one pass over W on the AVX-512 kernels for q <= 32).
+/// Z = W^T (W Q) by multiply_gram (one pass over W on the AVX-512 kernels for q <= 24).
 template <class Storage, class Scalar>
 Matrix<Scalar> gram(const RowMajorView<Storage>& W, const Matrix<Scalar>& Q) {
     pissa::detail::KernelWorkspace workspace;
@@ -136,7 +136,7 @@ TEST_CASE_TEMPLATE("skinny products match a double reference on odd shapes", Sto
         // 192-column strips, 64-row chunks, 8-column groups, prefetches two blocks ahead across panels/strips.
         for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {3, 17}, {4, 16}, {5, 33}, {65, 63}, {131, 257},
                                    {37, 529}, {70, 300}, {48, 128}, {49, 129}, {97, 193}, {200, 385}}) {
-            for (const Index q : {1, 2, 5, 6, 7, 13, 48, 49, 50}) {
+            for (const Index q : {1, 2, 5, 6, 7, 13, 48, 49, 50, 65, 97}) {
                 const StridedWeight<Storage> W(m, n, n, std::uint64_t(m * 1000 + n));
                 check_products(W, q, std::uint64_t(q));
             }
@@ -185,27 +185,30 @@ TEST_CASE_TEMPLATE("skinny products are bit-identical across 1, 2 and 3 threads"
     using Scalar = pissa::compute_scalar_t<Storage>;
     // Several work units per thread in both products (8-row units, 512-column strips).
     const StridedWeight<Storage> W(301, 1100, 1111, 3);
-    const Matrix<Scalar> X = gaussian<Scalar>(1100, 19, 4);
-    const Matrix<Scalar> Yin = gaussian<Scalar>(301, 19, 5);
     const int saved = omp_get_max_threads();
     for (const KernelIsa isa : families()) {
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
-        std::vector<Matrix<Scalar>> Ys, Zs;
-        for (const int threads : {1, 2, 3}) {
-            omp_set_num_threads(threads);
-            Matrix<Scalar> Y, Z;
-            pissa::detail::multiply(W.view, X, Y);
-            pissa::detail::multiply_transposed(W.view, Yin, Z);
-            Ys.push_back(Y);
-            Zs.push_back(Z);
+        for (const Index q : {19, 70}) {  // the packed and the broadcast W X kernels
+            CAPTURE(q);
+            const Matrix<Scalar> X = gaussian<Scalar>(1100, q, 4);
+            const Matrix<Scalar> Yin = gaussian<Scalar>(301, q, 5);
+            std::vector<Matrix<Scalar>> Ys, Zs;
+            for (const int threads : {1, 2, 3}) {
+                omp_set_num_threads(threads);
+                Matrix<Scalar> Y, Z;
+                pissa::detail::multiply(W.view, X, Y);
+                pissa::detail::multiply_transposed(W.view, Yin, Z);
+                Ys.push_back(Y);
+                Zs.push_back(Z);
+            }
+            omp_set_num_threads(saved);
+            CHECK(Ys[0] == Ys[1]);
+            CHECK(Ys[0] == Ys[2]);
+            CHECK(Zs[0] == Zs[1]);
+            CHECK(Zs[0] == Zs[2]);
+            CHECK(scaled_error(Ys[0], W.exact, X.template cast<double>()) <= 50 * eps<Scalar>());
         }
-        omp_set_num_threads(saved);
-        CHECK(Ys[0] == Ys[1]);
-        CHECK(Ys[0] == Ys[2]);
-        CHECK(Zs[0] == Zs[1]);
-        CHECK(Zs[0] == Zs[2]);
-        CHECK(scaled_error(Ys[0], W.exact, X.template cast<double>()) <= 50 * eps<Scalar>());
     }
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
@@ -225,7 +228,7 @@ TEST_CASE_TEMPLATE("skinny products have the same bits wherever W sits in memory
         for (const Index n : {448, 400, 449}) {
             const Index m = 131;
             const StridedWeight<Storage> W(m, n, n, std::uint64_t(n));
-            for (const Index q : {1, 9, 16, 17}) {
+            for (const Index q : {1, 9, 16, 17, 40, 70}) {
                 const Matrix<Scalar> X = gaussian<Scalar>(n, q, std::uint64_t(q));
                 const Matrix<Scalar> Yin = gaussian<Scalar>(m, q, std::uint64_t(q + 50));
                 Matrix<Scalar> Y0, Z0;
@@ -264,12 +267,12 @@ TEST_CASE_TEMPLATE("W^T (W Q) in one pass matches a double reference on odd shap
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
         // Around the one-pass kernel's sizes: 3-row dot tiles, 24-row panels, up to 8 panel groups,
-        // 16-lane k steps and their tail, 48-column tiles, 8-column groups; q = 33 takes two products.
+        // 16-lane k steps and their tail, 48-column tiles, 8-column groups; q = 25 and 33 take two products.
         for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {2, 5}, {3, 17}, {23, 16}, {24, 48}, {25, 49},
                                    {70, 47}, {49, 100}, {200, 385}, {301, 129}}) {
             for (const Index stride : {n, n + 5}) {  // the padding is NaN: it must never be read
                 const StridedWeight<Storage> W(m, n, stride, std::uint64_t(m * 1000 + n));
-                for (const Index q : {1, 7, 8, 9, 16, 17, 32, 33}) {
+                for (const Index q : {1, 7, 8, 9, 16, 17, 24, 25, 33}) {
                     CAPTURE(m);
                     CAPTURE(n);
                     CAPTURE(stride);

@@ -222,7 +222,7 @@ TEST_CASE_TEMPLATE("row-major maps and column-major matrices give the same resul
 
 TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two products over a column-major one",
                    Storage, float, Eigen::bfloat16) {
-    // A row-major float / bf16 W takes the one-pass W^T (W Q) (AVX-512 kernels, q <= 32), its
+    // A row-major float / bf16 W takes the one-pass W^T (W Q) (AVX-512 kernels, q <= 24), its
     // column-major copy the two products: the same algorithm, rounded differently.
     const Index m = 300, n = 200, r = 12;
     Vector<double> sigma(n);

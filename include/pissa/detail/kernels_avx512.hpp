@@ -21,7 +21,7 @@
 /// runs over its rows in order for every group of 8 columns of Y (packed `[m, 8]` row-major). The
 /// tiles start at 16-element boundaries of memory (StripGrid), so that no load straddles two lines.
 ///
-/// `Z = W^T (W Q)` in one pass over W (multiply_gram_panel, q <= 32): the work unit is a panel of
+/// `Z = W^T (W Q)` in one pass over W (multiply_gram_panel, q <= 24): the work unit is a panel of
 /// kGramRows = 24 rows. `Y_p = W_p Q` as dot products (3 rows of W x 8 rows of Q^T, 16-lane
 /// partial sums reduced at the end: no transposes), then `Z += W_p^T Y_p` with the register tile
 /// above reading the panel in place from the L2 cache, while the next panel is prefetched. At
@@ -88,6 +88,11 @@ PISSA_AVX512_TARGET inline __m512 load16(const Eigen::bfloat16* p, __mmask16 m) 
 PISSA_AVX512_TARGET inline __m512 load16(const Eigen::half* p, __mmask16 m) {
     return _mm512_maskz_cvtph_ps(kAll, _mm256_maskz_loadu_epi16(m, p));
 }
+
+/// Keeps `v` in a register. GCC otherwise folds a load that several FMAs use into each FMA's
+/// memory operand: the dot-product tile then issued 3 loads of Q per vector instead of one and ran
+/// at 154 instead of 184 GFLOP/s (one core, W in L2).
+PISSA_AVX512_TARGET inline void keep_in_register(__m512& v) { __asm__("" : "+v"(v)); }
 
 /// In-register transpose of the 16 x 16 floats r[i] lane j -> r[j] lane i.
 PISSA_AVX512_TARGET inline void transpose16(__m512* r) {
@@ -233,6 +238,137 @@ PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xp
 }
 
 // ---------------------------------------------------------------------------------------------
+// Y = W X for q >= 32: broadcast form
+
+inline constexpr Index kWideBlock = 64;       ///< multiply: columns of X per block (4 vectors x 6 rows of W)
+inline constexpr Index kWideChunk = 128;      ///< multiply: k per chunk (a 64-column block of X: 32 KiB)
+
+/// multiply: the broadcast kernel from this many columns of X on. 16-bit W costs a conversion per
+/// broadcast (6 per 24 FMAs at q >= 64, 12 at q = 32, where it ran 1.37x slower than the packed
+/// kernel; float W 0.78x there).
+template <class Storage>
+constexpr Index wide_min_columns() {
+    return std::is_same_v<Storage, float> ? 32 : 64;
+}
+
+/// The columns of X as blocks of 64 (the register tile: 4 vectors x 6 rows of W), the last one
+/// 32 wide (2 vectors x 12 rows) when at most 32 columns remain; zero-padded to the block width.
+/// Block b starts at column 64 b of X and at `n * 64 * b` in the packed buffer.
+struct WideBlocks {
+    Index q = 0;
+    Index count() const { return (q + kWideBlock - 1) / kWideBlock; }
+    Index width(Index b) const { return q - b * kWideBlock <= kWideBlock / 2 ? kWideBlock / 2 : kWideBlock; }
+    Index padded() const { return (count() - 1) * kWideBlock + width(count() - 1); }
+};
+
+/// One element of W as a float broadcast to 16 lanes.
+PISSA_AVX512_TARGET inline __m512 broadcast(const float* p) { return _mm512_set1_ps(*p); }
+PISSA_AVX512_TARGET inline __m512 broadcast(const Eigen::bfloat16* p) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(int(std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(*p)) << 16)));
+}
+PISSA_AVX512_TARGET inline __m512 broadcast(const Eigen::half* p) {
+    return _mm512_set1_ps(_cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(*p)));
+}
+
+/// part[r * ldp + c] (+)= sum over k in [k0, k1) of W(row r, k) xb[k * 16 Vectors + c], for r < Rows,
+/// c < 16 Vectors: the register tile is Rows x Vectors accumulators, each step broadcasts one
+/// element of each of the Rows rows of W and loads one row of the X block. `first`: part is
+/// overwritten. While it runs, `prefetch_lines` lines from `ahead[r]` (a line per step, row after
+/// row) are prefetched into L2.
+template <int Vectors, int Rows, class Storage>
+PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows], Index k0, Index k1, const float* xb,
+                                               float* part, Index ldp, bool first,
+                                               const Storage* const (&ahead)[Rows], Index prefetch_lines) {
+    constexpr Index line = 64 / Index(sizeof(Storage));
+    __m512 acc[Rows][Vectors];
+    PISSA_UNROLL
+    for (int r = 0; r < Rows; ++r)
+        PISSA_UNROLL
+        for (int v = 0; v < Vectors; ++v)
+            acc[r][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + v * kLanes);
+    const Index per_row = (prefetch_lines + Rows - 1) / Rows;
+    for (Index k = k0; k < k1; ++k) {
+        const Index s = k - k0;
+        if (s < prefetch_lines)
+            _mm_prefetch(reinterpret_cast<const char*>(ahead[s / per_row] + s % per_row * line), _MM_HINT_T1);
+        __m512 x[Vectors];
+        PISSA_UNROLL
+        for (int v = 0; v < Vectors; ++v) {
+            x[v] = _mm512_load_ps(xb + k * (Vectors * kLanes) + v * kLanes);
+            keep_in_register(x[v]);
+        }
+        PISSA_UNROLL
+        for (int r = 0; r < Rows; ++r) {
+            const __m512 b = broadcast(row[r] + k);
+            PISSA_UNROLL
+            for (int v = 0; v < Vectors; ++v) acc[r][v] = _mm512_fmadd_ps(b, x[v], acc[r][v]);
+        }
+    }
+    PISSA_UNROLL
+    for (int r = 0; r < Rows; ++r)
+        PISSA_UNROLL
+        for (int v = 0; v < Vectors; ++v) _mm512_store_ps(part + r * ldp + v * kLanes, acc[r][v]);
+}
+
+/// The row tiles of Rows rows covering rows [r0, r0 + rows) of W over columns [k0, k1), against
+/// one block of X (`xb`) into `part` (Vectors x 16 columns of it; see broadcast_tile). Rows past
+/// the panel repeat its last row (their sums are not used). While they run, `ahead_lines` lines
+/// from column `ahead_k` of the rows [ahead_row, ahead_row + ahead_rows) are prefetched.
+template <int Vectors, int Rows, class Storage>
+PISSA_AVX512_TARGET inline void broadcast_rows(RowMajorView<Storage> W, Index r0, Index rows, Index k0, Index k1,
+                                               const float* xb, float* part, Index ldp, bool first, Index ahead_row,
+                                               Index ahead_rows, Index ahead_k, Index ahead_lines) {
+    for (Index i = 0; i < rows; i += Rows) {
+        const Storage* row[Rows];
+        const Storage* ahead[Rows];
+        const bool prefetch = ahead_lines > 0 && i + Rows <= ahead_rows;
+        for (int r = 0; r < Rows; ++r) {
+            row[r] = W.row(r0 + std::min<Index>(i + r, rows - 1));
+            ahead[r] = prefetch ? W.row(ahead_row + i + r) + ahead_k : row[r];
+        }
+        broadcast_tile<Vectors, Rows>(row, k0, k1, xb, part + i * ldp, ldp, first, ahead,
+                                      prefetch ? Rows * ahead_lines : 0);
+    }
+}
+
+/// Rows [r0, r0 + min(48, m - r0)) of `Y = W X` by broadcast_tile, for q >= wide_min_columns.
+/// `xpack`: the blocks of X (WideBlocks), each `[n, width]` row-major; `part`: 64-byte aligned
+/// 48 x blocks.padded() floats. For every chunk of kWideChunk columns of W, every block runs its
+/// row tiles over it (Y(i, c) = sum over k in order); the chunk two ahead along the thread's
+/// sequence of panels is prefetched meanwhile. Y col-major with leading dimension ldy.
+template <class Storage>
+PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const float* xpack, Index q, float* Y,
+                                             Index ldy, Index r0, float* part) {
+    const Index rows = std::min<Index>(kPanelRows, W.rows - r0), n = W.cols;
+    const WideBlocks blocks{q};
+    const Index ldp = blocks.padded();
+    const Index line = 64 / Index(sizeof(Storage));
+    const Index chunks = (n + kWideChunk - 1) / kWideChunk;
+    for (Index chunk = 0; chunk < chunks; ++chunk) {
+        const Index k0 = chunk * kWideChunk, k1 = std::min(n, k0 + kWideChunk);
+        // The chunk kPrefetchBlocks ahead: in this panel, or at the start of the next one.
+        Index ahead_row = r0, ahead_k = k0 + kPrefetchBlocks * kWideChunk;
+        if (ahead_k >= n) {
+            ahead_row += kPanelRows;
+            ahead_k -= chunks * kWideChunk;
+        }
+        const Index ahead_rows = std::clamp<Index>(W.rows - ahead_row, 0, kPanelRows);
+        const Index ahead_lines = ahead_k < n ? (std::min(n, ahead_k + kWideChunk) - ahead_k + line - 1) / line : 0;
+        for (Index b = 0; b < blocks.count(); ++b) {
+            const float* xb = xpack + n * kWideBlock * b;
+            float* pb = part + b * kWideBlock;
+            const Index lines = b == 0 ? ahead_lines : 0;  // the chunk's first block prefetches
+            if (blocks.width(b) == kWideBlock)
+                broadcast_rows<4, 6>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead_row, ahead_rows, ahead_k, lines);
+            else
+                broadcast_rows<2, 12>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead_row, ahead_rows, ahead_k, lines);
+        }
+    }
+    for (Index c = 0; c < q; ++c)
+        for (Index i = 0; i < rows; ++i) Y[c * ldy + r0 + i] = part[i * ldp + c];
+}
+
+// ---------------------------------------------------------------------------------------------
 // Z = W^T Y
 
 /// How the transposed product cuts the n columns of W into strips (work units) of kStripTiles
@@ -340,11 +476,6 @@ PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, cons
 
 inline constexpr Index kGramRows = 24;    ///< multiply_gram: rows of W per panel (a multiple of kDotRows)
 inline constexpr int kDotRows = 3;        ///< multiply_gram: rows of W per dot-product register tile
-
-/// Keeps `v` in a register. GCC otherwise folds a load that several FMAs use into each FMA's
-/// memory operand: the dot-product tile then issued 3 loads of Q per vector instead of one and ran
-/// at 154 instead of 184 GFLOP/s (one core, W in L2).
-PISSA_AVX512_TARGET inline void keep_in_register(__m512& v) { __asm__("" : "+v"(v)); }
 
 /// The sum of the 16 lanes of v, in a fixed tree order (halves, then quarters, ...). (GCC 12's
 /// _mm512_reduce_add_ps and _mm512_castps512_ps256 trip -Wuninitialized.)

@@ -38,9 +38,9 @@ struct KernelWorkspace {
 };
 
 /// multiply_gram runs in one pass over W (AVX-512) up to this many columns of Q; beyond, as two
-/// products, which are faster there (4096 x 4096 float, one pass / two products: q = 16 0.65,
-/// q = 32 0.88, q = 64 1.2).
-inline constexpr Index kGramMaxColumns = 32;
+/// products, which are as fast there (4096 x 4096 float, one pass / two products, BM_multiply_gram:
+/// q = 8 0.66, q = 16 0.80, q = 24 0.95, q = 32 1.05; q = 64 in one pass 1.2).
+inline constexpr Index kGramMaxColumns = 24;
 /// multiply_gram: panels of W are summed in at most this many groups (contiguous runs of panels,
 /// one partial Z each, added in order at the end), whatever the thread count.
 inline constexpr Index kGramGroups = 8;
@@ -139,12 +139,48 @@ inline void pack_groups(const float* src, Index ld, Index rows, Index q, std::ve
     }
 }
 
+/// `src [rows, q]` (col-major, leading dimension ld) as the blocks of avx512::WideBlocks, each
+/// `[rows, width]` row-major and zero-padded, one after the other; 64-byte aligned in `out`.
+inline const float* pack_wide_blocks(const float* src, Index ld, Index rows, Index q, std::vector<float>& out) {
+    const avx512::WideBlocks blocks{q};
+    out.assign(static_cast<std::size_t>(rows * blocks.padded() + avx512::kLanes), 0.0f);
+    float* base = aligned_64(out.data());
+    for (Index b = 0; b < blocks.count(); ++b) {
+        const Index c0 = b * avx512::kWideBlock, width = blocks.width(b), cols = std::min(width, q - c0);
+        float* dst = base + rows * avx512::kWideBlock * b;
+        for (Index c = 0; c < cols; ++c) {
+            const float* column = src + (c0 + c) * ld;
+            for (Index i = 0; i < rows; ++i) dst[i * width + c] = column[i];
+        }
+    }
+    return base;
+}
+
 /// AVX-512 `Y = W X` (float compute); work unit: a panel of kPanelRows rows of W, static schedule.
+/// From wide_min_columns columns of X on, the broadcast kernel (multiply_panel_wide: no transposes
+/// of W; 212 vs 168 GFLOP/s on one core at q = 64, W in L2); below, the packed kernel.
 template <class Storage>
 void multiply_avx512(const RowMajorView<Storage>& W, const Matrix<float>& X, Matrix<float>& Y,
                      KernelWorkspace& workspace) {
     const Index m = W.rows, n = W.cols, q = X.cols();
     const Index units = (m + avx512::kPanelRows - 1) / avx512::kPanelRows;
+    if (q >= avx512::wide_min_columns<Storage>()) {
+        const float* xpack = pack_wide_blocks(X.data(), X.rows(), n, q, workspace.packed);
+        const Index ldp = avx512::WideBlocks{q}.padded();
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+        {
+            std::vector<float> part(static_cast<std::size_t>(avx512::kPanelRows * ldp + avx512::kLanes));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (Index u = 0; u < units; ++u)
+                avx512::multiply_panel_wide(W, xpack, q, Y.data(), Y.rows(), u * avx512::kPanelRows,
+                                            aligned_64(part.data()));
+        }
+        return;
+    }
     std::vector<float>& xpack = workspace.packed;
     pack_groups(X.data(), X.rows(), n, q, xpack);
 #ifdef _OPENMP
