@@ -1,9 +1,9 @@
 /// \file detail/kernels_avx512.hpp
-/// \brief AVX-512 kernels of the two skinny products, float compute, storage float / Eigen::half /
+/// \brief AVX-512 kernels of the skinny products, float compute, storage float / Eigen::half /
 /// Eigen::bfloat16. Compiled with `__attribute__((target))`, called only after a run-time check
 /// (detail/cpu_features.hpp); the rest of the program needs no AVX-512 flags.
 ///
-/// Both products are GEMM micro-kernels over packed operands: every FMA is an outer product of a
+/// The products are GEMM micro-kernels over packed operands: every FMA is an outer product of a
 /// 16-lane vector of W with one broadcast value of the skinny operand, the register tile is
 /// 48 elements of W (3 vectors) x 8 columns (24 zmm accumulators, 3 vector loads + 8 broadcasts
 /// per 24 FMAs), and W is packed a small block at a time into a contiguous L1-resident buffer
@@ -14,6 +14,12 @@
 /// `P[k][i]` (16 x 16 register transposes, 16-bit storage widened in the same registers), then
 /// for every group of 8 columns of X (packed `[n, 8]` row-major, zero-padded) the tile
 /// `Y(i, c) += sum_k P[k][i] X(j0 + k, c)` runs over the chunk, k in order.
+///
+/// `Y = W X` from 32 columns of X on (64 for 16-bit W; multiply_panel_wide): the same 48-row
+/// panels without transposes. The roles are swapped: each FMA multiplies one broadcast element of
+/// W with a 16-lane vector of a row of X (packed in row-major blocks of 64 columns), the register
+/// tile is 6 rows of W x 4 vectors (6 broadcasts + 4 loads per 24 FMAs; 12 x 2 for a last block
+/// of 32), the rows of W read in place a chunk of kWideChunk columns at a time.
 ///
 /// `Z = W^T Y` (multiply_transposed_strip): the work unit is a strip of kStripTiles x 48 columns of
 /// W, which owns the same rows of Z. For every chunk of kChunkRows rows, each 48-column tile of the

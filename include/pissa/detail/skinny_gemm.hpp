@@ -1,6 +1,7 @@
 /// \file detail/skinny_gemm.hpp
 /// \brief The two products every decomposition is made of: `Y = W X` and `Z = W^T Y`, with `W`
-/// large `[m, n]` (a row-major view in its storage dtype) and `X`, `Y` skinny (q << n columns).
+/// large `[m, n]` (a row-major view in its storage dtype) and `X`, `Y` skinny (q << n columns);
+/// and `Z = W^T (W Q)`, the fused power step, in one pass over W where the kernels allow.
 ///
 /// Two kernel families, chosen at run time (detail/cpu_features.hpp): the AVX-512 kernels of
 /// detail/kernels_avx512.hpp (float compute: storage float, Eigen::half, Eigen::bfloat16; W is
