@@ -64,11 +64,9 @@ struct StridedWeight {
     }
 };
 
-/// max over entries of |got - want| / (|A| |B|)(i, k): the error against the sum of |terms|.
+/// max over entries of |got - want| / bound: the error against the sum of |terms| of each entry.
 template <class Scalar>
-double scaled_error(const Matrix<Scalar>& got, const Matrix<double>& A, const Matrix<double>& B) {
-    const Matrix<double> want = A * B;
-    const Matrix<double> bound = A.cwiseAbs() * B.cwiseAbs();
+double worst_scaled_error(const Matrix<Scalar>& got, const Matrix<double>& want, const Matrix<double>& bound) {
     REQUIRE(got.rows() == want.rows());
     REQUIRE(got.cols() == want.cols());
     double worst = 0;
@@ -79,6 +77,19 @@ double scaled_error(const Matrix<Scalar>& got, const Matrix<double>& A, const Ma
             worst = std::max(worst, err / (bound(i, k) + 1e-300));
         }
     return worst;
+}
+
+/// The error of A B against (|A| |B|)(i, k).
+template <class Scalar>
+double scaled_error(const Matrix<Scalar>& got, const Matrix<double>& A, const Matrix<double>& B) {
+    return worst_scaled_error(got, A * B, A.cwiseAbs() * B.cwiseAbs());
+}
+
+/// The error of W^T (W Q) against (|W|^T |W| |Q|)(i, k).
+template <class Scalar>
+double scaled_gram_error(const Matrix<Scalar>& got, const Matrix<double>& W, const Matrix<double>& Q) {
+    return worst_scaled_error(got, W.transpose() * (W * Q),
+                              W.cwiseAbs().transpose() * (W.cwiseAbs() * Q.cwiseAbs()));
 }
 
 template <class Storage>
@@ -97,23 +108,6 @@ void check_products(const StridedWeight<Storage>& W, Index q, std::uint64_t seed
     CAPTURE(W.view.stride);
     CHECK(scaled_error(Y, W.exact, X.template cast<double>()) <= tolerance);
     CHECK(scaled_error(Z, W.exact.transpose(), Yin.template cast<double>()) <= tolerance);
-}
-
-/// max over entries of |got - want| / (|W|^T |W| |Q|)(i, k), want = W^T (W Q).
-template <class Scalar>
-double scaled_gram_error(const Matrix<Scalar>& got, const Matrix<double>& W, const Matrix<double>& Q) {
-    const Matrix<double> want = W.transpose() * (W * Q);
-    const Matrix<double> bound = W.cwiseAbs().transpose() * (W.cwiseAbs() * Q.cwiseAbs());
-    REQUIRE(got.rows() == want.rows());
-    REQUIRE(got.cols() == want.cols());
-    double worst = 0;
-    for (Index k = 0; k < want.cols(); ++k)
-        for (Index i = 0; i < want.rows(); ++i) {
-            const double err = std::abs(static_cast<double>(got(i, k)) - want(i, k));
-            if (!std::isfinite(err)) return std::numeric_limits<double>::infinity();
-            worst = std::max(worst, err / (bound(i, k) + 1e-300));
-        }
-    return worst;
 }
 
 /// Z = W^T (W Q) by multiply_gram (one pass over W on the AVX-512 kernels for q <= 24).

@@ -173,6 +173,18 @@ PISSA_AVX512_TARGET inline void pack_panel(RowMajorView<Storage> W, Index r0, In
     }
 }
 
+/// acc[v][c] += w[v] * x[c] for the 3 vectors of W and 8 values of the skinny operand: one step of
+/// the register tile.
+PISSA_AVX512_TARGET inline void tile_step(__m512 (&acc)[kTileVectors][kGroup], const __m512 (&w)[kTileVectors],
+                                          const float* x) {
+    PISSA_UNROLL
+    for (int c = 0; c < kGroup; ++c) {
+        const __m512 b = _mm512_set1_ps(x[c]);
+        PISSA_UNROLL
+        for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
+    }
+}
+
 /// Y(i, c) (+)= acc[i / 16][c] lane i % 16, for i < rows, c < cols (the end of every register
 /// tile); `first`: Y is overwritten instead of accumulated. Y col-major with leading dimension ldy.
 PISSA_AVX512_TARGET inline void store_tile(const __m512 (&acc)[kTileVectors][kGroup], float* Y, Index ldy, Index rows,
@@ -207,12 +219,7 @@ PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Inde
         __m512 w[kTileVectors];
         PISSA_UNROLL
         for (int v = 0; v < kTileVectors; ++v) w[v] = _mm512_load_ps(p + v * kLanes);
-        PISSA_UNROLL
-        for (int c = 0; c < kGroup; ++c) {
-            const __m512 b = _mm512_set1_ps(x[c]);
-            PISSA_UNROLL
-            for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
-        }
+        tile_step(acc, w, x);
     }
     store_tile(acc, Y, ldy, rows, cols, first);
 }
@@ -550,12 +557,7 @@ PISSA_AVX512_TARGET inline void gram_tile(RowMajorView<Storage> W, Index r0, Ind
         __m512 w[kTileVectors];
         PISSA_UNROLL
         for (int v = 0; v < kTileVectors; ++v) w[v] = load16(src + v * kLanes, m[v]);
-        PISSA_UNROLL
-        for (int c = 0; c < kGroup; ++c) {
-            const __m512 b = _mm512_set1_ps(y[c]);
-            PISSA_UNROLL
-            for (int v = 0; v < kTileVectors; ++v) acc[v][c] = _mm512_fmadd_ps(w[v], b, acc[v][c]);
-        }
+        tile_step(acc, w, y);
     }
     store_tile(acc, Z, ldz, width, cols, first);
 }
