@@ -110,6 +110,26 @@ void check_products(const StridedWeight<Storage>& W, Index q, std::uint64_t seed
     CHECK(scaled_error(Z, W.exact.transpose(), Yin.template cast<double>()) <= tolerance);
 }
 
+/// Calls `check(view)` with a copy of the dense W at every element offset within a 64-byte line,
+/// the memory around it NaN (a kernel reading outside W shows up).
+template <class Storage, class Check>
+void at_every_offset(const StridedWeight<Storage>& W, Check&& check) {
+    const Index m = W.view.rows, n = W.view.cols, line = 64 / Index(sizeof(Storage));
+    REQUIRE(W.view.stride == n);
+    std::vector<Storage> buffer(static_cast<std::size_t>(m * n + 3 * line),
+                                Storage(std::numeric_limits<float>::quiet_NaN()));
+    // The first element of `buffer` at or after a 64-byte boundary.
+    const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+    const Index aligned = Index((64 - address % 64) % 64 / sizeof(Storage));
+    for (Index offset = 0; offset < line; ++offset) {
+        CAPTURE(offset);
+        Storage* start = buffer.data() + aligned + offset;
+        std::copy(W.data.begin(), W.data.begin() + m * n, start);
+        check(RowMajorView<Storage>{start, m, n, n});
+        std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
+    }
+}
+
 /// Z = W^T (W Q) by multiply_gram (one pass over W on the AVX-512 kernels for q <= 24).
 template <class Storage, class Scalar>
 Matrix<Scalar> gram(const RowMajorView<Storage>& W, const Matrix<Scalar>& Q) {
@@ -229,26 +249,15 @@ TEST_CASE_TEMPLATE("skinny products have the same bits wherever W sits in memory
                 pissa::detail::multiply(W.view, X, Y0);
                 pissa::detail::multiply_transposed(W.view, Yin, Z0);
                 CHECK(scaled_error(Z0, W.exact.transpose(), Yin.template cast<double>()) <= 50 * eps<Scalar>());
-                const Index line = 64 / Index(sizeof(Storage));
-                std::vector<Storage> buffer(static_cast<std::size_t>(m * n + 3 * line),
-                                            Storage(std::numeric_limits<float>::quiet_NaN()));
-                // The first element of `buffer` at or after a 64-byte boundary.
-                const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
-                const Index aligned = Index((64 - address % 64) % 64 / sizeof(Storage));
-                for (Index offset = 0; offset < line; ++offset) {
-                    CAPTURE(n);
-                    CAPTURE(q);
-                    CAPTURE(offset);
-                    Storage* start = buffer.data() + aligned + offset;
-                    std::copy(W.data.begin(), W.data.begin() + m * n, start);
-                    const RowMajorView<Storage> moved{start, m, n, n};
+                CAPTURE(n);
+                CAPTURE(q);
+                at_every_offset(W, [&](const RowMajorView<Storage>& moved) {
                     Matrix<Scalar> Y, Z;
                     pissa::detail::multiply(moved, X, Y);
                     pissa::detail::multiply_transposed(moved, Yin, Z);
                     CHECK(Y == Y0);
                     CHECK(Z == Z0);
-                    std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
-                }
+                });
             }
         }
     }
@@ -317,20 +326,8 @@ TEST_CASE_TEMPLATE("W^T (W Q) is bit-identical across 1, 2 and 3 threads and whe
             }
             omp_set_num_threads(saved);
 #endif
-            // W at every element offset within a 64-byte line (the column tiles follow memory),
-            // NaN around it.
-            const Index line = 64 / Index(sizeof(Storage));
-            std::vector<Storage> buffer(static_cast<std::size_t>(m * n + 3 * line),
-                                        Storage(std::numeric_limits<float>::quiet_NaN()));
-            const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
-            const Index aligned = Index((64 - address % 64) % 64 / sizeof(Storage));
-            for (Index offset = 0; offset < line; ++offset) {
-                CAPTURE(offset);
-                Storage* start = buffer.data() + aligned + offset;
-                std::copy(W.data.begin(), W.data.begin() + m * n, start);
-                CHECK(gram(RowMajorView<Storage>{start, m, n, n}, Q) == Z0);
-                std::fill(start, start + m * n, Storage(std::numeric_limits<float>::quiet_NaN()));
-            }
+            // W at every element offset within a 64-byte line (the column tiles follow memory).
+            at_every_offset(W, [&](const RowMajorView<Storage>& moved) { CHECK(gram(moved, Q) == Z0); });
         }
     }
 }
