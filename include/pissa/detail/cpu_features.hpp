@@ -16,6 +16,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PISSA_NO_AVX512)
 #define PISSA_HAVE_AVX512_KERNELS 1
+/// The instruction sets of every AVX-512 function (kernels_avx512.hpp, random_avx512.hpp).
+#define PISSA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #else
 #define PISSA_HAVE_AVX512_KERNELS 0
 #endif

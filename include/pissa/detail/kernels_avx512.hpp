@@ -53,8 +53,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#define PISSA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-
 // The register tiles are arrays indexed by constant-trip loops: they must be unrolled completely
 // for the arrays to live in zmm registers (GCC does not at -O2 on its own).
 #if defined(__clang__)
