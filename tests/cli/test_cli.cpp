@@ -6,6 +6,7 @@
 #include <pissa/io/peft.hpp>
 #include <pissa/io/tensor.hpp>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -98,6 +99,31 @@ TEST_CASE("--seed reproduces a run bit for bit; another seed changes the adapter
     // the generator itself is deterministic
     REQUIRE(pissa_run(dir, "generate --out m2 " + small_llama).code == 0);
     CHECK(pissa_test::read_bytes(dir / "m" / "model.safetensors") == pissa_test::read_bytes(dir / "m2" / "model.safetensors"));
+}
+
+TEST_CASE("--fused: the fused power step keeps the same subspace and says so in the adapter") {
+    ScratchDir dir("cli-fused");
+    REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
+    const Run standard = pissa_run(dir, "init m --out a --rank 4 --json");
+    const Run fused = pissa_run(dir, "init m --out f --rank 4 --fused --json");
+    INFO(fused.err);
+    REQUIRE(standard.code == 0);
+    REQUIRE(fused.code == 0);
+    const auto js = nlohmann::json::parse(standard.out), jf = nlohmann::json::parse(fused.out);
+    CHECK(js["fused_power_iteration"] == false);
+    CHECK(jf["fused_power_iteration"] == true);
+    REQUIRE(jf["modules"].size() == js["modules"].size());
+    for (std::size_t i = 0; i < js["modules"].size(); ++i) {
+        const double a = js["modules"][i]["energy_fraction"], b = jf["modules"][i]["energy_fraction"];
+        CHECK(std::abs(a - b) <= 1e-4 * a);
+    }
+    const Adapter adapter = read_adapter(dir / "f" / "pissa_init");
+    CHECK(adapter.metadata.at("pissa.fused_power_iteration") == "true");
+    CHECK(read_adapter(dir / "a" / "pissa_init").metadata.at("pissa.fused_power_iteration") == "false");
+    const Run refused = pissa_run(dir, "init m --out e --exact --fused");
+    CHECK(refused.code == 2);
+    CHECK(refused.err.find("--exact and --fused exclude each other") != std::string::npos);
+    CHECK(!fs::exists(dir / "e"));
 }
 
 TEST_CASE("sharded in, sharded out; --exact; --json; regex targets") {
