@@ -183,6 +183,14 @@ PISSA_AVX512_TARGET inline void tile_step(__m512 (&acc)[kTileVectors][kGroup], c
     }
 }
 
+/// acc = 0: the start of every register tile.
+PISSA_AVX512_TARGET inline void zero_tile(__m512 (&acc)[kTileVectors][kGroup]) {
+    PISSA_UNROLL
+    for (int v = 0; v < kTileVectors; ++v)
+        PISSA_UNROLL
+        for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+}
+
 /// Y(i, c) (+)= acc[i / 16][c] lane i % 16, for i < rows, c < cols (the end of every register
 /// tile); `first`: Y is overwritten instead of accumulated. Y col-major with leading dimension ldy.
 PISSA_AVX512_TARGET inline void store_tile(const __m512 (&acc)[kTileVectors][kGroup], float* Y, Index ldy, Index rows,
@@ -207,10 +215,7 @@ PISSA_AVX512_TARGET inline void store_tile(const __m512 (&acc)[kTileVectors][kGr
 PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Index count, float* Y, Index ldy,
                                            Index rows, int cols, bool first) {
     __m512 acc[kTileVectors][kGroup];
-    PISSA_UNROLL
-    for (int v = 0; v < kTileVectors; ++v)
-        PISSA_UNROLL
-        for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+    zero_tile(acc);
     for (Index k = 0; k < count; ++k) {
         const float* p = P + k * kTileWidth;
         const float* x = xg + k * kGroup;
@@ -220,6 +225,21 @@ PISSA_AVX512_TARGET inline void panel_tile(const float* P, const float* xg, Inde
         tile_step(acc, w, x);
     }
     store_tile(acc, Y, ldy, rows, cols, first);
+}
+
+/// The first row and column of the block kPrefetchBlocks ahead of the block at column `k0` (blocks
+/// of `depth` columns of 48-row panels) along a thread's sequence of panels (consecutive under the
+/// static schedule): in this panel, or at the start of the next one; column n when there is none.
+struct BlockAhead {
+    Index row = 0, column = 0;
+};
+inline BlockAhead block_ahead(Index r0, Index k0, Index depth, Index n) {
+    BlockAhead ahead{r0, k0 + kPrefetchBlocks * depth};
+    if (ahead.column >= n) {
+        ahead.row += kPanelRows;
+        ahead.column = std::min(ahead.column - (n + depth - 1) / depth * depth, n);
+    }
+    return ahead;
 }
 
 /// Rows [r0, r0 + min(48, m - r0)) of `Y = W X`. `xpack`: X as ceil(q/8) groups of `[n, 8]`
@@ -232,15 +252,9 @@ PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xp
     const Index groups = (q + kGroup - 1) / kGroup;
     for (Index j0 = 0; j0 < n; j0 += kPanelDepth) {
         const Index count = std::min(kPanelDepth, n - j0);
-        // Prefetch kPrefetchBlocks blocks ahead along this thread's sequence of blocks (the
-        // panels of a thread are consecutive under the static schedule).
-        Index pr0 = r0, pj0 = j0 + kPrefetchBlocks * kPanelDepth;
-        if (pj0 >= n) {
-            pr0 += kPanelRows;
-            pj0 = std::min(pj0 - (n + kPanelDepth - 1) / kPanelDepth * kPanelDepth, n);
-        }
-        const Index prows = std::clamp<Index>(W.rows - pr0, 0, kPanelRows);
-        pack_panel(W, r0, rows, j0, count, P, pr0, prows, pj0, std::min(kPanelDepth, n - pj0));
+        const BlockAhead ahead = block_ahead(r0, j0, kPanelDepth, n);
+        const Index prows = std::clamp<Index>(W.rows - ahead.row, 0, kPanelRows);
+        pack_panel(W, r0, rows, j0, count, P, ahead.row, prows, ahead.column, std::min(kPanelDepth, n - ahead.column));
         for (Index g = 0; g < groups; ++g) {
             const int cols = static_cast<int>(std::min<Index>(kGroup, q - g * kGroup));
             panel_tile(P, xpack + (g * n + j0) * kGroup, count, Y + g * kGroup * ldy + r0, ldy, rows, cols, j0 == 0);
@@ -284,12 +298,12 @@ PISSA_AVX512_TARGET inline __m512 broadcast(const Eigen::half* p) {
 /// part[r * ldp + c] (+)= sum over k in [k0, k1) of W(row r, k) xb[k * 16 Vectors + c], for r < Rows,
 /// c < 16 Vectors: the register tile is Rows x Vectors accumulators, each step broadcasts one
 /// element of each of the Rows rows of W and loads one row of the X block. `first`: part is
-/// overwritten. While it runs, `prefetch_lines` lines from `ahead[r]` (a line per step, row after
+/// overwritten. While it runs, `ahead_lines` lines from each `ahead[r]` (a line per step, row after
 /// row) are prefetched into L2.
 template <int Vectors, int Rows, class Storage>
 PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows], Index k0, Index k1, const float* xb,
                                                float* part, Index ldp, bool first,
-                                               const Storage* const (&ahead)[Rows], Index prefetch_lines) {
+                                               const Storage* const (&ahead)[Rows], Index ahead_lines) {
     constexpr Index line = 64 / Index(sizeof(Storage));
     __m512 acc[Rows][Vectors];
     PISSA_UNROLL
@@ -297,11 +311,10 @@ PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows]
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v)
             acc[r][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + v * kLanes);
-    const Index per_row = (prefetch_lines + Rows - 1) / Rows;
     for (Index k = k0; k < k1; ++k) {
         const Index s = k - k0;
-        if (s < prefetch_lines)
-            _mm_prefetch(reinterpret_cast<const char*>(ahead[s / per_row] + s % per_row * line), _MM_HINT_T1);
+        if (s < Rows * ahead_lines)
+            _mm_prefetch(reinterpret_cast<const char*>(ahead[s / ahead_lines] + s % ahead_lines * line), _MM_HINT_T1);
         __m512 x[Vectors];
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v) {
@@ -337,8 +350,7 @@ PISSA_AVX512_TARGET inline void broadcast_rows(RowMajorView<Storage> W, Index r0
             row[r] = W.row(r0 + std::min<Index>(i + r, rows - 1));
             ahead[r] = prefetch ? W.row(ahead_row + i + r) + ahead_k : row[r];
         }
-        broadcast_tile<Vectors, Rows>(row, k0, k1, xb, part + i * ldp, ldp, first, ahead,
-                                      prefetch ? Rows * ahead_lines : 0);
+        broadcast_tile<Vectors, Rows>(row, k0, k1, xb, part + i * ldp, ldp, first, ahead, prefetch ? ahead_lines : 0);
     }
 }
 
@@ -357,14 +369,10 @@ PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const floa
     const Index chunks = (n + kWideChunk - 1) / kWideChunk;
     for (Index chunk = 0; chunk < chunks; ++chunk) {
         const Index k0 = chunk * kWideChunk, k1 = std::min(n, k0 + kWideChunk);
-        // The chunk kPrefetchBlocks ahead: in this panel, or at the start of the next one.
-        Index ahead_row = r0, ahead_k = k0 + kPrefetchBlocks * kWideChunk;
-        if (ahead_k >= n) {
-            ahead_row += kPanelRows;
-            ahead_k -= chunks * kWideChunk;
-        }
+        const BlockAhead ahead = block_ahead(r0, k0, kWideChunk, n);
+        const Index ahead_row = ahead.row, ahead_k = ahead.column;
         const Index ahead_rows = std::clamp<Index>(W.rows - ahead_row, 0, kPanelRows);
-        const Index ahead_lines = ahead_k < n ? (std::min(n, ahead_k + kWideChunk) - ahead_k + line - 1) / line : 0;
+        const Index ahead_lines = (std::min(n, ahead_k + kWideChunk) - ahead_k + line - 1) / line;
         for (Index b = 0; b < blocks.count(); ++b) {
             const float* xb = xpack + n * kWideBlock * b;
             float* pb = part + b * kWideBlock;
@@ -545,10 +553,7 @@ PISSA_AVX512_TARGET inline void gram_tile(RowMajorView<Storage> W, Index r0, Ind
     PISSA_UNROLL
     for (int v = 0; v < kTileVectors; ++v) m[v] = tail_mask(std::clamp<Index>(width - v * kLanes, 0, kLanes));
     __m512 acc[kTileVectors][kGroup];
-    PISSA_UNROLL
-    for (int v = 0; v < kTileVectors; ++v)
-        PISSA_UNROLL
-        for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+    zero_tile(acc);
     for (Index i = 0; i < rows; ++i) {
         const Storage* src = W.row(r0 + i) + c0;
         const float* y = yg + i * kGroup;
