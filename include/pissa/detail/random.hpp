@@ -2,7 +2,8 @@
 /// \brief Portable, seedable random numbers: splitmix64, uniforms and Gaussians.
 ///
 /// std::normal_distribution differs between standard libraries, so pissa draws its own numbers:
-/// the same seed gives the same bits on every platform and thread count.
+/// the same seed gives the same numbers on every platform and thread count (float test matrices
+/// on AVX-512 CPUs: but for ~1e-9 of the draws, see fill_gaussian).
 #pragma once
 
 #include <pissa/detail/cpu_features.hpp>
@@ -64,7 +65,7 @@ inline std::uint64_t stream_seed(std::uint64_t seed, std::uint64_t stream) {
 /// (element k of the column-major storage is the stream's k-th normal). Fixed chunks of the
 /// stream are drawn in parallel, each generator jumped to its chunk's start: the same bits with
 /// any thread count, at half the time on two threads (~25 ns a draw: a log, a cos, a sqrt).
-/// Float draws take the AVX-512 path where the kernels run (random_avx512.hpp, ~15x faster; the
+/// Float draws take the AVX-512 path where the kernels run (random_avx512.hpp, ~8x faster; the
 /// same floats but for ~1e-9 of the draws, which may differ in their last bit).
 template <class Scalar>
 void fill_gaussian(Matrix<Scalar>& G, Index rows, Index cols, std::uint64_t seed) {

@@ -5,10 +5,10 @@
 /// The scalar draw calls the C library's log and cos (~25 ns a normal): at rank 128 the test
 /// matrix of an 11008-row weight took 18 ms, 4% of the whole decomposition. Here the stream's
 /// states are advanced and mixed in 64-bit lanes, and log and cos are fdlibm's algorithms (both
-/// within 1 ulp): log as `k ln2 + log1p(f)` with its degree-14 odd polynomial in `s = f / (2 + f)`,
-/// cos by Cody-Waite reduction with a 33 + 33 + 53-bit pi/2 (exact for |x| < 2 pi) and the
-/// sin/cos kernels on [-pi/4, pi/4]. The double result may differ from the C library's in its
-/// last bit; rounded to float the two agree except when the exact value lies within an ulp of a
+/// within 1 ulp): log as `k ln2 + log1p(f)` with its polynomial in `s^2`, `s = f / (2 + f)`,
+/// cos by Cody-Waite reduction with a 33 + 33 + 53-bit pi/2 (ample for |x| < 2 pi) and the
+/// sin/cos kernels on [-pi/4, pi/4]. The double result differs from the C library's in the last
+/// bits of ~6% of the draws (at most a few ulps); rounded to float the two agree except when the exact value lies within an ulp of a
 /// double of a float rounding boundary (~1e-9 of the draws). Every operation has its rounding
 /// written out (the `_round_` intrinsics), so no compiler flag can fuse or reorder it: the numbers
 /// are the same for every build on a CPU that takes this path.
