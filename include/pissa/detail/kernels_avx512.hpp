@@ -370,17 +370,18 @@ PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const floa
     for (Index chunk = 0; chunk < chunks; ++chunk) {
         const Index k0 = chunk * kWideChunk, k1 = std::min(n, k0 + kWideChunk);
         const BlockAhead ahead = block_ahead(r0, k0, kWideChunk, n);
-        const Index ahead_row = ahead.row, ahead_k = ahead.column;
-        const Index ahead_rows = std::clamp<Index>(W.rows - ahead_row, 0, kPanelRows);
-        const Index ahead_lines = (std::min(n, ahead_k + kWideChunk) - ahead_k + line - 1) / line;
+        const Index ahead_rows = std::clamp<Index>(W.rows - ahead.row, 0, kPanelRows);
+        const Index ahead_lines = (std::min(n, ahead.column + kWideChunk) - ahead.column + line - 1) / line;
         for (Index b = 0; b < blocks.count(); ++b) {
             const float* xb = xpack + n * kWideBlock * b;
             float* pb = part + b * kWideBlock;
             const Index lines = b == 0 ? ahead_lines : 0;  // the chunk's first block prefetches
             if (blocks.width(b) == kWideBlock)
-                broadcast_rows<4, 6>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead_row, ahead_rows, ahead_k, lines);
+                broadcast_rows<4, 6>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead.row, ahead_rows, ahead.column,
+                                      lines);
             else
-                broadcast_rows<2, 12>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead_row, ahead_rows, ahead_k, lines);
+                broadcast_rows<2, 12>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead.row, ahead_rows, ahead.column,
+                                      lines);
         }
     }
     for (Index c = 0; c < q; ++c)
