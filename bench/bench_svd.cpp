@@ -291,6 +291,20 @@ void BM_randomized(benchmark::State& state) { BM_randomized_impl<false, false>(s
 void BM_randomized_reused(benchmark::State& state) { BM_randomized_impl<false, true>(state); }
 void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true, true>(state); }
 
+/// The randomized SVD's Gaussian test matrix `[rows, q]`, float: the AVX-512 draws where the
+/// kernels run, the C library's log and cos with PISSA_KERNELS=portable.
+void BM_gaussian(benchmark::State& state) {
+    const Index rows = state.range(0), q = state.range(1);
+    pissa::Matrix<float> G;
+    for (auto _ : state) {
+        pissa::detail::fill_gaussian(G, rows, q, 0);
+        benchmark::DoNotOptimize(G.data());
+    }
+    state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * rows * q);
+    state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
+}
+BENCHMARK(BM_gaussian)->Args({4096, 16})->Args({4096, 128})->Args({11008, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
+
 /// The table: {m, n, r, niter, bf16}.
 void randomized_args(benchmark::internal::Benchmark* b) {
     for (const auto& [m, n, r, niter] : {std::tuple<Index, Index, Index, Index>{4096, 4096, 16, 4},
