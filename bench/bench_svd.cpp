@@ -21,9 +21,11 @@
 #include <pissa/rsvd.hpp>
 #include <pissa/svd.hpp>
 
+#include <pissa/detail/cholesky_qr.hpp>
 #include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/random.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
+#include <pissa/detail/tall_qr.hpp>
 
 #if __has_include(<pissa/lora.hpp>)
 #include <pissa/lora.hpp>
@@ -304,6 +306,31 @@ void BM_gaussian(benchmark::State& state) {
     state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
 }
 BENCHMARK(BM_gaussian)->Args({4096, 16})->Args({4096, 128})->Args({11008, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+/// Orthonormalising a `[k, q]` block between the passes: Householder QR (TallQr, the standard
+/// path) or CholeskyQR2 (the fused path; Householder only where it falls back). Includes copying
+/// the block in (k q floats).
+template <bool Cholesky>
+void BM_orthonormalize(benchmark::State& state) {
+    const Index k = state.range(0), q = state.range(1);
+    const Matrix<float> X = weight(k, q).cast<float>();
+    pissa::detail::TallQr<float> householder;
+    pissa::detail::CholeskyQr2<float> cholesky;
+    Matrix<float> Q;
+    for (auto _ : state) {
+        Q = X;
+        if constexpr (Cholesky) cholesky.orthonormalize(Q, householder);
+        else householder.orthonormalize(Q);
+        benchmark::DoNotOptimize(Q.data());
+    }
+    if constexpr (Cholesky) state.counters["fallback"] = cholesky.used_fallback() ? 1 : 0;
+}
+void orthonormalize_args(benchmark::internal::Benchmark* b) {
+    b->Args({4096, 16})->Args({4096, 64})->Args({4096, 128})->Args({11008, 128});
+    b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK_TEMPLATE(BM_orthonormalize, false)->Apply(orthonormalize_args);
+BENCHMARK_TEMPLATE(BM_orthonormalize, true)->Apply(orthonormalize_args);
 
 /// The table: {m, n, r, niter, bf16}.
 void randomized_args(benchmark::internal::Benchmark* b) {

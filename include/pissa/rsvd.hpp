@@ -15,12 +15,15 @@
 /// with q <= 24 on the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W
 /// (detail::multiply_gram): K + 2 passes in all. It is a different algorithm (less robust in
 /// float32 when niter is large and the spectrum decays fast: the power step squares the condition
-/// of the basis before it is orthonormalised), so it is opt-in.
+/// of the basis before it is orthonormalised), so it is opt-in. Its orthonormalisations are
+/// CholeskyQR2 (detail/cholesky_qr.hpp: two Gram matrices and two triangular updates by the
+/// skinny-product kernels) with Householder QR where the block is too ill-conditioned for it.
 ///
 /// The Gaussian draws come from pissa's own splitmix64 stream (not torch's generator), so the
 /// result is a deterministic function of (W, rank, options) on every platform and thread count.
 #pragma once
 
+#include <pissa/detail/cholesky_qr.hpp>
 #include <pissa/detail/random.hpp>
 #include <pissa/detail/ritz.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
@@ -63,6 +66,7 @@ struct RandomizedSvdWorkspace {
     Matrix<Scalar> G, Q, P;              ///< test matrix [m, q], basis [n, q], image [m, q]
     Matrix<Scalar> Z;                    ///< W^T (W Q) [n, q] of the fused power step
     TallQr<Scalar> qr_image, qr_basis;   ///< factorisations of P and Q
+    CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the fused power step's QRs of P and Q
 };
 
 /// The algorithm of the file comment; the triplets go to `out`.
@@ -74,7 +78,11 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     fill_gaussian(ws.G, W.rows(), q, options.seed);
     W.apply_transposed(ws.G, ws.Q);
     require_finite_product(W, ws.Q, "randomized_svd");
-    ws.qr_basis.orthonormalize(ws.Q);
+    const auto orthonormalize_basis = [&] {
+        if (options.fused_power_iteration) ws.cholesky_basis.orthonormalize(ws.Q, ws.qr_basis);
+        else ws.qr_basis.orthonormalize(ws.Q);
+    };
+    orthonormalize_basis();
     for (int it = 0; it < options.niter; ++it) {
         if (options.fused_power_iteration) {
             W.apply_gram(ws.Q, ws.Z, ws.P);
@@ -84,10 +92,14 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
             ws.qr_image.orthonormalize(ws.P);
             W.apply_transposed(ws.P, ws.Q);
         }
-        ws.qr_basis.orthonormalize(ws.Q);
+        orthonormalize_basis();
     }
     W.apply(ws.Q, ws.P);  // B = W Q  [m, q]
-    ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
+    if (options.fused_power_iteration)
+        ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.cholesky_image, ws.qr_image,
+                      ws.kernels);
+    else
+        ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
     out.S.conservativeResize(rank);
     out.report = {options.niter, -1.0, true};
 }

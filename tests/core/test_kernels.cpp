@@ -3,10 +3,12 @@
 // multiples of the tiles, q = 1..130), row strides larger than the row, empty operands, and bit
 // identity across thread counts and placements of W in memory. The orthonormalisation between them
 // (detail/orthonormalize.hpp, detail/tall_qr.hpp: one Householder QR or the two-block TSQR) on well
-// conditioned, ill-conditioned and rank-deficient input, and the parallel Gaussian fill
+// conditioned, ill-conditioned and rank-deficient input; CholeskyQR2 (detail/cholesky_qr.hpp) on
+// both kernel families, its Householder fallback and its bits across thread counts; the parallel Gaussian fill
 // (detail/random.hpp) against the sequential stream.
 #include "support.hpp"
 
+#include <pissa/detail/cholesky_qr.hpp>
 #include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/orthonormalize.hpp>
 #include <pissa/detail/random.hpp>
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -420,6 +423,87 @@ TEST_CASE("the two-block TSQR is bit-identical across 1, 2 and 3 threads") {
     omp_set_num_threads(saved);
     CHECK(results[0] == results[1]);
     CHECK(results[0] == results[2]);
+#else
+    MESSAGE("built without OpenMP: a single thread, nothing to compare");
+#endif
+}
+
+namespace {
+
+/// CholeskyQr2 on X: orthonormal columns spanning X to `tolerance` (as check_orthonormalize);
+/// returns whether it fell back to Householder QR.
+template <class Scalar>
+bool check_cholesky_qr(const Matrix<Scalar>& X, double tolerance) {
+    pissa::detail::CholeskyQr2<Scalar> cholesky;
+    pissa::detail::TallQr<Scalar> fallback;
+    Matrix<Scalar> Q = X;
+    cholesky.orthonormalize(Q, fallback);
+    REQUIRE(Q.rows() == X.rows());
+    REQUIRE(Q.cols() == X.cols());
+    const Matrix<double> Qd = Q.template cast<double>(), Xd = X.template cast<double>();
+    CHECK((Qd.transpose() * Qd - Matrix<double>::Identity(X.cols(), X.cols())).cwiseAbs().maxCoeff() <= tolerance);
+    CHECK((Qd * (Qd.transpose() * Xd) - Xd).norm() <= tolerance * Xd.norm());
+    return cholesky.used_fallback();
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("CholeskyQR2: orthonormal columns spanning X; Householder QR where X is too ill-conditioned",
+                   Scalar, float, double) {
+    const double tolerance = 200 * eps<Scalar>();
+    // Condition numbers CholeskyQR2 handles in this precision (u^-1/2 is 4096 in float) and
+    // far beyond them.
+    const double fine = std::is_same_v<Scalar, float> ? 1e2 : 1e6, hopeless = 1e12;
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        // 300 rows: one Gram product; 2101: two halves, the second one row longer.
+        for (const Index k : {Index(300), Index(2101)}) {
+            for (const Index q : {1, 5, 48, 130}) {
+                CAPTURE(k);
+                CAPTURE(q);
+                CHECK_FALSE(check_cholesky_qr(gaussian<Scalar>(k, q, std::uint64_t(q)), tolerance));
+                for (const double condition : {fine, hopeless}) {
+                    CAPTURE(condition);
+                    // Singular values from 1 to 1 / condition, singular vectors mixing all columns
+                    // (a mere column scaling would not trouble CholeskyQR).
+                    Vector<double> sigma(q);
+                    for (Index c = 0; c < q; ++c) sigma(c) = std::pow(condition, -double(c) / double(std::max<Index>(1, q - 1)));
+                    const bool fell_back = check_cholesky_qr(with_spectrum<Scalar>(k, q, sigma, std::uint64_t(q + 1)), tolerance);
+                    if (q > 1) CHECK(fell_back == (condition == hopeless));
+                }
+            }
+            // Rank deficient: a repeated column and a zero column; Householder QR takes over.
+            Matrix<Scalar> deficient = gaussian<Scalar>(k, 6, 9);
+            deficient.col(3) = deficient.col(1);
+            deficient.col(5).setZero();
+            CHECK(check_cholesky_qr(deficient, tolerance));
+        }
+    }
+}
+
+TEST_CASE("CholeskyQR2 is bit-identical across 1, 2 and 3 threads") {
+#ifdef _OPENMP
+    Matrix<float> X = gaussian<float>(2101, 70, 43);
+    for (Index c = 0; c < X.cols(); ++c) X.col(c) *= float(std::pow(10.0, -double(c) / 69.0));
+    const int saved = omp_get_max_threads();
+    for (const KernelIsa isa : families()) {
+        IsaScope scope(isa);
+        CAPTURE(pissa::detail::kernel_isa_name(isa));
+        std::vector<Matrix<float>> results;
+        for (const int threads : {1, 2, 3}) {
+            omp_set_num_threads(threads);
+            pissa::detail::CholeskyQr2<float> cholesky;
+            pissa::detail::TallQr<float> fallback;
+            Matrix<float> Q = X;
+            cholesky.orthonormalize(Q, fallback);
+            CHECK_FALSE(cholesky.used_fallback());
+            results.push_back(Q);
+        }
+        omp_set_num_threads(saved);
+        CHECK(results[0] == results[1]);
+        CHECK(results[0] == results[2]);
+    }
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif

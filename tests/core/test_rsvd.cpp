@@ -61,14 +61,18 @@ TEST_CASE_TEMPLATE("captured energy rises with niter and reaches the exact resul
 }
 
 TEST_CASE_TEMPLATE("randomized SVD returns orthonormal factors and exact results at full rank", S, float, double) {
-    for (const auto& [m, n] : {std::pair<Index, Index>{30, 30}, {45, 20}, {20, 45}}) {
+    for (const auto& [m, n] : {std::pair<Index, Index>{30, 30}, {45, 20}, {20, 45}, {700, 300}}) {
         const Index k = std::min(m, n);
         const Matrix<S> W = gaussian<S>(m, n, 4);
-        for (const Index r : {Index(1), k / 2, k}) {
+        for (const Index r : {Index(1), k / 2, k})
+        for (const bool fused : {false, true}) {  // fused: CholeskyQR2 and the kernels' Ritz products
             CAPTURE(m);
             CAPTURE(n);
             CAPTURE(r);
-            const auto svd = pissa::randomized_svd(W, r);
+            CAPTURE(fused);
+            pissa::RandomizedSvdOptions options;
+            options.fused_power_iteration = fused;
+            const auto svd = pissa::randomized_svd(W, r, options);
             REQUIRE(svd.U.rows() == m);
             REQUIRE(svd.V.rows() == n);
             REQUIRE(svd.S.size() == r);
@@ -129,21 +133,29 @@ TEST_CASE("bit-identical results across 1 and 2 threads") {
 #endif
 }
 
-TEST_CASE("bit-identical across 1 and 2 threads on blocks large enough for the two-block TSQR") {
+TEST_CASE("bit-identical across 1 and 2 threads on blocks large enough for the two-block TSQR, fused or not") {
 #ifdef _OPENMP
     const Matrix<float> W = gaussian<float>(2100, 600, 23);
     const int saved = omp_get_max_threads();
     std::vector<pissa::SvdResult<float>> results;
-    for (const int threads : {1, 2}) {
-        omp_set_num_threads(threads);
-        pissa::RandomizedSvdOptions options;
-        options.niter = 2;
-        results.push_back(pissa::randomized_svd(W, 130, options));
+    for (const bool fused : {false, true}) {  // fused: CholeskyQR2's Gram matrices in two halves
+        for (const int threads : {1, 2}) {
+            omp_set_num_threads(threads);
+            pissa::RandomizedSvdOptions options;
+            options.niter = 2;
+            options.fused_power_iteration = fused;
+            results.push_back(pissa::randomized_svd(W, 130, options));
+        }
     }
     omp_set_num_threads(saved);
-    CHECK(results[0].U == results[1].U);
-    CHECK(results[0].S == results[1].S);
-    CHECK(results[0].V == results[1].V);
+    for (const std::size_t first : {0, 2}) {
+        CAPTURE(first);
+        CHECK(results[first].U == results[first + 1].U);
+        CHECK(results[first].S == results[first + 1].S);
+        CHECK(results[first].V == results[first + 1].V);
+    }
+    // the two algorithms span nearly the same subspace: the same leading singular values
+    CHECK(relative_error(results[2].S.head(16), results[0].S.head(16)) < 1e-3);
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif
