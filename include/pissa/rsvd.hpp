@@ -59,7 +59,8 @@ inline void require_valid(const RandomizedSvdOptions& options) {
 namespace detail {
 
 /// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats;
-/// the fused power step adds Z and up to 7 partial sums of it, 8 q n).
+/// the fused power step adds Z and up to 7 partial sums of it, 8 q n, and the CholeskyQR2 buffers,
+/// about 3 q (m + n)).
 template <class Scalar>
 struct RandomizedSvdWorkspace {
     KernelWorkspace kernels;

@@ -409,20 +409,34 @@ TEST_CASE_TEMPLATE("orthonormalize and TallQr on blocks large enough for the two
     }
 }
 
-TEST_CASE("the two-block TSQR is bit-identical across 1, 2 and 3 threads") {
 #ifdef _OPENMP
-    const Matrix<float> X = gaussian<float>(2100, 130, 41);
+namespace {
+
+/// `work()` (a float matrix) with 1, 2 and 3 OpenMP threads: the same bits each time.
+template <class Work>
+void check_same_bits_across_threads(const Work& work) {
     const int saved = omp_get_max_threads();
     std::vector<Matrix<float>> results;
     for (const int threads : {1, 2, 3}) {
         omp_set_num_threads(threads);
-        Matrix<float> Q = X;
-        pissa::detail::orthonormalize(Q);
-        results.push_back(Q);
+        results.push_back(work());
     }
     omp_set_num_threads(saved);
     CHECK(results[0] == results[1]);
     CHECK(results[0] == results[2]);
+}
+
+}  // namespace
+#endif
+
+TEST_CASE("the two-block TSQR is bit-identical across 1, 2 and 3 threads") {
+#ifdef _OPENMP
+    const Matrix<float> X = gaussian<float>(2100, 130, 41);
+    check_same_bits_across_threads([&] {
+        Matrix<float> Q = X;
+        pissa::detail::orthonormalize(Q);
+        return Q;
+    });
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");
 #endif
@@ -486,23 +500,17 @@ TEST_CASE("CholeskyQR2 is bit-identical across 1, 2 and 3 threads") {
 #ifdef _OPENMP
     Matrix<float> X = gaussian<float>(2101, 70, 43);
     for (Index c = 0; c < X.cols(); ++c) X.col(c) *= float(std::pow(10.0, -double(c) / 69.0));
-    const int saved = omp_get_max_threads();
     for (const KernelIsa isa : families()) {
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
-        std::vector<Matrix<float>> results;
-        for (const int threads : {1, 2, 3}) {
-            omp_set_num_threads(threads);
+        check_same_bits_across_threads([&] {
             pissa::detail::CholeskyQr2<float> cholesky;
             pissa::detail::TallQr<float> fallback;
             Matrix<float> Q = X;
             cholesky.orthonormalize(Q, fallback);
             CHECK_FALSE(cholesky.used_fallback());
-            results.push_back(Q);
-        }
-        omp_set_num_threads(saved);
-        CHECK(results[0] == results[1]);
-        CHECK(results[0] == results[2]);
+            return Q;
+        });
     }
 #else
     MESSAGE("built without OpenMP: a single thread, nothing to compare");

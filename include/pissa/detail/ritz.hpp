@@ -4,7 +4,9 @@
 /// Given an orthonormal basis `K [n, w]` and its image `P = W K [m, w]` (m >= w), the thin QR
 /// `P = Qp Rp` and the SVD of the small `Rp = Ur diag(S) Vr^T` give `W (K Vr) = (Qp Ur) diag(S)`:
 /// the Rayleigh-Ritz triplets. Going through the QR costs O(m w^2) + O(w^3) instead of a
-/// bidiagonalisation of the whole tall P (about 4x cheaper at w = 128).
+/// bidiagonalisation of the whole tall P (about 4x cheaper at w = 128). The QR is a TallQr
+/// (Householder), or for the fused power iteration CholeskyQR2 with the products `Qp Ur`, `K Vr` on
+/// the skinny-product kernels.
 #pragma once
 
 #include <pissa/detail/cholesky_qr.hpp>
