@@ -32,7 +32,8 @@ void AB_SIDE(int op, const void* w, long m, long n, const Dense& in, Dense& out)
     if (op == 2) multiply_transposed(RowMajorView<float>{f, m, n, n}, in, out, workspace);
     if (op == 3) multiply_transposed(RowMajorView<Eigen::bfloat16>{h, m, n, n}, in, out, workspace);
     if (op >= 4) {
-        static RandomizedSvd<float> svds[4] = {reused_svd(false), reused_svd(false), reused_svd(true), reused_svd(true)};
+        static RandomizedSvd<float> svds[4] = {reused_svd(false), reused_svd(false), reused_svd(true),
+                                               reused_svd(true)};
         RandomizedSvd<float>& svd = svds[op - 4];
         if (op % 2 == 0) out = svd.compute(Eigen::Map<const RowMatrix<float>>(f, m, n), in.cols()).singular_values();
         else out = svd.compute(Eigen::Map<const RowMatrix<Eigen::bfloat16>>(h, m, n), in.cols()).singular_values();

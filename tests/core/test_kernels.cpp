@@ -482,8 +482,10 @@ TEST_CASE_TEMPLATE("CholeskyQR2: orthonormal columns spanning X; Householder QR 
                     // Singular values from 1 to 1 / condition, singular vectors mixing all columns
                     // (a mere column scaling would not trouble CholeskyQR).
                     Vector<double> sigma(q);
-                    for (Index c = 0; c < q; ++c) sigma(c) = std::pow(condition, -double(c) / double(std::max<Index>(1, q - 1)));
-                    const bool fell_back = check_cholesky_qr(with_spectrum<Scalar>(k, q, sigma, std::uint64_t(q + 1)), tolerance);
+                    for (Index c = 0; c < q; ++c)
+                        sigma(c) = std::pow(condition, -double(c) / double(std::max<Index>(1, q - 1)));
+                    const Matrix<Scalar> ill = with_spectrum<Scalar>(k, q, sigma, std::uint64_t(q + 1));
+                    const bool fell_back = check_cholesky_qr(ill, tolerance);
                     if (q > 1) CHECK(fell_back == (condition == hopeless));
                 }
             }

@@ -6,14 +6,16 @@
 /// then `Q = X R^-1`. In precision u the columns of Q are orthonormal only to about
 /// `u cond(X)^2`; a second step on Q brings them to O(u) whenever the first one left
 /// `||Q^T Q - I|| < 1` (cond(X) up to about u^-1/2, 4096 in float). Both Gram matrices and both
-/// `X R^-1` are skinny products that the kernels of skinny_gemm.hpp run at close to GEMM peak,
-/// where Householder QR (TallQr) spends most of its time in level-2 operations: at [4096, 128]
-/// float on two threads about 2 ms instead of 3-3.5 ms.
+/// `X R^-1` are skinny products on the kernels of skinny_gemm.hpp, which choose AVX-512 at run
+/// time; Householder QR (TallQr) is Eigen code compiled for the consumer's flags, SSE2 in a
+/// plain `-O2` build. Measured on [4096, 128] float, two threads: 3.1 ms against 3.4 with
+/// `-march=native` (BM_orthonormalize), and the fused randomized SVD 0.87x in a `-O2` build
+/// (README, "The kernels").
 ///
 /// CholeskyQR2 fails where X is too ill-conditioned (the first Cholesky breaks down, or the
-/// second Gram matrix is too far from I); then the block is orthonormalised by Householder QR
-/// instead, from a copy of X. Either way the result spans the columns of X (Householder also for
-/// a rank-deficient X). Every step has a fixed order of operations: the bits do not depend on the
+/// second Gram matrix is too far from I); then X, left as it was, is orthonormalised by
+/// Householder QR instead. Either way the result spans the columns of X (Householder also for a
+/// rank-deficient X). Every step has a fixed order of operations: the bits do not depend on the
 /// thread count.
 #pragma once
 
@@ -25,10 +27,10 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
-#include <cmath>
-
 namespace pissa::detail {
 
+/// CholeskyQR2 with a Householder fallback. Keep one object per block shape: its buffers (about
+/// 3 k q values) are reused from call to call.
 template <class Scalar>
 class CholeskyQr2 {
 public:
