@@ -255,6 +255,21 @@ TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two produ
           1e-3);
 }
 
+TEST_CASE("a finite W whose squares overflow float: a clear error from both algorithms, not NaN factors") {
+    // ||W|| ~ 1e21: W Q is finite, but W^T (W Q) (fused: CholeskyQR2 breaks down and Householder QR
+    // gets the non-finite block) and the column norms of Householder QR (standard) overflow; the
+    // small SVD reports it.
+    const Matrix<float> W = (gaussian<double>(60, 40, 51) * 1e20).cast<float>();
+    REQUIRE(W.allFinite());
+    for (const bool fused : {true, false}) {
+        CAPTURE(fused);
+        pissa::RandomizedSvdOptions options;
+        options.fused_power_iteration = fused;
+        CHECK_THROWS_WITH_AS(pissa::randomized_svd(W, 4, options),
+                             doctest::Contains("non-finite values from an overflow"), pissa::numerical_error);
+    }
+}
+
 TEST_CASE_TEMPLATE("randomized_svd rejects bad input with a clear message", S, float, double) {
     Matrix<S> W = gaussian<S>(10, 7, 2);
     pissa::RandomizedSvdOptions negative;
