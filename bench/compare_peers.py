@@ -12,7 +12,9 @@ Runs, on the same matrices and in one session:
 and prints a table of median times (of --repetitions runs), ratios and accuracies: the Frobenius
 error of the rank-r approximation divided by the Eckart-Young optimum sqrt(sum_{i>r} sigma_i^2)
 (sigma from torch.linalg.svd), and for pissa's exact mode the largest relative singular-value
-error against LAPACK's and the convergence report.
+error against LAPACK's and the convergence report. Then the single products the randomized SVD
+is made of (bench_svd's BM_multiply / BM_multiply_t, float32) against OpenBLAS sgemm on the same
+shapes (numpy `W @ X`, `W.T @ Y`), the peers' own kernel (--no-products skips it).
 
 Threading: every peer runs in its own worker process, so that its environment is set before
 torch/numpy start. torch is measured in two setups -- its default (one OpenMP thread per core
@@ -21,6 +23,15 @@ reported per row (both are printed with --verbose). sklearn/numpy use OpenBLAS w
 pissa uses OpenMP with all cores (OMP_NUM_THREADS unset), measured with GNU OpenMP's default
 (spinning) wait policy and with OMP_WAIT_POLICY=PASSIVE, the faster reported (on a loaded
 machine spinning threads steal the CPU from the thread they wait for).
+
+OpenBLAS kernel: the peers' products run in OpenBLAS, which picks its kernels by CPU model. A CPU
+newer than the OpenBLAS build gets its generic fallback: Debian 12's 0.3.21 runs an Intel Xeon
+family 6 model 207 (Emerald Rapids) as "Prescott" (SSE3): there, 55 GFLOP/s where its SkylakeX
+kernel does 256-300 (2048^3 and 4096^3 sgemm, 2 threads), and torch.svd_lowrank(4096 x 4096,
+r = 16 / 128, niter = 4) 2.4x / 2.7x slower. So every peer runs with
+the fastest of OpenBLAS's own choice and the kernel matching the CPU's vector extensions
+(OPENBLAS_CORETYPE=SkylakeX with AVX-512, Haswell with AVX2), by a short sgemm probe
+(--openblas-coretype overrides it); the header says which.
 
 Matrices: W = A diag(d) B / sqrt(k) + 0.05 N with Gaussian A [m, k], B [k, n], k = 512,
 d_i = exp(-i / 40) (a decaying head over a noise floor, like trained weights), seed fixed.
@@ -48,6 +59,8 @@ CASES = [
     ("tiny_r8", 768, 512, 8, 4),  # smoke test of the script only (--cases tiny_r8)
 ]
 QUICK = ["sq_r16", "sq_r128"]
+# (m, n, q): the single products of bench_svd's BM_multiply / BM_multiply_t, against OpenBLAS sgemm.
+PRODUCTS = [(4096, 4096, 16), (4096, 4096, 64), (4096, 4096, 128), (11008, 4096, 16)]
 EXACT = ["sq_r16", "sq_r64", "sq_r128", "tall_r16", "tiny_r8"]  # exact mode (block Krylov) rows
 
 
@@ -99,6 +112,15 @@ def worker(kind, tmp, cases, reps):
     import numpy as np
 
     results = {}
+    if kind == "gemm":
+        rng = np.random.default_rng(0)
+        for m, n, q in PRODUCTS:
+            W = rng.standard_normal((m, n), dtype=np.float32)
+            X = rng.standard_normal((n, q), dtype=np.float32)
+            Y = rng.standard_normal((m, q), dtype=np.float32)
+            results[f"{m}x{n}x{q}"] = {"W X": timed(lambda: W @ X, reps)[0], "W^T Y": timed(lambda: W.T @ Y, reps)[0]}
+        print(json.dumps(results))
+        return
     if kind.startswith("torch"):
         import torch
 
@@ -132,12 +154,60 @@ def worker(kind, tmp, cases, reps):
     print(json.dumps(results))
 
 
+def openblas_setup(choice):
+    """(env for the peers, header line): the OpenBLAS core type the peers run with (see the docstring)."""
+    probe = ("import time, numpy as np; a = np.ones((2048, 2048), np.float32); a @ a; t = time.perf_counter(); "
+             "[a @ a for _ in range(3)]; print(3 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9)")
+
+    def run(coretype):
+        env = dict(os.environ, OPENBLAS_VERBOSE="2")
+        if coretype:
+            env["OPENBLAS_CORETYPE"] = coretype
+        p = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True)
+        cores = [line.split(":", 1)[1].strip() for line in (p.stdout + p.stderr).splitlines() if line.startswith("Core:")]
+        return (cores[0] if cores else "unknown"), float(p.stdout.strip().splitlines()[-1])
+
+    if choice == "default":
+        core, gflops = run("")
+        return {}, f"OpenBLAS default core {core} ({gflops:.0f} GFLOP/s sgemm), no override"
+    if choice != "auto":
+        core, gflops = run(choice)
+        return {"OPENBLAS_CORETYPE": choice}, f"OPENBLAS_CORETYPE={choice} (runs as {core}, {gflops:.0f} GFLOP/s sgemm)"
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    candidates = [""] + (["SkylakeX"] if "avx512f" in flags else []) + (["Haswell"] if "avx2" in flags else [])
+    probed = [(c, *run(c)) for c in candidates]
+    best = max(probed, key=lambda p: p[2])
+    summary = ", ".join(f"{c or 'default'} -> {core} {g:.0f}" for c, core, g in probed)
+    env = {"OPENBLAS_CORETYPE": best[0]} if best[0] else {}
+    return env, (f"OpenBLAS core type {'OPENBLAS_CORETYPE=' + best[0] if best[0] else 'default'} ({best[1]}), "
+                 f"the fastest in an sgemm probe (GFLOP/s: {summary})")
+
+
 def run_worker(kind, tmp, names, reps, env_extra):
     env = dict(os.environ)
     env.update(env_extra)
     cmd = [sys.executable, __file__, "--worker", kind, "--tmp", tmp, "--repetitions", str(reps), "--cases", ",".join(names)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run_bench(bench, flt, reps, env):
+    """Median real time in seconds of every benchmark of bench_svd matching `flt`, by run name."""
+    cmd = [bench, f"--benchmark_filter={flt}", f"--benchmark_repetitions={reps}", "--benchmark_format=json",
+           "--benchmark_report_aggregates_only=true", "--benchmark_min_time=0.01"]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    times = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") == "median":
+            base = b["run_name"].replace("/real_time", "")
+            unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
+            times[base] = b["real_time"] * unit
+    return times
 
 
 def run_pissa(bench, tmp, cases, reps, exact_names, env_extra):
@@ -149,16 +219,7 @@ def run_pissa(bench, tmp, cases, reps, exact_names, env_extra):
         flt = f"({flt})|(BM_file_exact/({exact})/)"
     env = dict(os.environ, PISSA_PEER_INPUT=spec, PISSA_PEER_OUT=tmp)
     env.update(env_extra)
-    cmd = [bench, f"--benchmark_filter={flt}", f"--benchmark_repetitions={reps}", "--benchmark_format=json",
-           "--benchmark_report_aggregates_only=true", "--benchmark_min_time=0.01"]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    times = {}
-    for b in json.loads(out)["benchmarks"]:
-        if b.get("aggregate_name") == "median":
-            base = b["run_name"].replace("/real_time", "")
-            unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
-            times[base] = b["real_time"] * unit
-    return times
+    return run_bench(bench, flt, reps, env)
 
 
 def roofline_seconds(m, n, r, niter, gbs=32.6, gflops=388.0):
@@ -185,6 +246,10 @@ def main():
     ap.add_argument("--cases", default="", help="comma-separated case names")
     ap.add_argument("--tmp", default="")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--no-products", action="store_true", help="skip the single products against OpenBLAS sgemm")
+    ap.add_argument("--openblas-coretype", default="auto",
+                    help="OpenBLAS kernel of the peers: auto (the fastest of the default and the CPU's own, probed), "
+                         "default (no override) or an OPENBLAS_CORETYPE name")
     ap.add_argument("--worker", default="")
     args = ap.parse_args()
 
@@ -204,14 +269,19 @@ def main():
     ours_passive = run_pissa(args.bench, tmp, cases, args.repetitions, EXACT, {"OMP_WAIT_POLICY": "PASSIVE"})
     ours = {k: min(v, ours_passive.get(k, v)) for k, v in ours_default.items()}
     ours_setup = {k: "default" if v <= ours_passive.get(k, v) else "passive" for k, v in ours_default.items()}
-    torch_default = run_worker("torch-default", tmp, names, args.repetitions, {})
-    torch_passive = run_worker("torch-passive", tmp, names, args.repetitions, {"OMP_WAIT_POLICY": "PASSIVE"})
-    sk = run_worker("sklearn", tmp, names, args.repetitions, {})
-    full = run_worker("full", tmp, names, args.svd_repetitions, {})
+    blas_env, blas_line = openblas_setup(args.openblas_coretype)
+    torch_default = run_worker("torch-default", tmp, names, args.repetitions, blas_env)
+    torch_passive = run_worker("torch-passive", tmp, names, args.repetitions, dict(blas_env, OMP_WAIT_POLICY="PASSIVE"))
+    sk = run_worker("sklearn", tmp, names, args.repetitions, blas_env)
+    if not args.no_products:
+        ours_products = run_bench(args.bench, "BM_multiply(_t)?<float>/", args.repetitions, dict(os.environ))
+        blas_products = run_worker("gemm", tmp, names, args.repetitions, blas_env)
+    full = run_worker("full", tmp, names, args.svd_repetitions, blas_env)
     load_after = os.getloadavg()
 
     print(f"# pissa vs peers, median of {args.repetitions} (full SVD: {args.svd_repetitions}); matrices in {tmp}")
     print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; nproc {os.cpu_count()}")
+    print(f"# peers: {blas_line}")
     print(f"# torch default: {torch_default['_threads']}")
     print(f"# torch passive: {torch_passive['_threads']}")
     print()
@@ -242,6 +312,16 @@ def main():
             print("|   " + "; ".join(f"pissa {mode} default {ours_default[f'BM_file_{mode}/{name}'] * 1e3:.1f} ms, "
                                     f"passive {ours_passive[f'BM_file_{mode}/{name}'] * 1e3:.1f} ms" for mode in t)
                   + f"; torch default {td['time'] * 1e3:.1f} ms, passive {tp['time'] * 1e3:.1f} ms |")
+    if not args.no_products:
+        print()
+        print("| single product, float32 | pissa W X | OpenBLAS sgemm W X | sgemm / pissa | pissa W^T Y "
+              "| OpenBLAS sgemm W^T Y | sgemm / pissa |")
+        print("|---|---|---|---|---|---|---|")
+        for m, n, q in PRODUCTS:
+            mine = [ours_products[f"BM_multiply{t}<float>/{m}/{n}/{q}"] for t in ("", "_t")]
+            blas = [blas_products[f"{m}x{n}x{q}"][p] for p in ("W X", "W^T Y")]
+            print(f"| {m}x{n}, q={q} "
+                  + "".join(f"| {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {b / a:.2f}x " for a, b in zip(mine, blas)) + "|")
     print()
     print("| exact top-r | pissa block Krylov | cycles | residual bound | max rel. sigma error vs LAPACK "
           "| err/opt - 1 | torch.linalg.svd (full) | speed-up |")

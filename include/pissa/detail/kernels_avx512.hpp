@@ -311,10 +311,18 @@ PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows]
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v)
             acc[r][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + v * kLanes);
+    // The next line to prefetch: line `ahead_line` of row `ahead_row` (counters, not s / ahead_lines
+    // and s % ahead_lines: GCC emitted an idiv per step, and Intel's divider shares port 0 with the FMAs).
+    int ahead_row = ahead_lines > 0 ? 0 : Rows;
+    Index ahead_line = 0;
     for (Index k = k0; k < k1; ++k) {
-        const Index s = k - k0;
-        if (s < Rows * ahead_lines)
-            _mm_prefetch(reinterpret_cast<const char*>(ahead[s / ahead_lines] + s % ahead_lines * line), _MM_HINT_T1);
+        if (ahead_row < Rows) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead[ahead_row] + ahead_line * line), _MM_HINT_T1);
+            if (++ahead_line == ahead_lines) {
+                ahead_line = 0;
+                ++ahead_row;
+            }
+        }
         __m512 x[Vectors];
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v) {
