@@ -26,10 +26,10 @@ machine spinning threads steal the CPU from the thread they wait for).
 
 OpenBLAS kernel: the peers' products run in OpenBLAS, which picks its kernels by CPU model. A CPU
 newer than the OpenBLAS build gets its generic fallback: Debian 12's 0.3.21 runs an Intel Xeon
-family 6 model 207 (Emerald Rapids) as "Prescott" (SSE3): there, 55 GFLOP/s where its SkylakeX
-kernel does 256-300 (2048^3 and 4096^3 sgemm, 2 threads), and torch.svd_lowrank(4096 x 4096,
-r = 16 / 128, niter = 4) 2.4x / 2.7x slower. So every peer runs with
-the fastest of OpenBLAS's own choice and the kernel matching the CPU's vector extensions
+family 6 model 207 (Emerald Rapids) as "Prescott" (SSE3): there, 32-40 GFLOP/s in the probe below
+where its SkylakeX kernel does 184-258, and torch.svd_lowrank(4096 x 4096, r = 16 / 128, niter = 4)
+2.7x / 4.7x slower (README, "Measured on a second machine kind"). So every peer runs with the
+fastest of OpenBLAS's own choice and the kernel matching the CPU's vector extensions
 (OPENBLAS_CORETYPE=SkylakeX with AVX-512, Haswell with AVX2), by a short sgemm probe
 (--openblas-coretype overrides it); the header says which.
 
