@@ -174,11 +174,12 @@ def openblas_setup(choice):
         core, gflops = run(choice)
         return {"OPENBLAS_CORETYPE": choice}, f"OPENBLAS_CORETYPE={choice} (runs as {core}, {gflops:.0f} GFLOP/s sgemm)"
     flags = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    if os.path.exists("/proc/cpuinfo"):  # Linux; elsewhere only OpenBLAS's own choice is probed
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     candidates = [""] + (["SkylakeX"] if "avx512f" in flags else []) + (["Haswell"] if "avx2" in flags else [])
     probed = [(c, *run(c)) for c in candidates]
     best = max(probed, key=lambda p: p[2])
