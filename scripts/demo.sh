@@ -9,4 +9,4 @@ build="$root/build/release"
 # Same configuration as scripts/test.sh, so the two share one build tree.
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" -DPISSA_BUILD_BENCH=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target pissa_tool
-exec "$build/examples/pissa/pissa" init "$@" --out "$root/build/demo" --force
+exec "$build/tools/pissa/pissa" init "$@" --out "$root/build/demo" --force
