@@ -368,7 +368,7 @@ void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true, tru
 /// This machine's limits in the seconds around a measurement: the FMA peak (parallel_fma_chains,
 /// about 1 ms) and the read bandwidth over 512 MiB (beyond the 300 MiB L3 of the Intel VM; it also
 /// evicts W from the caches, so every run starts cold). A shared VM's limits move by 2x within
-/// minutes (BM_fma_peak read 157 to 328 GFLOP/s in one session), more than any change to the
+/// minutes (BM_fma_peak read 157 to 328 GFLOP/s within an hour), more than any change to the
 /// code; a ratio to the limits measured at the same moment is what stays comparable.
 struct MachineNow {
     double flops_per_s = 0, bytes_per_s = 0;

@@ -1,5 +1,5 @@
 /// \file data.hpp
-/// \brief Fashion-MNIST as the toy protocol uses it (PROTOCOL.md sections 1-2): normalised inputs,
+/// \brief Fashion-MNIST as the toy protocol uses it (protocol steps 1-2, README.md): normalised inputs,
 /// the odd/even subsets, and the portable splitmix64 + Fisher-Yates data order.
 #pragma once
 
@@ -75,7 +75,7 @@ inline RowMatrixF normalise(const IdxArray& images, double mean, double std) {
     return x;
 }
 
-/// Loads Fashion-MNIST from `dir` as PROTOCOL.md section 1 prescribes.
+/// Loads Fashion-MNIST from `dir` as protocol step 1 (README.md) prescribes.
 /// \throws idx_error with installation help when a file is missing, or naming the malformed file.
 inline Dataset load_dataset(const std::filesystem::path& dir) {
     auto [train_images, train_labels] = read_split(dir, "train");
@@ -109,7 +109,7 @@ inline std::vector<Index> positions_with_parity(const std::vector<int>& labels, 
     return out;
 }
 
-/// Fisher-Yates as in PROTOCOL.md section 2: for i = n-1 down to 1, j = next() mod (i+1), swap.
+/// Fisher-Yates as in protocol step 2, README.md: for i = n-1 down to 1, j = next() mod (i+1), swap.
 template <class T>
 void shuffle(std::vector<T>& a, pissa::detail::SplitMix64& rng) {
     for (std::size_t i = a.size(); i-- > 1;) {

@@ -1,5 +1,5 @@
 // fashion_mnist_finetune: the PiSSA paper's toy experiment (Figure 2a) on Fashion-MNIST, following
-// ../shared/toy/PROTOCOL.md: pretrain a 784-256-10 MLP on the odd classes (or load it), fine-tune it on
+// the protocol in README.md beside it: pretrain a 784-256-10 MLP on the odd classes (or load it), fine-tune it on
 // the even classes with LoRA, PiSSA (exact), PiSSA (randomized, niter 4) and full fine-tuning over a
 // grid of learning rates and seeds, and report the loss curves.
 //
@@ -47,7 +47,7 @@ struct Options {
 const char* const usage = R"(usage: fashion_mnist_finetune [options]
   --pretrained FILE   load the pretrained MLP (safetensors: fc1.weight [256,784], fc1.bias, fc2.weight
                       [10,256], fc2.bias), e.g. the protocol's pretrained.safetensors; without it the
-                      MLP is pretrained on the odd classes (PROTOCOL.md section 5)
+                      MLP is pretrained on the odd classes (protocol step 5, README.md)
   --save-pretrained FILE  write the pretrained MLP there (when pretraining)
   --data DIR          Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)
   --out DIR           where table.md, loss_curves.csv and loss_best_lr.svg go (default .)

@@ -1,5 +1,5 @@
 /// \file report.hpp
-/// \brief What the grid produces (PROTOCOL.md section 6, "Logging" onwards): window means, the
+/// \brief What the grid produces (protocol step 6, README.md, "Logging" onwards): window means, the
 /// table of seed means [min-max], each method's best lr, the PiSSA - LoRA claim check,
 /// loss_curves.csv, and an SVG plot of the curves at each method's best lr.
 #pragma once

@@ -1,5 +1,5 @@
 /// \file train.hpp
-/// \brief The toy experiment's model and training (PROTOCOL.md sections 3-6): a 784-256-10 MLP,
+/// \brief The toy experiment's model and training (protocol steps 3-6, README.md): a 784-256-10 MLP,
 /// cross-entropy over all 10 logits, torch's Adam, pretraining on the odd classes, and fine-tuning
 /// on the even classes with LoRA, PiSSA (exact or randomized) or all weights.
 ///
@@ -190,7 +190,7 @@ inline Mlp random_mlp(std::uint64_t seed) {
     return net;
 }
 
-/// Pretraining (PROTOCOL.md section 5): `epochs` epochs over `odd_train`, each a fresh shuffle
+/// Pretraining (protocol step 5, README.md): `epochs` epochs over `odd_train`, each a fresh shuffle
 /// of the ascending list by one splitmix64(0) generator; batches of 128 (the last one partial);
 /// Adam lr 1e-3 on all tensors. Returns the number of steps.
 inline int pretrain(Mlp& net, const Split& train, const std::vector<Index>& odd_train, int epochs) {
@@ -266,7 +266,7 @@ inline std::vector<Index> finetune_order(std::size_t n, std::uint64_t seed) {
     return order;
 }
 
-/// Fine-tuning (PROTOCOL.md section 6): data order shuffle([0, n), splitmix64(seed)) over
+/// Fine-tuning (protocol step 6, README.md): data order shuffle([0, n), splitmix64(seed)) over
 /// `even_train` (n = its size), step k uses order[batch (k-1) .. batch k - 1].
 inline RunResult finetune(const Mlp& pretrained, const Split& train, const std::vector<Index>& even_train,
                           const Split& test, const std::vector<Index>& even_test, const RunConfig& config) {

@@ -45,9 +45,7 @@ struct PissaConfig {
     bool fan_in_fan_out = false;     ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
 
     /// The LoRA scaling s: alpha / r, or alpha / sqrt(r) with rsLoRA.
-    double scaling() const {
-        return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(rank)) : lora_alpha / static_cast<double>(rank);
-    }
+    double scaling() const { return lora_scaling(lora_alpha, rank, use_rslora); }
 };
 
 /// Throws pissa::invalid_argument for a configuration outside its ranges (the rank against the

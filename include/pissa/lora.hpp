@@ -25,6 +25,14 @@
 
 namespace pissa {
 
+/// The LoRA scaling `s` (peft's `scaling`): `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
+/// rsLoRA (`use_rslora`), which keeps the update's magnitude from shrinking as the rank grows.
+/// The one place this formula lives.
+inline double lora_scaling(double lora_alpha, Index rank, bool use_rslora) {
+    const double r = static_cast<double>(rank);
+    return use_rslora ? lora_alpha / std::sqrt(r) : lora_alpha / r;
+}
+
 /// A LoRA adapter: `A` `[r, in]`, `B` `[out, r]`, scaling `s`; the layer adds `s (x A^T) B^T`.
 template <class Scalar>
 struct LoraAdapter {
@@ -147,8 +155,7 @@ LoraAdapter<Scalar> lora_init(Index out, Index in, Index rank, double lora_alpha
     for (Index i = 0; i < rank; ++i)
         for (Index j = 0; j < in; ++j) adapter.A(i, j) = static_cast<Scalar>(bound * (2.0 * rng.uniform() - 1.0));
     adapter.B = Matrix<Scalar>::Zero(out, rank);
-    const double r = static_cast<double>(rank);
-    adapter.scaling = static_cast<Scalar>(use_rslora ? lora_alpha / std::sqrt(r) : lora_alpha / r);
+    adapter.scaling = static_cast<Scalar>(lora_scaling(lora_alpha, rank, use_rslora));
     return adapter;
 }
 

@@ -14,6 +14,7 @@
 #include <pissa/quality.hpp>
 #include <pissa/quant.hpp>
 #include <pissa/rsvd.hpp>
+#include <pissa/seed.hpp>
 #include <pissa/svd.hpp>
 #include <pissa/svd_result.hpp>
 #include <pissa/types.hpp>

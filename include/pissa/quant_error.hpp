@@ -20,6 +20,8 @@
 #include <Eigen/Core>
 #include <Eigen/SVD>
 
+#include <utility>
+
 namespace pissa {
 
 /// Which norm a quantisation error is measured in.
@@ -91,23 +93,28 @@ struct QuantErrorComparison {
 
 /// Runs QLoRA, LoftQ and QPiSSA (same rank, iterations and NF4 options) on W and measures each.
 /// \param with_nuclear also compute the three nuclear norms (three singular-value-only SVDs of W's size)
+/// \param qpissa when not null, receives the QPiSSA initialisation (the NF4 base and the adapter)
 /// \throws as qpissa_init, loftq_init and nuclear_norm.
 template <class Derived>
-QuantErrorComparison compare_quantization_errors(const Eigen::MatrixBase<Derived>& W, const QuantInitConfig& config,
-                                                 bool with_nuclear = true) {
+QuantErrorComparison compare_quantization_errors(
+    const Eigen::MatrixBase<Derived>& W, const QuantInitConfig& config, bool with_nuclear = true,
+    QuantizedInit<compute_scalar_t<typename Derived::Scalar>>* qpissa = nullptr) {
     using Scalar = compute_scalar_t<typename Derived::Scalar>;
-    const Matrix<Scalar> w = W.template cast<Scalar>();
     QuantErrorComparison out;
     auto measure = [&](const QuantizedInit<Scalar>& q, double& fro, double& nuc) {
-        const Matrix<Scalar> error = quantization_error_matrix(w, q);
+        const Matrix<Scalar> error = quantization_error_matrix(W, q);
         fro = error.template cast<double>().norm();
         if (with_nuclear) nuc = nuclear_norm(error);
     };
-    QuantizedInit<Scalar> qlora = qlora_init(w, config.nf4);
+    // W as given (its storage type and layout): the same splits as qlora_init, loftq_init and
+    // qpissa_init called on it, bit for bit.
+    QuantizedInit<Scalar> qlora = qlora_init(W, config.nf4);
     qlora.fan_in_fan_out = config.pissa.fan_in_fan_out;
     measure(qlora, out.qlora_frobenius, out.qlora_nuclear);
-    measure(loftq_init(w, config), out.loftq_frobenius, out.loftq_nuclear);
-    measure(qpissa_init(w, config), out.qpissa_frobenius, out.qpissa_nuclear);
+    measure(loftq_init(W, config), out.loftq_frobenius, out.loftq_nuclear);
+    QuantizedInit<Scalar> split = qpissa_init(W, config);
+    measure(split, out.qpissa_frobenius, out.qpissa_nuclear);
+    if (qpissa) *qpissa = std::move(split);
     return out;
 }
 

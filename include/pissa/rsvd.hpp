@@ -147,40 +147,32 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> randomized_svd(const Eigen
 ///     RandomizedSvd<float> svd(options);
 ///     for (auto& W : weights) use(svd.compute(W, r).matrix_u(), svd.singular_values(), svd.matrix_v());
 template <class Scalar>
-class RandomizedSvd {
+class RandomizedSvd : public SvdBase<Scalar> {
     static_assert(std::is_floating_point_v<Scalar>, "pissa::RandomizedSvd: Scalar must be float or double");
 
 public:
-    explicit RandomizedSvd(RandomizedSvdOptions options = {}) : m_options(options) { require_valid(options); }
+    explicit RandomizedSvd(RandomizedSvdOptions options = {})
+        : SvdBase<Scalar>("pissa::RandomizedSvd"), m_options(options) {
+        require_valid(options);
+    }
 
     /// Computes the top-`rank` triplets of W (see randomized_svd); returns *this.
     template <class Derived>
     RandomizedSvd& compute(const Eigen::MatrixBase<Derived>& W, Index rank) {
         static_assert(std::is_same_v<compute_scalar_t<typename Derived::Scalar>, Scalar>,
                       "pissa::RandomizedSvd: W's compute scalar must match the class's Scalar");
-        m_computed = false;  // a throwing call leaves no stale result behind
+        this->m_computed = false;  // a throwing call leaves no stale result behind
         detail::check_randomized_svd_arguments(W, rank, m_options);
         detail::PreparedWeight<typename Derived::Scalar> prepared;
         detail::prepare_weight(W, prepared);
-        detail::randomized_svd(prepared, rank, m_options, m_workspace, m_result);
-        m_computed = true;
+        detail::randomized_svd(prepared, rank, m_options, m_workspace, this->m_result);
+        this->m_computed = true;
         return *this;
     }
 
-    const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
-    const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
-    const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
-    const SvdResult<Scalar>& result() const { return checked(); }          ///< all of it
-
 private:
-    const SvdResult<Scalar>& checked() const {
-        if (!m_computed) throw std::logic_error("pissa::RandomizedSvd: call compute() first");
-        return m_result;
-    }
     RandomizedSvdOptions m_options;
     detail::RandomizedSvdWorkspace<Scalar> m_workspace;
-    SvdResult<Scalar> m_result;
-    bool m_computed = false;
 };
 
 }  // namespace pissa

@@ -124,37 +124,25 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> truncated_svd(const Eigen:
 /// Object form of truncated_svd, shaped like Eigen's and Spectra's decompositions:
 /// `TruncatedSvd<float> svd; svd.compute(W, r); svd.singular_values();`
 template <class Scalar>
-class TruncatedSvd {
+class TruncatedSvd : public SvdBase<Scalar> {
     static_assert(std::is_floating_point_v<Scalar>, "pissa::TruncatedSvd: Scalar must be float or double");
 
 public:
-    explicit TruncatedSvd(ExactSvdOptions options = {}) : m_options(options) {}
+    explicit TruncatedSvd(ExactSvdOptions options = {}) : SvdBase<Scalar>("pissa::TruncatedSvd"), m_options(options) {}
 
     /// Computes the top-`rank` triplets of W (see truncated_svd); returns *this.
     template <class Derived>
     TruncatedSvd& compute(const Eigen::MatrixBase<Derived>& W, Index rank) {
         static_assert(std::is_same_v<compute_scalar_t<typename Derived::Scalar>, Scalar>,
                       "pissa::TruncatedSvd: W's compute scalar must match the class's Scalar");
-        m_result = truncated_svd(W, rank, m_options);
-        m_computed = true;
+        this->m_computed = false;  // a throwing call leaves no stale result behind
+        this->m_result = truncated_svd(W, rank, m_options);
+        this->m_computed = true;
         return *this;
     }
 
-    const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
-    const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
-    const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
-    const ConvergenceReport& report() const { return checked().report; }  ///< iterations, residual bound
-    /// Eigen::Success when the result met its convergence test, NoConvergence otherwise.
-    Eigen::ComputationInfo info() const { return checked().report.converged ? Eigen::Success : Eigen::NoConvergence; }
-
 private:
-    const SvdResult<Scalar>& checked() const {
-        if (!m_computed) throw std::logic_error("pissa::TruncatedSvd: call compute() first");
-        return m_result;
-    }
     ExactSvdOptions m_options;
-    SvdResult<Scalar> m_result;
-    bool m_computed = false;
 };
 
 }  // namespace pissa

@@ -1,8 +1,13 @@
 /// \file svd_result.hpp
-/// \brief The result type shared by the exact and randomized truncated SVDs.
+/// \brief The result type and the accessors shared by the exact and randomized truncated SVDs.
 #pragma once
 
 #include <pissa/types.hpp>
+
+#include <Eigen/Core>
+
+#include <stdexcept>
+#include <string>
 
 namespace pissa {
 
@@ -21,6 +26,34 @@ struct SvdResult {
     Vector<Scalar> S;  ///< [r], descending, >= 0
     Matrix<Scalar> V;  ///< [n, r], orthonormal columns
     ConvergenceReport report;
+};
+
+/// What TruncatedSvd and RandomizedSvd share, as Eigen's SVDBase is shared by its SVDs: the same
+/// accessors after compute(), each throwing std::logic_error before it.
+template <class Scalar>
+class SvdBase {
+public:
+    const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
+    const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
+    const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
+    const ConvergenceReport& report() const { return checked().report; }  ///< iterations, residual bound
+    const SvdResult<Scalar>& result() const { return checked(); }          ///< all of it
+    /// Eigen::Success when the result met its convergence test, NoConvergence otherwise.
+    Eigen::ComputationInfo info() const { return checked().report.converged ? Eigen::Success : Eigen::NoConvergence; }
+    /// True once compute() has succeeded.
+    bool computed() const { return m_computed; }
+
+protected:
+    explicit SvdBase(const char* name) : m_name(name) {}
+    const SvdResult<Scalar>& checked() const {
+        if (!m_computed) throw std::logic_error(std::string(m_name) + ": call compute() first");
+        return m_result;
+    }
+    SvdResult<Scalar> m_result;
+    bool m_computed = false;
+
+private:
+    const char* m_name;
 };
 
 }  // namespace pissa

@@ -2,7 +2,7 @@
 // as dequantised NF4) and `pissa quant-error`, checked against the library on the same weights.
 #include "cli/cli_support.hpp"
 
-#include <pissa/detail/random.hpp>
+#include <pissa/seed.hpp>
 #include <pissa/io/peft.hpp>
 #include <pissa/quant.hpp>
 
@@ -13,14 +13,14 @@ using namespace pissa_cli_test;
 
 namespace {
 
-/// The tool's configuration for module number `index` (seed rule: stream_seed(seed, index)).
+/// The tool's configuration for module number `index` (seed rule: pissa::module_seed(seed, index)).
 pissa::QuantInitConfig module_config(pissa::Index rank, int iterations, std::size_t index, bool fan_in_fan_out = false) {
     pissa::QuantInitConfig config;
     config.pissa.rank = rank;
     config.pissa.lora_alpha = static_cast<double>(rank);
     config.pissa.method = pissa::SvdMethod::randomized;
     config.pissa.randomized.niter = 4;
-    config.pissa.randomized.seed = pissa::detail::stream_seed(0, index);
+    config.pissa.randomized.seed = pissa::module_seed(0, index);
     config.pissa.fan_in_fan_out = fan_in_fan_out;
     config.iterations = iterations;
     return config;

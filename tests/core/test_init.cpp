@@ -1,4 +1,4 @@
-// PiSSA initialisation: every property of shared/PISSA.md, for float and double, square, tall and
+// PiSSA initialisation: every property of docs/math.md, for float and double, square, tall and
 // wide shapes, r = 1, a middle rank and r = min(m, n); 16-bit storage; fan_in_fan_out; rsLoRA;
 // the in-place form; the quality report; and every bad input.
 #include "support.hpp"

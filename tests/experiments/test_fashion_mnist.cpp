@@ -1,8 +1,8 @@
 // Tests of examples/fashion_mnist_finetune: the IDX reader on hand-made files (plain, gzip'd,
-// truncated, malformed), and the check values of ../shared/toy/PROTOCOL.md on the real dataset
+// truncated, malformed), and the protocol's check values (experiments/fashion_mnist_finetune/README.md) on the real dataset
 // (splitmix64 outputs, data orders, normalisation, the pretrained model's accuracy and loss, its
 // singular values) plus the first fine-tuning window of the two deterministic methods against the
-// reference run (RESULTS.md).
+// reference run (the same README).
 #include "support.hpp"
 
 #include "model_io.hpp"
@@ -184,7 +184,7 @@ TEST_CASE("protocol check values: normalisation, pretrained model, singular valu
 }
 
 TEST_CASE("the deterministic methods follow the reference run over the first 10 steps") {
-    // RESULTS.md, lr 3e-3, seeds 0-2, window 1-10: mean [min-max], printed to 3 decimals.
+    // The reference run, lr 3e-3, seeds 0-2, window 1-10: mean [min-max], printed to 3 decimals.
     struct Expect {
         fmnist::Method method;
         double mean, min, max;

@@ -55,7 +55,7 @@ int cmd_convert(int argc, char** argv) {
         auto lora = pissa::pissa_to_lora(m.A, m.B, m0->A, m0->B);
         converted.modules.push_back({m.name, std::move(lora.A), std::move(lora.B)});
     }
-    OutputDir out(args.get("out"), args.has("force"), {initial_path, trained_path});
+    pissa::io::OutputFolder out(args.get("out"), args.has("force"), {initial_path, trained_path});
     pissa::io::write_adapter(out.path(), converted);
     out.commit();
 

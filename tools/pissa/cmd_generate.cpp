@@ -172,7 +172,7 @@ fs::path builtin_model() {
     if (fs::exists(model / "model.safetensors") && fs::exists(model / "config.json")) return model;
     std::fprintf(stderr, "pissa: generating the built-in model (4 layers, hidden 512, bf16) into %s\n",
                  model.string().c_str());
-    OutputDir out(model, true, {});
+    pissa::io::OutputFolder out(model, true, {});
     generate_model(out.path(), GenerateOptions{}, stderr_is_tty());
     out.commit();
     return model;
@@ -207,7 +207,7 @@ int cmd_generate(int argc, char** argv) {
     for (auto& c : o.dtype) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
     o.seed = args.get_u64("seed");
     if (!args.has("out")) throw UsageError("--out is required");
-    OutputDir out(args.get("out"), args.has("force"), {});
+    pissa::io::OutputFolder out(args.get("out"), args.has("force"), {});
     generate_model(out.path(), o, stderr_is_tty());
     out.commit();
     std::fprintf(stderr, "pissa generate: wrote %s\n", out.final_path().string().c_str());

@@ -1,34 +1,13 @@
-// pissa init: split each target weight W into a PiSSA adapter (A, B) and the residual W - s B A.
-// Writes OUT/ (the residual model: same files, keys, shapes, dtypes and metadata as the input,
-// non-target tensors byte-identical, other files copied) and OUT/pissa_init/ (the peft adapter).
+// pissa init: split each target weight W into a PiSSA adapter (A, B) and the residual W - s B A
+// (pissa::io::init_checkpoint): OUT/ is the residual model, OUT/pissa_init/ the peft adapter.
 #include "quant_report.hpp"
 #include "tool.hpp"
 
-#include <pissa/detail/random.hpp>
-#include <pissa/init.hpp>
-#include <pissa/io/checkpoint.hpp>
-#include <pissa/io/peft.hpp>
-#include <pissa/io/tensor.hpp>
-#include <pissa/version.hpp>
+#include <pissa/io/init_checkpoint.hpp>
 
 #include <iostream>
-#include <set>
-#include <sstream>
 
 namespace pissa_tool {
-
-namespace {
-
-struct ModuleSummary {
-    std::string name;
-    std::vector<std::uint64_t> shape;
-    pissa::Index rank = 0;
-    double energy = 0, weight_norm = 0, residual_norm = 0, seconds = 0;
-    std::uint64_t seed = 0;
-    ModuleQuantErrors quant;  ///< Frobenius errors of QLoRA / LoftQ / QPiSSA (with --quantize nf4)
-};
-
-}  // namespace
 
 int cmd_init(int argc, char** argv) {
     Args args("init", "[MODEL] --out DIR [options]",
@@ -80,105 +59,41 @@ int cmd_init(int argc, char** argv) {
     if (!args.has("out")) throw UsageError("--out is required");
     set_threads(static_cast<int>(args.get_int("threads", 0, 4096)));
 
-    if (fs::exists(args.get("out")) && !args.has("force"))
-        throw UsageError(args.get("out") + " already exists; pass --force to replace it");
+    pissa::io::InitCheckpointOptions options;
+    options.pissa = config;
+    options.seed = seed;
+    if (quantize) options.quantize = quant_config;
+    options.force = args.has("force");
+    pissa::io::AdapterConfig selection;
+    set_targets_from_args(args, selection);
+    options.target_modules = selection.target_modules;
+    options.target_regex = selection.target_regex;
     fs::path model_path = args.pos(0);
     if (model_path.empty()) model_path = builtin_model();
     if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");
-    const pissa::io::Checkpoint model(model_path);
 
-    pissa::io::AdapterConfig adapter_config;
-    adapter_config.r = config.rank;
-    adapter_config.lora_alpha = config.lora_alpha;
-    adapter_config.use_rslora = config.use_rslora;
-    adapter_config.fan_in_fan_out = config.fan_in_fan_out;
-    adapter_config.init_lora_weights = true;
-    adapter_config.base_model_name_or_path = fs::absolute(model_path).lexically_normal().string();
-    set_targets_from_args(args, adapter_config);
-    const auto targets = pissa::io::select_targets(model, adapter_config);
-    refuse_embedding_targets(targets);
-    const std::set<std::string> target_set(targets.begin(), targets.end());
-
-    OutputDir out(args.get("out"), args.has("force"), {model_path});
-    pissa::io::Adapter adapter;
-    adapter.config = adapter_config;
-    adapter.metadata = {{"format", "pt"},
-                        {"pissa.version", format("%d.%d.%d", PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH)},
-                        {"pissa.method", exact ? "exact" : "randomized"},
-                        {"pissa.init_lora_weights", exact ? "pissa" : format("pissa_niter_%d", config.randomized.niter)},
-                        {"pissa.niter", exact ? "" : std::to_string(config.randomized.niter)},
-                        {"pissa.fused_power_iteration", config.randomized.fused_power_iteration ? "true" : "false"},
-                        {"pissa.seed", std::to_string(seed)},
-                        {"pissa.seed_rule", "module i (checkpoint order of targets) uses stream_seed(seed, i)"},
-                        {"pissa.rank", std::to_string(config.rank)},
-                        {"pissa.lora_alpha", format("%.17g", config.lora_alpha)},
-                        {"pissa.use_rslora", config.use_rslora ? "true" : "false"},
-                        {"pissa.fan_in_fan_out", config.fan_in_fan_out ? "true" : "false"}};
-    if (quantize) {
-        adapter.metadata["pissa.quantize"] = "nf4";
-        adapter.metadata["pissa.quant_iters"] = std::to_string(quant_config.iterations);
-        adapter.metadata["pissa.quant_block"] = std::to_string(quant_config.nf4.block_size);
-    }
-
-    std::vector<ModuleSummary> summary;
     Progress progress(stderr_is_tty() && !args.has("json"));
     std::uint64_t bytes_done = 0;
-    const auto start = std::chrono::steady_clock::now();
-    pissa::io::rewrite_checkpoint(
-        model, out.path(),
-        [&](const pissa::io::SafetensorsFile& file, const pissa::io::TensorInfo& t, std::vector<unsigned char>& bytes) {
-            if (!target_set.count(t.name)) return false;
-            const auto t0 = std::chrono::steady_clock::now();
-            ModuleSummary row;
-            row.name = pissa::io::module_of_weight(t.name);
-            row.shape = t.shape;
-            row.rank = config.rank;
-            row.seed = pissa::detail::stream_seed(seed, summary.size());
-            pissa::PissaConfig module_config = config;
-            module_config.randomized.seed = row.seed;
-            // One matrix at a time, split in place in its stored dtype inside the output buffer
-            // (float32 inside for 16-bit storage): the bytes left there are the residual's.
-            pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
-                using Storage = decltype(tag);
-                auto W = pissa::io::copy_matrix_into<Storage>(file, t, bytes);
-                file.release(t);
-                if (quantize) {
-                    // QPiSSA: the residual written is deq(NF4(W - s B A)) (the last of T alternations).
-                    pissa::QuantInitConfig module_quant = quant_config;
-                    module_quant.pissa = module_config;
-                    row.quant.module = row.name;
-                    row.quant.shape = row.shape;
-                    const auto q = run_quant_methods(W, module_quant, pissa::QuantErrorNorm::frobenius, row.quant);
-                    adapter.modules.push_back({row.name, q.adapter.A.template cast<float>(), q.adapter.B.template cast<float>()});
-                    W = pissa::dequantize_nf4<float>(q.base).template cast<Storage>();
-                    return;
-                }
-                auto result = pissa::init_in_place(W, module_config);
-                adapter.modules.push_back({row.name, result.A.template cast<float>(), result.B.template cast<float>()});
-                row.energy = result.quality.adapter_energy_fraction;
-                row.weight_norm = result.quality.weight_norm;
-                row.residual_norm = result.quality.residual_norm;
-            });
-            row.seconds = seconds_since(t0);
-            row.quant.seconds = row.seconds;
-            summary.push_back(row);
-            return true;
-        },
-        [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
-            progress.update(i, n, t.name, bytes_done);
-            bytes_done += t.nbytes();
-        });
+    pissa::io::InitCheckpointCallbacks callbacks;
+    callbacks.progress = [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
+        progress.update(i, n, t.name, bytes_done);
+        bytes_done += t.nbytes();
+    };
+    const auto report = pissa::io::init_checkpoint(model_path, args.get("out"), options, callbacks);
     progress.finish();
-    pissa::io::write_adapter(out.path() / "pissa_init", adapter);
-    out.commit();
-    const double total = seconds_since(start);
+    if (!report.warning.empty()) std::fprintf(stderr, "pissa init: warning: %s\n", report.warning.c_str());
+    const double total = report.seconds;
+    std::vector<ModuleQuantErrors> errors;
+    for (const auto& m : report.modules)
+        if (m.quant) errors.push_back({m.name, m.shape, m.quant->qlora_frobenius, m.quant->loftq_frobenius,
+                                       m.quant->qpissa_frobenius, m.seconds});
 
     if (args.has("json")) {
         nlohmann::ordered_json j;
         j["command"] = "init";
         j["model"] = model_path.string();
-        j["out"] = out.final_path().string();
-        j["adapter"] = (out.final_path() / "pissa_init").string();
+        j["out"] = report.out.string();
+        j["adapter"] = report.adapter.string();
         j["method"] = exact ? "exact" : "randomized";
         j["niter"] = exact ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(config.randomized.niter);
         j["fused_power_iteration"] = config.randomized.fused_power_iteration;
@@ -192,46 +107,44 @@ int cmd_init(int argc, char** argv) {
         if (quantize) {
             j["quantize"] = {{"format", "nf4"}, {"quant_iters", quant_config.iterations},
                              {"quant_block", quant_config.nf4.block_size}, {"norm", "fro"}};
-            std::vector<ModuleQuantErrors> errors;
-            for (const auto& m : summary) errors.push_back(m.quant);
             add_quant_report(j, errors);
-            for (std::size_t i = 0; i < summary.size(); ++i) {
-                j["modules"][i]["rank"] = summary[i].rank;
-                j["modules"][i]["seed"] = summary[i].seed;
+            for (std::size_t i = 0; i < report.modules.size(); ++i) {
+                j["modules"][i]["rank"] = report.modules[i].rank;
+                j["modules"][i]["seed"] = report.modules[i].seed;
             }
             std::cout << j.dump(2) << std::endl;
             return 0;
         }
         j["modules"] = nlohmann::ordered_json::array();
-        for (const auto& m : summary)
+        for (const auto& m : report.modules)
             j["modules"].push_back({{"name", m.name}, {"shape", m.shape}, {"rank", m.rank},
-                                    {"energy_fraction", m.energy}, {"weight_norm", m.weight_norm},
-                                    {"residual_norm", m.residual_norm}, {"seconds", m.seconds}, {"seed", m.seed}});
+                                    {"energy_fraction", m.quality.adapter_energy_fraction},
+                                    {"weight_norm", m.quality.weight_norm}, {"residual_norm", m.quality.residual_norm},
+                                    {"seconds", m.seconds}, {"seed", m.seed}});
         std::cout << j.dump(2) << std::endl;
         return 0;
     }
     if (quantize) {
-        std::vector<ModuleQuantErrors> errors;
-        for (const auto& m : summary) errors.push_back(m.quant);
         print_quant_report(errors, "Frobenius");
         std::printf("\nresidual written as dequantised NF4 (blocks of %lld) after T = %d alternations; QLoRA and "
                     "LoftQ are the baselines on the same weights\n",
                     static_cast<long long>(quant_config.nf4.block_size), quant_config.iterations);
     } else {
         std::vector<std::vector<std::string>> rows;
-        for (const auto& m : summary)
-            rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank), format("%.2f%%", 100 * m.energy),
-                            format("%.4g", m.residual_norm), format("%.4g", m.weight_norm), format("%.3f s", m.seconds)});
+        for (const auto& m : report.modules)
+            rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank),
+                            format("%.2f%%", 100 * m.quality.adapter_energy_fraction),
+                            format("%.4g", m.quality.residual_norm), format("%.4g", m.quality.weight_norm),
+                            format("%.3f s", m.seconds)});
         print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
     }
-    std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %llu, %.2f s\n", summary.size(),
+    std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %llu, %.2f s\n", report.modules.size(),
                 static_cast<long long>(config.rank), config.lora_alpha, config.scaling(),
                 exact ? "exact SVD"
                       : format("randomized SVD niter %d%s", config.randomized.niter,
                                config.randomized.fused_power_iteration ? " (fused)" : "").c_str(),
                 static_cast<unsigned long long>(seed), total);
-    std::printf("residual model: %s\nadapter:        %s\n", out.final_path().string().c_str(),
-                (out.final_path() / "pissa_init").string().c_str());
+    std::printf("residual model: %s\nadapter:        %s\n", report.out.string().c_str(), report.adapter.string().c_str());
     return 0;
 }
 

@@ -1,11 +1,9 @@
-// pissa merge: W + s B A for every weight the adapter adapts; every other tensor byte-identical.
-// MODEL is the residual model for a PiSSA adapter, the original model for a plain or converted LoRA.
+// pissa merge: W + s B A for every weight the adapter adapts (pissa::io::merge_checkpoint); every
+// other tensor byte-identical. MODEL is the residual model for a PiSSA adapter, the original model
+// for a plain or converted LoRA.
 #include "tool.hpp"
 
-#include <pissa/io/checkpoint.hpp>
-#include <pissa/io/peft.hpp>
-#include <pissa/io/tensor.hpp>
-#include <pissa/lora.hpp>
+#include <pissa/io/merge_checkpoint.hpp>
 
 #include <iostream>
 
@@ -29,9 +27,7 @@ int cmd_merge(int argc, char** argv) {
     if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");
     if (!pissa::io::is_adapter_folder(adapter_path))
         throw UsageError(adapter_path.string() + ": not an adapter folder (no adapter_config.json)");
-    const pissa::io::Checkpoint model(model_path);
-    const pissa::io::Adapter adapter = pissa::io::read_adapter(adapter_path);
-    const auto& config = adapter.config;
+    const pissa::io::AdapterConfig config = pissa::io::read_adapter_config(adapter_path);
     if (config.init_lora_weights.is_string()) {
         const std::string init = config.init_lora_weights.get<std::string>();
         if (init.rfind("pissa", 0) == 0)
@@ -40,83 +36,41 @@ int cmd_merge(int argc, char** argv) {
                          "when loading it; merging A and B as stored\n",
                          adapter_path.string().c_str(), init.c_str());
     }
-    // Check every module against the model before writing anything.
-    std::map<std::string, const pissa::io::LoraModule*> by_weight;
-    for (const auto& m : adapter.modules) {
-        const std::string weight = m.name + ".weight";
-        const pissa::io::TensorInfo* t = model.find(weight);
-        if (!t) throw pissa::invalid_argument(model_path.string() + ": the adapter adapts '" + m.name +
-                                              "' but the model has no tensor '" + weight + "'");
-        if (!pissa::io::is_float_matrix(*t))
-            throw pissa::invalid_argument(model_path.string() + ": '" + weight + "' is not a 2-D float weight");
-        const auto out_dim = static_cast<pissa::Index>(config.fan_in_fan_out ? t->shape[1] : t->shape[0]);
-        const auto in_dim = static_cast<pissa::Index>(config.fan_in_fan_out ? t->shape[0] : t->shape[1]);
-        if (m.A.cols() != in_dim || m.B.rows() != out_dim)
-            throw pissa::invalid_argument(
-                model_path.string() + ": '" + weight + "' " + shape_text(t->shape) + " does not fit A [" +
-                std::to_string(m.A.rows()) + ", " + std::to_string(m.A.cols()) + "] and B [" +
-                std::to_string(m.B.rows()) + ", " + std::to_string(m.B.cols()) + "]" +
-                (config.fan_in_fan_out ? " (fan_in_fan_out: stored [in, out])" : ""));
-        by_weight[weight] = &m;
-    }
-
-    OutputDir out(args.get("out"), args.has("force"), {model_path, adapter_path});
-    struct Row {
-        std::string name;
-        std::vector<std::uint64_t> shape;
-        double scaling, seconds;
-    };
-    std::vector<Row> rows;
     Progress progress(stderr_is_tty() && !args.has("json"));
     std::uint64_t bytes_done = 0;
-    const auto start = std::chrono::steady_clock::now();
-    pissa::io::rewrite_checkpoint(
-        model, out.path(),
-        [&](const pissa::io::SafetensorsFile& file, const pissa::io::TensorInfo& t, std::vector<unsigned char>& bytes) {
-            const auto it = by_weight.find(t.name);
-            if (it == by_weight.end()) return false;
-            const auto t0 = std::chrono::steady_clock::now();
-            const pissa::io::LoraModule& m = *it->second;
-            const double s = config.scaling_for(m.name);
-            // Merged in place in its stored dtype inside the output buffer.
-            pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
-                using Storage = decltype(tag);
-                auto W = pissa::io::copy_matrix_into<Storage>(file, t, bytes);
-                if (config.fan_in_fan_out) {
-                    auto Wt = W.transpose();
-                    pissa::lora_merge(Wt, m.A, m.B, s);
-                } else {
-                    pissa::lora_merge(W, m.A, m.B, s);
-                }
-            });
-            rows.push_back({m.name, t.shape, s, seconds_since(t0)});
-            return true;
-        },
+    const auto report = pissa::io::merge_checkpoint(
+        model_path, adapter_path, args.get("out"), args.has("force"),
         [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
             progress.update(i, n, t.name, bytes_done);
             bytes_done += t.nbytes();
         });
     progress.finish();
-    out.commit();
+    for (const auto& name : report.skipped)
+        std::fprintf(stderr,
+                     "pissa merge: warning: the adapter holds '%s', which its target_modules do not select; not "
+                     "merged (peft ignores it too)\n",
+                     name.c_str());
+    if (!report.warning.empty()) std::fprintf(stderr, "pissa merge: warning: %s\n", report.warning.c_str());
     if (args.has("json")) {
         nlohmann::ordered_json j;
         j["command"] = "merge";
         j["model"] = model_path.string();
         j["adapter"] = adapter_path.string();
-        j["out"] = out.final_path().string();
-        j["seconds"] = seconds_since(start);
+        j["out"] = report.out.string();
+        j["seconds"] = report.seconds;
         j["modules"] = nlohmann::ordered_json::array();
-        for (const auto& r : rows)
+        for (const auto& r : report.modules)
             j["modules"].push_back({{"name", r.name}, {"shape", r.shape}, {"scaling", r.scaling}, {"seconds", r.seconds}});
+        j["skipped"] = report.skipped;
         std::cout << j.dump(2) << std::endl;
         return 0;
     }
     std::vector<std::vector<std::string>> table;
-    for (const auto& r : rows)
+    for (const auto& r : report.modules)
         table.push_back({r.name, shape_text(r.shape), format("%g", r.scaling), format("%.3f s", r.seconds)});
     print_table({"module", "shape", "scaling", "time"}, table);
-    std::printf("\nmerged %zu modules into %s (%.2f s)\n", rows.size(), out.final_path().string().c_str(),
-                seconds_since(start));
+    std::printf("\nmerged %zu modules into %s (%.2f s)\n", report.modules.size(), report.out.string().c_str(),
+                report.seconds);
     return 0;
 }
 

@@ -3,7 +3,7 @@
 // Reads the model only; writes nothing.
 #include "quant_report.hpp"
 
-#include <pissa/detail/random.hpp>
+#include <pissa/seed.hpp>
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/tensor.hpp>
 
@@ -69,12 +69,17 @@ int cmd_quant_error(int argc, char** argv) {
         row.module = pissa::io::module_of_weight(t.name);
         row.shape = t.shape;
         pissa::QuantInitConfig module_config = config;
-        module_config.pissa.randomized.seed = pissa::detail::stream_seed(seed, i);
+        module_config.pissa.randomized.seed = pissa::module_seed(seed, i);
         pissa::io::visit_float_dtype(t.dtype, t.name, [&](auto tag) {
             using Storage = decltype(tag);
             const pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
             file.release(t);
-            run_quant_methods(W, module_config, norm, row);
+            const auto errors = pissa::compare_quantization_errors(W, module_config,
+                                                                   norm == pissa::QuantErrorNorm::nuclear)
+                                    .in(norm);
+            row.qlora = errors.qlora;
+            row.loftq = errors.loftq;
+            row.qpissa = errors.qpissa;
         });
         row.seconds = seconds_since(t0);
         bytes_done += t.nbytes();

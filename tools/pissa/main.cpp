@@ -127,64 +127,6 @@ void Args::print_help(std::FILE* out) const {
     std::fprintf(out, "\nexit codes: 0 success, 2 usage or input error (nothing written), 1 internal error\n");
 }
 
-namespace {
-
-fs::path absolute_clean(const fs::path& p) { return fs::weakly_canonical(fs::absolute(p)); }
-
-/// True when `inner` is `outer` or inside it.
-bool is_within(const fs::path& inner, const fs::path& outer) {
-    auto i = inner.begin();
-    for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
-        if (i == inner.end() || *i != *o) return false;
-    return true;
-}
-
-std::string random_suffix() {
-    std::random_device rd;
-    return std::to_string(::getpid()) + "-" + std::to_string(rd() % 1000000);
-}
-
-}  // namespace
-
-OutputDir::OutputDir(const fs::path& out, bool force, const std::vector<fs::path>& inputs) {
-    if (out.empty()) throw UsageError("--out is required");
-    m_out = absolute_clean(out);
-    if (m_out.filename().empty()) m_out = m_out.parent_path();
-    for (const auto& input : inputs) {
-        const fs::path in = absolute_clean(input);
-        const fs::path in_folder = fs::is_directory(in) ? in : in.parent_path();
-        if (is_within(m_out, in) || (fs::is_directory(in) && is_within(m_out, in_folder)))
-            throw UsageError("refusing to write " + m_out.string() + " into the input " + in.string());
-        if (is_within(in, m_out))
-            throw UsageError("refusing to replace " + m_out.string() + ": it contains the input " + in.string());
-    }
-    if (fs::exists(m_out)) {
-        if (!force) throw UsageError(m_out.string() + " already exists; pass --force to replace it");
-        if (!fs::is_directory(m_out)) throw UsageError(m_out.string() + " exists and is not a folder");
-    }
-    fs::create_directories(m_out.parent_path());
-    m_tmp = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-tmp-" + random_suffix());
-    fs::create_directory(m_tmp);
-}
-
-OutputDir::~OutputDir() {
-    if (!m_committed && !m_tmp.empty()) {
-        std::error_code ec;
-        fs::remove_all(m_tmp, ec);
-    }
-}
-
-void OutputDir::commit() {
-    fs::path old;
-    if (fs::exists(m_out)) {
-        old = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-old-" + random_suffix());
-        fs::rename(m_out, old);
-    }
-    fs::rename(m_tmp, m_out);
-    m_committed = true;
-    if (!old.empty()) fs::remove_all(old);
-}
-
 bool stderr_is_tty() { return ::isatty(STDERR_FILENO) == 1; }
 
 Progress::Progress(bool enabled) : m_enabled(enabled), m_start(std::chrono::steady_clock::now()) {}
@@ -290,19 +232,6 @@ void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
     }
     config.target_modules = split_list(args.get("targets"));
     if (config.target_modules.empty()) throw UsageError("--targets is empty");
-}
-
-void refuse_embedding_targets(const std::vector<std::string>& targets) {
-    static const std::set<std::string> embeddings = {"embed_tokens",  "wte",          "wpe",
-                                                     "word_embeddings", "position_embeddings", "token_type_embeddings",
-                                                     "embed_in",      "embed_positions", "shared"};
-    for (const auto& name : targets) {
-        const std::string module = pissa::io::module_of_weight(name);
-        const std::string last = module.substr(module.rfind('.') + 1);
-        if (embeddings.count(last))
-            throw UsageError(name + " is an embedding: peft initialises embedding targets as plain LoRA "
-                             "(lora_embedding_A/B), not PiSSA; leave '" + last + "' out of the targets");
-    }
 }
 
 }  // namespace pissa_tool

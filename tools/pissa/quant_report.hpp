@@ -1,6 +1,6 @@
 /// \file quant_report.hpp
-/// \brief What `pissa init --quantize nf4` and `pissa quant-error` share: the quantisation options,
-/// running QLoRA, LoftQ and QPiSSA on one weight, and the per-module / per-kind error report.
+/// \brief What `pissa init --quantize nf4` and `pissa quant-error` share: the quantisation options
+/// and the per-module / per-kind error report.
 #pragma once
 
 #include "tool.hpp"
@@ -29,22 +29,6 @@ struct ModuleQuantErrors {
     double qlora = 0, loftq = 0, qpissa = 0;
     double seconds = 0;
 };
-
-/// Runs QLoRA, LoftQ and QPiSSA with `config` on W (stored layout), measures each error
-/// `||W - deq(Q) - s B A||` in `norm` into `errors`, and returns the QPiSSA initialisation
-/// (the NF4 base and the adapter that `pissa init --quantize` writes).
-template <class Derived>
-pissa::QuantizedInit<pissa::compute_scalar_t<typename Derived::Scalar>> run_quant_methods(
-    const Eigen::MatrixBase<Derived>& W, const pissa::QuantInitConfig& config, pissa::QuantErrorNorm norm,
-    ModuleQuantErrors& errors) {
-    auto qlora = pissa::qlora_init(W, config.nf4);
-    qlora.fan_in_fan_out = config.pissa.fan_in_fan_out;
-    errors.qlora = pissa::quantization_error(W, qlora, norm);
-    errors.loftq = pissa::quantization_error(W, pissa::loftq_init(W, config), norm);
-    auto qpissa = pissa::qpissa_init(W, config);
-    errors.qpissa = pissa::quantization_error(W, qpissa, norm);
-    return qpissa;
-}
 
 /// The kind of a module: its path after the layer index ("model.layers.3.self_attn.q_proj" ->
 /// "self_attn.q_proj"); the whole path when it has no numeric component.

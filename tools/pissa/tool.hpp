@@ -1,9 +1,9 @@
 /// \file tool.hpp
-/// \brief The pissa tool's plumbing: argument parsing, the output folder guard (temporary folder
-/// beside the output, renamed into place), the progress bar, summary tables. No math here.
+/// \brief The pissa tool's plumbing: argument parsing, the progress bar, summary tables. No math here.
 #pragma once
 
 #include <pissa/errors.hpp>
+#include <pissa/io/output_folder.hpp>
 #include <pissa/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
@@ -80,26 +80,6 @@ private:
     std::vector<std::string> m_args;
 };
 
-/// The output folder guard: checks (exists without --force, same as / inside / containing an
-/// input), creates a temporary folder beside the output, and on commit() renames it into place
-/// (replacing the old output only then). Destroyed uncommitted, it removes the temporary folder,
-/// so a failure leaves nothing behind.
-class OutputDir {
-public:
-    OutputDir(const fs::path& out, bool force, const std::vector<fs::path>& inputs);
-    ~OutputDir();
-    OutputDir(const OutputDir&) = delete;
-    OutputDir& operator=(const OutputDir&) = delete;
-    /// The temporary folder to write into.
-    const fs::path& path() const { return m_tmp; }
-    const fs::path& final_path() const { return m_out; }
-    void commit();
-
-private:
-    fs::path m_out, m_tmp;
-    bool m_committed = false;
-};
-
 /// A one-line progress bar on stderr (only when stderr is a terminal): item i of n, name, rate, ETA.
 class Progress {
 public:
@@ -143,14 +123,6 @@ std::vector<std::string> split_list(const std::string& text);
 /// target_modules / target_regex fields of `config`).
 /// \throws UsageError when both are given, the list is empty or the regex does not compile.
 void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config);
-
-/// Refuses embedding weights among `targets` (tensor names). peft applies PiSSA to Linear layers
-/// only: an nn.Embedding target keeps LoRA's init and stores lora_embedding_A / lora_embedding_B,
-/// so a PiSSA adapter written for it would not load as one and the residual base would silently
-/// lack s B A. A checkpoint does not record layer types; embeddings are recognised by their
-/// conventional names (embed_tokens, wte, wpe, word_embeddings, embed_in, shared, ...).
-/// \throws UsageError naming the first embedding target.
-void refuse_embedding_targets(const std::vector<std::string>& targets);
 
 /// The built-in model: generated once into the cache folder ($PISSA_CACHE_DIR, else
 /// $XDG_CACHE_HOME/pissa, else ~/.cache/pissa, else the temp folder) and reused.

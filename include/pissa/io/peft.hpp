@@ -21,6 +21,7 @@
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/safetensors.hpp>
 #include <pissa/io/tensor.hpp>
+#include <pissa/lora.hpp>
 #include <pissa/types.hpp>
 
 #include <nlohmann/json.hpp>
@@ -87,8 +88,7 @@ struct AdapterConfig {
     }
     /// The module's scaling s = alpha / r (or alpha / sqrt(r) with rsLoRA).
     double scaling_for(const std::string& module) const {
-        const double rank = static_cast<double>(rank_for(module));
-        return use_rslora ? alpha_for(module) / std::sqrt(rank) : alpha_for(module) / rank;
+        return lora_scaling(alpha_for(module), rank_for(module), use_rslora);
     }
     /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
     static bool pattern_matches(const std::string& key, const std::string& module) {
@@ -255,14 +255,20 @@ inline bool is_adapter_folder(const std::filesystem::path& path) {
     return std::filesystem::is_directory(path) && std::filesystem::exists(path / adapter_config_name);
 }
 
+/// Reads the adapter_config.json of an adapter folder.
+/// \throws pissa::io::format_error naming the file.
+inline AdapterConfig read_adapter_config(const std::filesystem::path& dir) {
+    const auto config_path = dir / adapter_config_name;
+    if (!std::filesystem::exists(config_path)) throw format_error(dir.string() + ": no " + adapter_config_name);
+    return parse_adapter_config(detail::read_text_file(config_path), config_path.string());
+}
+
 /// Reads an adapter folder. Every key of the weights file must be a peft LoRA key, each module must
 /// have both A and B with B.cols() == A.rows() == its rank (rank_pattern or r).
 /// \throws pissa::io::format_error naming the file and key.
 inline Adapter read_adapter(const std::filesystem::path& dir) {
     Adapter adapter;
-    const auto config_path = dir / adapter_config_name;
-    if (!std::filesystem::exists(config_path)) throw format_error(dir.string() + ": no " + adapter_config_name);
-    adapter.config = parse_adapter_config(detail::read_text_file(config_path), config_path.string());
+    adapter.config = read_adapter_config(dir);
     const auto weights_path = dir / adapter_weights_name;
     if (!std::filesystem::exists(weights_path)) throw format_error(dir.string() + ": no " + adapter_weights_name);
     SafetensorsFile file(weights_path);

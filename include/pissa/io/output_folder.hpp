@@ -1,0 +1,243 @@
+/// \file io/output_folder.hpp
+/// \brief All-or-nothing output folders: everything is written into a temporary folder beside the
+/// output, which commit() renames into place. A run that fails or is interrupted leaves nothing
+/// (no partial folder, no parent folder it created); a run killed outright leaves a temporary
+/// folder named after its host and process, which the next run on the same output removes.
+///
+/// What the guard refuses, before anything is written (pissa::invalid_argument, naming the path):
+/// - an output that exists (as a folder, file or dangling symbolic link), unless `force`;
+/// - with `force`, an output that is not a folder;
+/// - an output that is an input, inside an input folder, or contains an input;
+/// - an output that is the working directory or one of its ancestors;
+/// - an output whose parent is a file.
+///
+/// commit() never replaces what it was not allowed to: without `force`, an output that appeared
+/// while the run was going (another run, another program) is left alone and the commit fails; with
+/// `force`, only the folder that was there when the run began (same device and inode) is replaced.
+#pragma once
+
+#include <pissa/errors.hpp>
+#include <pissa/io/safetensors.hpp>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace pissa::io {
+
+namespace detail {
+
+/// True when `inner` is `outer` or inside it (both absolute and normalised).
+inline bool path_within(const std::filesystem::path& inner, const std::filesystem::path& outer) {
+    auto i = inner.begin();
+    for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+        if (i == inner.end() || *i != *o) return false;
+    return true;
+}
+
+/// The absolute, symlink-resolved form of `p` (resolving as far as the path exists).
+inline std::filesystem::path resolved_path(const std::filesystem::path& p) {
+    std::error_code ec;
+    auto out = std::filesystem::weakly_canonical(std::filesystem::absolute(p), ec);
+    if (ec) throw io_error(p.string() + ": cannot resolve the path: " + ec.message());
+    if (out.filename().empty()) out = out.parent_path();
+    return out;
+}
+
+/// rename(2) that fails with EEXIST instead of replacing an existing target (Linux renameat2).
+inline int rename_no_replace(const std::filesystem::path& from, const std::filesystem::path& to) {
+#if defined(SYS_renameat2)
+    constexpr unsigned no_replace = 1;  // RENAME_NOREPLACE
+    const long rc = ::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), no_replace);
+    if (rc == 0 || (errno != ENOSYS && errno != EINVAL)) return static_cast<int>(rc);
+#endif
+    // Without renameat2: link-free folders cannot be moved atomically without replacing; check
+    // and rename (a narrow window instead of none).
+    struct stat st {};
+    if (::lstat(to.c_str(), &st) == 0) {
+        errno = EEXIST;
+        return -1;
+    }
+    return ::rename(from.c_str(), to.c_str());
+}
+
+inline std::string host_name() {
+    char name[256] = {};
+    if (::gethostname(name, sizeof name - 1) != 0 || !*name) return "host";
+    std::string out(name);
+    for (char& c : out)
+        if (c == '/' || c == '.') c = '_';
+    return out;
+}
+
+/// Removes `.<name>.pissa-tmp-<host>-<pid>-*` folders beside an output that were left by a run of
+/// this host whose process no longer exists (killed outright: SIGKILL, power loss, OOM).
+inline void remove_stale_temporaries(const std::filesystem::path& out) {
+    namespace fs = std::filesystem;
+    const std::string prefix = "." + out.filename().string() + ".pissa-tmp-" + host_name() + "-";
+    std::error_code ec;
+    for (fs::directory_iterator it(out.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+        const std::string name = it->path().filename().string();
+        if (name.compare(0, prefix.size(), prefix) != 0) continue;
+        const std::string rest = name.substr(prefix.size());
+        char* stop = nullptr;
+        const long pid = std::strtol(rest.c_str(), &stop, 10);
+        if (pid <= 0 || stop == rest.c_str() || *stop != '-') continue;
+        if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still running
+        std::error_code remove_ec;
+        fs::remove_all(it->path(), remove_ec);
+    }
+}
+
+}  // namespace detail
+
+/// The guard of one output folder; see the file comment.
+class OutputFolder {
+public:
+    /// Checks `out` against the rules of the file comment and creates the temporary folder (and
+    /// any missing parent folders, removed again if the run fails).
+    /// \param out the output folder (relative to the working directory, or absolute)
+    /// \param force replace `out` if it exists (only if it is a folder)
+    /// \param inputs files or folders the run reads (they must not overlap the output)
+    /// \throws pissa::invalid_argument for a refused output, io_error when a folder cannot be created.
+    OutputFolder(const std::filesystem::path& out, bool force, const std::vector<std::filesystem::path>& inputs) {
+        namespace fs = std::filesystem;
+        if (out.empty()) throw pissa::invalid_argument("no output folder given");
+        m_out = detail::resolved_path(out);
+        for (const auto& input : inputs) {
+            const fs::path in = detail::resolved_path(input);
+            if (detail::path_within(m_out, in))
+                throw pissa::invalid_argument("refusing to write " + m_out.string() + " into the input " + in.string());
+            if (detail::path_within(in, m_out))
+                throw pissa::invalid_argument("refusing to replace " + m_out.string() + ": it contains the input " +
+                                              in.string());
+        }
+        std::error_code ec;
+        const fs::path cwd = fs::current_path(ec);
+        if (!ec && detail::path_within(detail::resolved_path(cwd), m_out))
+            throw pissa::invalid_argument("refusing to write " + m_out.string() +
+                                          ": it is the working directory or one of its parents");
+        struct stat st {};
+        if (::lstat(m_out.c_str(), &st) == 0) {
+            if (!force) throw pissa::invalid_argument(m_out.string() + " already exists; pass --force to replace it");
+            if (!S_ISDIR(st.st_mode))
+                throw pissa::invalid_argument(m_out.string() + " exists and is not a folder; not replacing it");
+            m_replaces = true;
+            m_old_device = st.st_dev;
+            m_old_inode = st.st_ino;
+        }
+        m_force = force;
+        // Parent folders: find the first missing one (to remove on failure), refuse a file on the way.
+        fs::path existing = m_out.parent_path();
+        std::vector<fs::path> missing;
+        while (::stat(existing.c_str(), &st) != 0) {
+            missing.push_back(existing);
+            existing = existing.parent_path();
+        }
+        if (!S_ISDIR(st.st_mode))
+            throw pissa::invalid_argument("cannot create " + m_out.string() + ": " + existing.string() +
+                                          " is not a folder");
+        if (!missing.empty()) {
+            fs::create_directories(m_out.parent_path(), ec);
+            if (ec) throw io_error(m_out.parent_path().string() + ": cannot create the folder: " + ec.message());
+            m_created_parent = missing.back();
+        }
+        detail::remove_stale_temporaries(m_out);
+        std::random_device random;
+        m_tmp = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-tmp-" + detail::host_name() + "-" +
+                                       std::to_string(::getpid()) + "-" + std::to_string(random() % 1000000));
+        if (!fs::create_directory(m_tmp, ec) || ec) {
+            remove_created_parents();
+            throw io_error(m_tmp.string() + ": cannot create the temporary output folder: " +
+                           (ec ? ec.message() : std::string("it exists")));
+        }
+    }
+
+    ~OutputFolder() {
+        if (m_committed || m_tmp.empty()) return;
+        std::error_code ec;
+        std::filesystem::remove_all(m_tmp, ec);
+        remove_created_parents();
+    }
+    OutputFolder(const OutputFolder&) = delete;
+    OutputFolder& operator=(const OutputFolder&) = delete;
+
+    /// The temporary folder to write into.
+    const std::filesystem::path& path() const { return m_tmp; }
+    /// Where the output appears after commit() (absolute).
+    const std::filesystem::path& final_path() const { return m_out; }
+
+    /// Moves the temporary folder into place; see the file comment for what it refuses to replace.
+    /// \throws pissa::invalid_argument when the output appeared or changed during the run (the
+    ///         temporary folder is removed, the other output kept); io_error when a rename fails.
+    void commit() {
+        namespace fs = std::filesystem;
+        fs::path old;
+        struct stat st {};
+        const bool exists_now = ::lstat(m_out.c_str(), &st) == 0;
+        if (exists_now) {
+            const bool ours = m_replaces && st.st_dev == m_old_device && st.st_ino == m_old_inode;
+            if (!ours && !m_force)
+                throw pissa::invalid_argument(m_out.string() +
+                                              " appeared while this run was writing; leaving it as it is");
+            if (!S_ISDIR(st.st_mode))
+                throw pissa::invalid_argument(m_out.string() + " is no longer a folder; not replacing it");
+            std::random_device random;
+            old = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-old-" + detail::host_name() + "-" +
+                                         std::to_string(::getpid()) + "-" + std::to_string(random() % 1000000));
+            if (::rename(m_out.c_str(), old.c_str()) != 0)
+                throw io_error(m_out.string() + ": cannot move the old output aside: " + std::strerror(errno));
+        }
+        if (detail::rename_no_replace(m_tmp, m_out) != 0) {
+            const int error = errno;
+            if (!old.empty()) ::rename(old.c_str(), m_out.c_str());
+            if (error == EEXIST || error == ENOTEMPTY)
+                throw pissa::invalid_argument(m_out.string() +
+                                              " appeared while this run was writing; leaving it as it is");
+            throw io_error(m_out.string() + ": cannot move the output into place: " + std::strerror(error));
+        }
+        m_committed = true;
+        if (!old.empty()) {
+            std::error_code ec;
+            fs::remove_all(old, ec);
+            if (ec)
+                m_warning = "the new output is in place, but the old one could not be removed completely from " +
+                            old.string() + ": " + ec.message();
+        }
+    }
+
+    /// After a successful commit: a problem the caller may report (the old output's leftovers), or "".
+    const std::string& warning() const { return m_warning; }
+
+private:
+    void remove_created_parents() {
+        if (m_created_parent.empty()) return;
+        // Remove the folders this guard created, deepest first, only while they are empty.
+        for (auto p = m_out.parent_path(); detail::path_within(p, m_created_parent); p = p.parent_path()) {
+            std::error_code ec;
+            if (!std::filesystem::remove(p, ec) || ec) break;
+            if (p == m_created_parent) break;
+        }
+    }
+
+    std::filesystem::path m_out, m_tmp, m_created_parent;
+    bool m_force = false;
+    bool m_replaces = false;
+    dev_t m_old_device = 0;
+    ino_t m_old_inode = 0;
+    bool m_committed = false;
+    std::string m_warning;
+};
+
+}  // namespace pissa::io
