@@ -36,6 +36,7 @@ struct LoraGradients {
 /// \param x `[batch, in]` (the layer's input in the forward pass), \param W `[out, in]` (only read
 /// for dL/dx; any storage), \param A `[r, in]`, \param B `[out, r]`, \param scaling `s`,
 /// \param dy `[batch, out]`.
+/// \param options which further gradients to compute (dL/dx, dL/db).
 /// \throws pissa::invalid_argument when the shapes disagree (the message lists them), r < 1, or
 ///         the scaling is not finite.
 template <class DX, class DW, class DA, class DB, class DY>

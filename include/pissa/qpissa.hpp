@@ -98,6 +98,7 @@ double frobenius(const Matrix<Scalar>& M) {
 
 /// Plain QLoRA: `base = Q(W)` and an empty adapter (rank 0; B = 0 in LoRA terms).
 /// \param W the stored weight (any Eigen expression of float, double, Eigen::half or Eigen::bfloat16)
+/// \param nf4 the NF4 options (block size, double quantisation)
 /// \throws pissa::invalid_argument for an empty or non-finite W or invalid NF4 options.
 template <class Derived>
 QuantizedInit<compute_scalar_t<typename Derived::Scalar>> qlora_init(const Eigen::MatrixBase<Derived>& W,
@@ -115,6 +116,7 @@ QuantizedInit<compute_scalar_t<typename Derived::Scalar>> qlora_init(const Eigen
 
 /// QPiSSA initialisation with `config.iterations` alternating steps (see the file comment).
 /// \param W the stored weight: `[out, in]`, or `[in, out]` with `config.pissa.fan_in_fan_out`
+/// \param config the PiSSA split, the NF4 options and the number of iterations T
 /// \returns the NF4 base `Q(W_res)` (stored layout), the adapter of the last iteration, the error history
 /// \throws pissa::invalid_argument for a bad configuration, rank out of range, empty or non-finite W;
 ///         pissa::numerical_error if an SVD fails.
@@ -142,6 +144,7 @@ QuantizedInit<compute_scalar_t<typename Derived::Scalar>> qpissa_init(const Eige
 
 /// LoftQ initialisation with `config.iterations` alternating steps (see the file comment).
 /// \param W the stored weight: `[out, in]`, or `[in, out]` with `config.pissa.fan_in_fan_out`
+/// \param config the PiSSA split, the NF4 options and the number of iterations T
 /// \returns the last NF4 base and the adapter fitted to its quantisation error, the error history
 /// \throws as qpissa_init.
 template <class Derived>

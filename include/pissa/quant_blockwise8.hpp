@@ -101,6 +101,7 @@ struct Blockwise8bit {
 
 /// Quantises `values` in blocks of `block_size` (bitsandbytes `quantize_blockwise` with the
 /// dynamic map; see the file comment). A block of zeros gets absmax 0 and dequantises to zeros.
+/// \param values the values, quantised in order
 /// \param block_size >= 1 (bitsandbytes uses 256 for the nested absmax, 4096 by default elsewhere)
 /// \throws pissa::invalid_argument for block_size < 1 or a non-finite value.
 inline Blockwise8bit quantize_blockwise_8bit(const std::vector<float>& values, Index block_size = 256) {

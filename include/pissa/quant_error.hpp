@@ -92,6 +92,8 @@ struct QuantErrorComparison {
 };
 
 /// Runs QLoRA, LoftQ and QPiSSA (same rank, iterations and NF4 options) on W and measures each.
+/// \param W the stored weight, as for qpissa_init
+/// \param config the rank, iterations and NF4 options shared by the three methods
 /// \param with_nuclear also compute the three nuclear norms (three singular-value-only SVDs of W's size)
 /// \param qpissa when not null, receives the QPiSSA initialisation (the NF4 base and the adapter)
 /// \throws as qpissa_init, loftq_init and nuclear_norm.

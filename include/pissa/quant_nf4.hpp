@@ -165,6 +165,7 @@ inline Nf4Tensor quantize_nf4_flat(const float* data, Index rows, Index cols, co
 /// \param W any dense Eigen expression of float, double, Eigen::half or Eigen::bfloat16, row- or
 ///          column-major; it is quantised in row-major element order. Values are converted to
 ///          float32 first (bitsandbytes quantises 16/32-bit floats only; double is rounded).
+/// \param options block size (even) and double quantisation of the absmax
 /// \throws pissa::invalid_argument for an empty W, a non-finite value, or invalid options.
 template <class Derived>
 Nf4Tensor quantize_nf4(const Eigen::MatrixBase<Derived>& W, const Nf4Options& options = {}) {

@@ -121,6 +121,7 @@ void check_randomized_svd_arguments(const Eigen::MatrixBase<Derived>& W, Index r
 ///
 /// \param W     any Eigen dense expression; computation in `compute_scalar_t<Scalar>`.
 /// \param rank  1 <= rank <= min(m, n)
+/// \param options niter, oversampling, seed, fused_power_iteration
 /// \throws pissa::invalid_argument for a rank out of range, negative niter or oversampling, an
 ///         empty or non-finite W; pissa::numerical_error if the small SVD fails.
 /// \warning The test matrix comes from pissa's generator, not torch's: the same seed does not

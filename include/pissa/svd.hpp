@@ -90,6 +90,7 @@ inline bool prefer_block_krylov(Index rows, Index cols, Index rank) {
 /// \param W     any Eigen dense expression (row- or column-major, a Map over foreign memory, 16-bit
 ///              storage); computation is in `compute_scalar_t<Scalar>` (float for half/bfloat16).
 /// \param rank  1 <= rank <= min(m, n)
+/// \param options the algorithm (automatic, full, block_krylov), the Krylov tolerance and limits
 /// \throws pissa::invalid_argument for a rank out of range, an empty or non-finite W;
 ///         pissa::numerical_error when the decomposition fails.
 template <class Derived>
