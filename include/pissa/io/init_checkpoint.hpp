@@ -127,8 +127,8 @@ inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, co
     return c;
 }
 
-/// The adapter file's metadata: the keys peft writes plus keys prefixed `pissa.` recording the
-/// method, its options and the seed rule, so that the split can be reproduced.
+/// The adapter file's metadata: "format" as peft writes it, plus pissa.method, pissa.seed,
+/// pissa.seed_rule and the other options of the split, so that it can be reproduced.
 inline std::map<std::string, std::string> adapter_metadata_for(const InitCheckpointOptions& options) {
     const PissaConfig& c = options.pissa;
     const bool exact = c.method == SvdMethod::exact;
