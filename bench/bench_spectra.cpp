@@ -1,9 +1,9 @@
-// Google Benchmark: pissa's exact mode against Spectra's PartialSVDSolver (the C++ peer of issue 4),
+// Google Benchmark: pissa's exact mode against Spectra's PartialSVDSolver (its C++ peer),
 // side by side in one process on the same matrices. Built only when Spectra's headers are found
 // (Debian: libspectra-dev, installed by scripts/install-deps.sh --peers).
 //
 //   BM_spectra/<m>/<n>/<r>   Spectra::PartialSVDSolver<MatrixXf>(W, r, ncv = 2r + 1), tol 1e-4
-//                            (the issue's setting), Lanczos on W^T W with one vector at a time
+//                            (the reference setting), Lanczos on W^T W with one vector at a time
 //   BM_pissa_exact/<m>/<n>/<r>  pissa::truncated_svd, ExactSvdAlgorithm::automatic, float32
 //
 // Matrices: W = A diag(d) B / sqrt(512) + 0.05 N, A [m, 512], B [512, n], d_i = exp(-i / 40): a
@@ -97,12 +97,12 @@ void BM_pissa_exact(benchmark::State& state) {
     state.counters["sigma_vs_pissa"] = sigma_error(result.S, pissa_reference(m, n, r).S);
 }
 
-void issue_rows(benchmark::internal::Benchmark* b) {
+void reference_rows(benchmark::internal::Benchmark* b) {
     b->Args({4096, 4096, 16})->Args({4096, 4096, 64})->Args({4096, 4096, 128})->Args({11008, 4096, 16})
         ->Args({11008, 4096, 128});
     b->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 }
-BENCHMARK(BM_pissa_exact)->Apply(issue_rows);
-BENCHMARK(BM_spectra)->Apply(issue_rows);
+BENCHMARK(BM_pissa_exact)->Apply(reference_rows);
+BENCHMARK(BM_spectra)->Apply(reference_rows);
 
 }  // namespace

@@ -4,7 +4,7 @@
 //   BM_fma_peak                      float32 FMA throughput probe (all threads, 12 FMA chains each)
 //   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
 //   BM_multiply_gram                 W^T (W Q) in one pass over W, beside the two products
-//   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the issue's rows
+//   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the reference rows
 //   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
 //   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
 //   BM_randomized_vs_machine/<m>/<n>/<r>/<niter>/<fused>   reused object, float32, against the
@@ -18,7 +18,7 @@
 //
 // Counters: bytes_per_second (bytes of W read by all passes), roofline_ms = max(passes * bytes /
 // bandwidth, passes * 2 m n q / peak), roofline_frac = roofline_ms / measured. The roofline
-// defaults are the issue's figures for the 2-core AVX-512 machine (32.6 GB/s, 388 GFLOP/s);
+// defaults are the figures measured on the 2-core AVX-512 machine (32.6 GB/s, 388 GFLOP/s);
 // override with PISSA_ROOFLINE_GBS and PISSA_ROOFLINE_GFLOPS, e.g. with this machine's own
 // BM_bandwidth/1024 and BM_fma_peak readings.
 #include <pissa/init.hpp>
@@ -366,7 +366,7 @@ void BM_randomized_reused(benchmark::State& state) { BM_randomized_impl<false, t
 void BM_randomized_fused(benchmark::State& state) { BM_randomized_impl<true, true>(state); }
 
 /// This machine's limits in the seconds around a measurement: the FMA peak (parallel_fma_chains,
-/// about 1 ms) and the read bandwidth over 512 MiB (beyond the 300 MiB L3 of the Intel VM; it also
+/// about 1 ms) and the read bandwidth over 512 MiB (beyond the 300 MiB L3 of the Intel Xeon; it also
 /// evicts W from the caches, so every run starts cold). A shared VM's limits move by 2x within
 /// minutes (BM_fma_peak read 157 to 328 GFLOP/s within an hour), more than any change to the
 /// code; a ratio to the limits measured at the same moment is what stays comparable.
@@ -390,7 +390,7 @@ MachineNow probe_machine() {
 /// BM_randomized_reused / BM_randomized_fused (args {m, n, r, niter, fused}, float32) against the
 /// roofline of the limits probed just before and just after each run (their mean): the counter
 /// `x_machine_roofline` is time / that roofline (median over runs: the aggregate rows), the
-/// figure the issue's "within 1.5x" is about, on whatever machine this runs. Only the
+/// figure a "within 1.5x of the roofline" target is about, on whatever machine this runs. Only the
 /// decomposition is timed (manual time); the probes run between the runs.
 void BM_randomized_vs_machine(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1), r = state.range(2);
@@ -462,17 +462,17 @@ void orthonormalize_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_TEMPLATE(BM_orthonormalize, false)->Apply(orthonormalize_args);
 BENCHMARK_TEMPLATE(BM_orthonormalize, true)->Apply(orthonormalize_args);
 
-/// The issue's float rows: {m, n, r, niter}.
-constexpr std::array<std::array<Index, 4>, 6> kIssueRows{{{4096, 4096, 16, 4},
+/// The reference float rows: {m, n, r, niter}.
+constexpr std::array<std::array<Index, 4>, 6> kReferenceRows{{{4096, 4096, 16, 4},
                                                           {4096, 4096, 64, 4},
                                                           {4096, 4096, 128, 4},
                                                           {11008, 4096, 16, 4},
                                                           {11008, 4096, 128, 4},
                                                           {4096, 4096, 16, 16}}};
 
-/// The issue's table plus two bfloat16 rows: {m, n, r, niter, bf16}.
+/// The reference table plus two bfloat16 rows: {m, n, r, niter, bf16}.
 void randomized_args(benchmark::internal::Benchmark* b) {
-    for (const auto& [m, n, r, niter] : kIssueRows) b->Args({m, n, r, niter, 0});
+    for (const auto& [m, n, r, niter] : kReferenceRows) b->Args({m, n, r, niter, 0});
     b->Args({4096, 4096, 16, 4, 1});
     b->Args({11008, 4096, 16, 4, 1});
     b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -480,10 +480,10 @@ void randomized_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_randomized)->Apply(randomized_args);
 BENCHMARK(BM_randomized_reused)->Apply(randomized_args);
 BENCHMARK(BM_randomized_fused)->Apply(randomized_args);
-/// The issue's float rows, standard then fused: {m, n, r, niter, fused}.
+/// The reference float rows, standard then fused: {m, n, r, niter, fused}.
 void vs_machine_args(benchmark::internal::Benchmark* b) {
     for (const Index fused : {0, 1})
-        for (const auto& [m, n, r, niter] : kIssueRows) b->Args({m, n, r, niter, fused});
+        for (const auto& [m, n, r, niter] : kReferenceRows) b->Args({m, n, r, niter, fused});
     b->Unit(benchmark::kMillisecond)->UseManualTime();
 }
 BENCHMARK(BM_randomized_vs_machine)->Apply(vs_machine_args);

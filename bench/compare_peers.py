@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 
-# (name, m, n, r, niter): the rows of issue 4's table.
+# (name, m, n, r, niter): the reference rows (docs/performance.md).
 CASES = [
     ("sq_r16", 4096, 4096, 16, 4),
     ("sq_r64", 4096, 4096, 64, 4),
@@ -224,7 +224,7 @@ def run_pissa(bench, tmp, cases, reps, exact_names, env_extra):
 
 
 def roofline_seconds(m, n, r, niter, gbs=32.6, gflops=388.0):
-    """The issue's roofline: 2 niter + 2 passes over float32 W, each max(bytes / bandwidth, 2 m n r / peak)."""
+    """The roofline: 2 niter + 2 passes over float32 W, each max(bytes / bandwidth, 2 m n r / peak)."""
     passes = 2 * niter + 2
     return passes * max(m * n * 4 / (gbs * 1e9), 2.0 * m * n * r / (gflops * 1e9))
 

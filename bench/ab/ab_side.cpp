@@ -20,7 +20,7 @@ static pissa::RandomizedSvd<float> reused_svd(bool fused) {
 /// 4: randomized SVD (niter 4, rank = in.cols()) of float W, 5: of bf16 W (out = S), 6 and 7: the
 /// same with fused_power_iteration. The SVDs run on a RandomizedSvd object per op, reused from
 /// call to call (the steady state of a model's matrices: no fresh pages, whose faults would
-/// dominate a comparison on this VM).
+/// dominate a comparison on a shared VM).
 void AB_SIDE(int op, const void* w, long m, long n, const Dense& in, Dense& out) {
     using namespace pissa;
     using namespace pissa::detail;

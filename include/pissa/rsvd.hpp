@@ -142,7 +142,7 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> randomized_svd(const Eigen
 
 /// Object form of randomized_svd, for many matrices in a row (a model's layers): the buffers of
 /// the decomposition and of the result are kept between compute() calls, so same-shaped matrices
-/// reuse them. Fresh multi-megabyte buffers cost a page fault per 4 KiB; on the development VM
+/// reuse them. Fresh multi-megabyte buffers cost a page fault per 4 KiB; on a measured 2-core VM
 /// (12 us a fault) that is 25% of a 4096 x 4096, r = 128 decomposition.
 ///
 ///     RandomizedSvd<float> svd(options);
