@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import (GPT2_TARGETS, adapter_config, adapter_modules, load_safetensors_dir, rel_err, scaling_of,
@@ -89,6 +91,13 @@ def test_train_convert_merge_against_peft(pissa, tiny_llama, tiny_gpt2, tmp_path
             assert ours_v == pytest.approx(peft_v, rel=1e-12)
         else:
             assert ours_v == peft_v, field
+    skip = {"base_model_name_or_path", "revision", "peft_version"}
+    ours_full = {k: v for k, v in LoraConfig.from_pretrained(converted).to_dict().items() if k not in skip}
+    peft_full = {k: v for k, v in LoraConfig.from_pretrained(peft_converted).to_dict().items() if k not in skip}
+    assert ours_full == peft_full, {k: (ours_full.get(k), peft_full.get(k)) for k in set(ours_full) | set(peft_full)
+                                    if ours_full.get(k) != peft_full.get(k)}
+    # Both name the original model, the one the converted LoRA applies to.
+    assert Path(ours_cfg["base_model_name_or_path"]).resolve() == Path(peft_cfg["base_model_name_or_path"]).resolve()
     ours_mods, peft_mods = adapter_modules(converted), adapter_modules(peft_converted)
     assert sorted(ours_mods) == sorted(peft_mods)
     s_ours, s_peft = scaling_of(ours_cfg), scaling_of(peft_cfg)
