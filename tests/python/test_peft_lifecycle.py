@@ -126,3 +126,33 @@ def test_train_convert_merge_against_peft(pissa, tiny_llama, tiny_gpt2, tmp_path
         assert rel_err(other[key], ours_merged[key]) < 1e-5, key
     y_merged = logits(AutoModelForCausalLM.from_pretrained(merged).eval(), batch)
     assert rel_err(y_merged, y_trained) < 1e-4
+
+
+def test_merge_bfloat16_against_peft(pissa, tiny_llama, tmp_path):
+    """bfloat16: `pissa merge` computes W + s B A in float32 and rounds once; it is within a
+    bfloat16 rounding of peft's merge_and_unload() (peft also sums in float32: equal here) and at
+    least as close to the exact sum."""
+    original_dir = tiny_llama(dtype=torch.bfloat16)
+    res = tmp_path / "residual"
+    pissa.run("init", original_dir, "--out", res, "--rank", 4, "--targets", "q_proj,up_proj")
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res, dtype=torch.bfloat16),
+                                      res / "pissa_init", is_trainable=True)
+    with torch.no_grad():  # a stand-in for training: move every A and B
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * p.abs().mean() * torch.randn_like(p))
+    trained = tmp_path / "trained"
+    model.save_pretrained(trained)
+    merged = tmp_path / "merged"
+    pissa.run("merge", res, trained, "--out", merged)
+    ours = load_safetensors_dir(merged)
+    residual = load_safetensors_dir(res)
+    s = scaling_of(adapter_config(trained))
+    peft_merged = model.merge_and_unload().state_dict()
+    for name, (a, b) in adapter_modules(trained).items():
+        key = name + ".weight"
+        exact = residual[key].double() + s * b.double() @ a.double()
+        assert ours[key].dtype == torch.bfloat16
+        assert rel_err(ours[key], peft_merged[key]) < 1e-3, key
+        assert rel_err(ours[key], exact) <= rel_err(peft_merged[key], exact) * 1.001 + 1e-7, key
