@@ -236,3 +236,10 @@ def copy_of(tmp_path):
 def token_batch(vocab: int, batch: int = 2, length: int = 16, seed: int = 1234) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def pytest_configure(config):
+    # Deprecation notices from inside torch and transformers, about their own internals.
+    for line in ("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+                 "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"):
+        config.addinivalue_line("filterwarnings", line)

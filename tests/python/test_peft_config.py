@@ -128,3 +128,20 @@ def test_adapter_weights_file_matches_peft_layout(pissa, tiny_llama, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for k in ours:
         assert (ours[k].shape, ours[k].dtype) == (theirs[k].shape, theirs[k].dtype) == (ours[k].shape, torch.float32), k
+
+
+def test_embedding_target_refused_as_peft_does_not_split_it(pissa, tiny_llama, tmp_path):
+    """peft applies PiSSA to Linear layers only: an nn.Embedding target keeps LoRA's init (a zero
+    product, lora_embedding_A = 0) and its base weight unchanged. pissa refuses the target instead of
+    writing an adapter that would load as something else."""
+    model_dir = tiny_llama()
+    proc = pissa.run("init", model_dir, "--out", tmp_path / "ours", "--targets", "embed_tokens,q_proj", check=False)
+    assert proc.returncode != 0 and "embedding" in proc.stderr
+    assert not (tmp_path / "ours").exists()
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = base.model.embed_tokens.weight.detach().clone()
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights="pissa"))
+    layer = peft_model.base_model.model.model.embed_tokens
+    assert torch.equal(layer.base_layer.weight, before)
+    delta = layer.lora_embedding_B["default"] @ layer.lora_embedding_A["default"]
+    assert torch.count_nonzero(delta) == 0
