@@ -28,8 +28,11 @@ fi
 rm -f "$stamp"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "$torch_pin" >&2
-# The requirements are their own constraints too: a dependency can't move a pinned package.
-"${pip[@]}" install -r "$req" -c "$req" >&2
+# The pinned lines are constraints too, so that a dependency can't move a pinned package (only the
+# name==version lines: pip refuses paths and editables as constraints).
+constraints="$venv/.pins.txt"
+grep -E '^[[:space:]]*[A-Za-z0-9][A-Za-z0-9._-]*[[:space:]]*==' "$req" >"$constraints" || true
+"${pip[@]}" install -r "$req" -c "$constraints" >&2
 "$venv/bin/python" - <<'PY' >&2
 import torch
 if torch.version.cuda is not None:
