@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LLAMA_TARGETS, adapter_config, adapter_modules, load_safetensors_dir, scaling_of
+from conftest import adapter_config, adapter_modules, load_safetensors_dir, scaling_of
 
 BLOCK = 64
 
@@ -78,7 +78,7 @@ def test_qpissa_residual_is_bitsandbytes_nf4(pissa, nf4, tiny_llama, tmp_path, d
         assert err_qpissa < err_qlora, f"{name}: QPiSSA {err_qpissa:.4g} not below QLoRA {err_qlora:.4g}"
 
 
-def test_qpissa_targets_other_than_nf4_are_untouched(pissa, nf4, tiny_llama, tmp_path):
+def test_qpissa_leaves_non_targets_untouched(pissa, nf4, tiny_llama, tmp_path):
     model_dir = tiny_llama()
     out = tmp_path / "out"
     pissa.run("init", model_dir, "--out", out, "--rank", 4, "--quantize", "nf4")
@@ -88,4 +88,3 @@ def test_qpissa_targets_other_than_nf4_are_untouched(pissa, nf4, tiny_llama, tmp
             assert not torch.equal(after[key], t)
         else:
             assert torch.equal(after[key], t), key
-    assert set(LLAMA_TARGETS) >= {"q_proj", "v_proj"}
