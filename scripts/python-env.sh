@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Creates or updates the Python test environment at build/venv from tests/python/requirements.txt and
-# prints the venv's path. Idempotent: a stamp file holds the hash of the requirements and the interpreter,
-# and a venv whose stamp matches is left as it is (no pip call).
+# Creates or updates the Python test environment from tests/python/requirements.txt and prints the
+# venv's path. The venv lives in the user's cache ($PISSA_VENV, else ~/.cache/pissa/venv-<hash>), keyed by
+# the hash of the requirements and the interpreter, so that every checkout of the same requirements
+# shares one (about 1.6 GB, torch included); a venv whose stamp matches is used as it is (no pip call).
 # torch is installed on its own first, at the requirements' exact pin, so that no other package's
 # dependency on torch can pull a CUDA build from PyPI; the install is then checked to be a CPU build.
 # Usage: scripts/python-env.sh   (PISSA_PYTHON: the interpreter to build the venv from, default python3)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv="$root/build/venv"
 req="$root/tests/python/requirements.txt"
 python=${PISSA_PYTHON:-python3}
 
 hash=$( { cat "$req"; "$python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
+venv=${PISSA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pissa/venv-${hash:0:16}}
+mkdir -p "$(dirname "$venv")"
 stamp="$venv/.requirements.sha256"
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$hash" ]]; then
   echo "$venv"

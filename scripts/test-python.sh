@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the Python tests (peft, transformers and torch as the oracle of the pissa tool) in build/venv.
+# Runs the Python tests (peft, transformers and torch as the oracle of the pissa tool) in the test venv (scripts/python-env.sh).
 # Expects the tool to be built: PISSA_TOOL names it (default: the release build of scripts/test.sh).
 # Usage: scripts/test-python.sh [pytest arguments]
 set -euo pipefail
