@@ -51,6 +51,13 @@ public:
 /// The reference implementation's cap on the header length (100 MB).
 inline constexpr std::uint64_t max_header_size = 100'000'000;
 
+/// How deeply any JSON document pissa reads may nest (objects and arrays, the outermost counting
+/// as 1). Python's json module stops near 1000 (its recursion limit); the files pissa reads nest 2
+/// to 4 deep. The bound keeps every recursive walk of a parsed document (copy, dump, comparison)
+/// within a few hundred stack frames, and keeps the two-space indented rewrite of a document at
+/// most ~2 x 256 bytes of indentation per value.
+inline constexpr std::size_t max_json_depth = 256;
+
 /// One tensor of a safetensors file: name, dtype, shape and its byte range in the data area.
 struct TensorInfo {
     std::string name;
@@ -153,13 +160,6 @@ inline bool json_u64(const nlohmann::json& value, std::uint64_t& out) {
     out = value.get<std::uint64_t>();
     return true;
 }
-
-/// How deeply any JSON document pissa reads may nest (objects and arrays, the outermost counting
-/// as 1). Python's json module stops near 1000 (its recursion limit); the files pissa reads nest 2
-/// to 4 deep. The bound keeps every recursive walk of a parsed document (copy, dump, comparison)
-/// within a few hundred stack frames, and keeps the two-space indented rewrite of a document at
-/// most ~2 x 256 bytes of indentation per value.
-inline constexpr std::size_t max_json_depth = 256;
 
 template <class T, class = void>
 struct has_container : std::false_type {};
