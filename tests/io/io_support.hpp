@@ -7,7 +7,9 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace pissa_test {
@@ -52,6 +54,26 @@ inline std::vector<unsigned char> random_bytes(std::size_t n, std::uint32_t seed
     std::vector<unsigned char> out(n);
     for (auto& b : out) b = static_cast<unsigned char>(gen() & 0xFF);
     return out;
+}
+
+/// Creates a FIFO at `path` (nothing ever writes to it: opening it for reading would block forever).
+inline void make_fifo(const std::filesystem::path& path) {
+    if (::mkfifo(path.c_str(), 0600) != 0) throw std::runtime_error("mkfifo " + path.string() + " failed");
+}
+
+/// Kills the test program (SIGALRM) if the scope lasts longer than `seconds`: a test of something that
+/// could hang (opening a FIFO) fails instead of blocking the suite.
+class Watchdog {
+public:
+    explicit Watchdog(unsigned seconds) { ::alarm(seconds); }
+    ~Watchdog() { ::alarm(0); }
+    Watchdog(const Watchdog&) = delete;
+    Watchdog& operator=(const Watchdog&) = delete;
+};
+
+/// `depth` nested JSON arrays around `inner`: [[[...inner...]]].
+inline std::string nested_arrays(std::size_t depth, const std::string& inner = "") {
+    return std::string(depth, '[') + inner + std::string(depth, ']');
 }
 
 }  // namespace pissa_test

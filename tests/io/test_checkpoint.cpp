@@ -131,3 +131,97 @@ TEST_CASE("inconsistent indexes are rejected, naming the index and the tensor") 
                             "{\"weight_map\": {\"counter1\": \"a\", \"counter1\": \"model-00001-of-00003.safetensors\"}}");
     CHECK_THROWS_WITH_AS(Checkpoint(dir / "d"), doctest::Contains("duplicate key 'counter1'"), format_error);
 }
+
+TEST_CASE("the index parses on its own; deep, NUL-padded and oversized indexes are refused naming it") {
+    const std::string good = R"({"metadata":{"total_size":8},"weight_map":{"b":"s2.safetensors","a":"s1.safetensors","c":"s2.safetensors"}})";
+    const CheckpointIndex index = parse_checkpoint_index(good, "idx.json");
+    CHECK(index.shards == std::vector<std::string>{"s2.safetensors", "s1.safetensors"});
+    CHECK(index.weight_map.at("a") == "s1.safetensors");
+    CHECK(index.json.begin().key() == "metadata");
+    for (std::size_t depth : {max_json_depth + 1, std::size_t{100'000}, std::size_t{1'000'000}}) {
+        INFO("depth ", depth);
+        const std::string deep = R"({"weight_map":{},"metadata":)" + pissa_test::nested_arrays(depth) + "}";
+        CHECK_THROWS_WITH_AS(parse_checkpoint_index(deep, "idx.json"),
+                             doctest::Contains("idx.json: JSON nested deeper than 256 levels"), format_error);
+    }
+    CHECK_THROWS_WITH_AS(parse_checkpoint_index(good + std::string(1, '\0') + "junk", "idx.json"),
+                         doctest::Contains("idx.json: NUL byte"), format_error);
+    CHECK_THROWS_WITH_AS(parse_checkpoint_index(std::string(max_index_size + 1, ' '), "idx.json"),
+                         doctest::Contains("over the 100000000-byte limit"), format_error);
+    // On disk, too: a deep index in a model folder.
+    ScratchDir dir("ckpt-deep");
+    make_sharded(dir / "m");
+    detail::write_text_file(dir / "m" / index_file_name, R"({"weight_map":{},"metadata":)" +
+                                                             pissa_test::nested_arrays(300'000) + "}");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains(index_file_name), format_error);
+}
+
+TEST_CASE("a FIFO as the model, a shard or the index is refused, not waited on") {
+    pissa_test::Watchdog watchdog(60);
+    ScratchDir dir("ckpt-fifo");
+    pissa_test::make_fifo(dir / "model.safetensors");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "model.safetensors"), doctest::Contains("not a regular file (a FIFO)"),
+                         format_error);
+    std::filesystem::create_directories(dir / "folder");
+    pissa_test::make_fifo(dir / "folder" / "model.safetensors");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "folder"), doctest::Contains("not a regular file"), format_error);
+    make_sharded(dir / "shard");
+    std::filesystem::remove(dir / "shard" / "model-00002-of-00003.safetensors");
+    pissa_test::make_fifo(dir / "shard" / "model-00002-of-00003.safetensors");
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "shard"), doctest::Contains("model-00002-of-00003.safetensors: not a regular"),
+                         format_error);
+    make_sharded(dir / "index");
+    std::filesystem::remove(dir / "index" / index_file_name);
+    pissa_test::make_fifo(dir / "index" / index_file_name);
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "index"), doctest::Contains("not a regular file (a FIFO)"), format_error);
+    // A symlink loop where the index should be: an error, not an exception from std::filesystem.
+    make_sharded(dir / "loop");
+    std::filesystem::remove(dir / "loop" / index_file_name);
+    std::filesystem::create_symlink(dir / "loop" / index_file_name, dir / "loop" / index_file_name);
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "loop"), doctest::Contains("symbolic links"), io_error);
+    std::filesystem::create_symlink(dir / "self", dir / "self");
+    CHECK_THROWS_AS(Checkpoint(dir / "self"), io_error);
+}
+
+TEST_CASE("a shard truncated during a rewrite is an io_error naming it and the tensor; its output is not left behind") {
+    ScratchDir dir("ckpt-shrink");
+    make_sharded(dir / "in");
+    Checkpoint in(dir / "in");
+    std::filesystem::create_directories(dir / "out");
+    const auto& shard = in.shards()[1];
+    std::filesystem::resize_file(shard->path(), shard->header().data_offset + 10);
+    CHECK_THROWS_WITH_AS(rewrite_checkpoint(in, dir / "out", {}),
+                         doctest::Contains("model-00002-of-00003.safetensors: tensor 'layers.3.proj.weight'"), io_error);
+    CHECK_FALSE(std::filesystem::exists(dir / "out" / "model-00002-of-00003.safetensors"));
+}
+
+TEST_CASE("unchanged tensors larger than the copy piece are streamed whole") {
+    ScratchDir dir("ckpt-big");
+    const auto big = pissa_test::random_bytes((std::size_t{16} << 20) + 12345, 5);
+    write_safetensors(dir / "in.safetensors", {{{"big", Dtype::U8, {big.size()}}, big},
+                                               {{"small", Dtype::U8, {3}}, {1, 2, 3}}});
+    Checkpoint in(dir / "in.safetensors");
+    std::filesystem::create_directories(dir / "out");
+    rewrite_checkpoint(in, dir / "out", {});
+    CHECK(pissa_test::read_bytes(dir / "out" / "in.safetensors") == pissa_test::read_bytes(dir / "in.safetensors"));
+}
+
+TEST_CASE("a sharded checkpoint of 100,000 tensors opens (in O(n log n): the index parse was quadratic)") {
+    ScratchDir dir("ckpt-many");
+    std::string index = R"({"metadata":{"total_size":0},"weight_map":{)";
+    for (int s = 0; s < 4; ++s) {
+        const std::string file = "model-" + std::to_string(s) + ".safetensors";
+        std::vector<OwnedTensor> tensors;
+        for (int i = 0; i < 25'000; ++i) {
+            const std::string name = "layers." + std::to_string(s) + "." + std::to_string(i) + ".weight";
+            tensors.push_back({{name, Dtype::U8, {1}}, {static_cast<unsigned char>(i)}});
+            index += (s || i ? "," : "") + ("\"" + name + "\":\"" + file + "\"");
+        }
+        write_safetensors(dir / file, tensors);
+    }
+    detail::write_text_file(dir / index_file_name, index + "}}");
+    const Checkpoint in(dir.path());
+    CHECK(in.size() == 100'000);
+    CHECK(in.shards().size() == 4);
+    CHECK(in.find("layers.3.24999.weight") != nullptr);
+}

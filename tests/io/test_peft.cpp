@@ -164,3 +164,103 @@ TEST_CASE_TEMPLATE("pissa_to_lora: merging the converted LoRA into W equals merg
     CHECK_THROWS_AS(pissa::pissa_to_lora(A, B, A0.leftCols(3), B0), pissa::invalid_argument);
     CHECK(pissa::convert_lora_alpha(8.0, true) == doctest::Approx(8.0 * std::sqrt(2.0)));
 }
+
+TEST_CASE("adapter_config.json: deep, oversized or explosive-to-rewrite configs are refused naming the file") {
+    for (std::size_t depth : {max_json_depth + 1, std::size_t{100'000}, std::size_t{1'000'000}}) {
+        INFO("depth ", depth);
+        const std::string text = R"({"r":8,"unknown":)" + pissa_test::nested_arrays(depth) + "}";
+        CHECK_THROWS_WITH_AS(parse_adapter_config(text, "cfg.json"),
+                             doctest::Contains("cfg.json: JSON nested deeper than 256 levels"), format_error);
+    }
+    // Unknown fields are kept, but bounded: 500k values 250 deep would be rewritten as ~250 MB.
+    std::string wide = pissa_test::nested_arrays(250, "0");
+    wide.insert(250, std::string(2 * 500'000, ' '));
+    for (std::size_t i = 250; i < 250 + 2 * 500'000; i += 2) wide[i] = '0', wide[i + 1] = ',';
+    CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"r":8,"unknown":)" + wide + "}", "cfg.json"),
+                         doctest::Contains("cfg.json: rewriting it would take"), format_error);
+    CHECK_THROWS_WITH_AS(parse_adapter_config(std::string(max_adapter_config_size + 1, ' '), "cfg.json"),
+                         doctest::Contains("over the 16777216-byte limit"), format_error);
+    CHECK_THROWS_WITH_AS(parse_adapter_config(std::string(R"({"r":8})") + '\0' + "junk", "cfg.json"),
+                         doctest::Contains("NUL byte"), format_error);
+    // A modest nested unknown field is kept and rewritten.
+    const AdapterConfig c = parse_adapter_config(R"({"r":8,"eva_config":{"a":[[1,2],[3]]}})", "cfg.json");
+    CHECK(to_json(c)["eva_config"]["a"][0][1] == 2);
+}
+
+TEST_CASE("long module names and patterns: bounded with a clear error, no stack overflow") {
+    AdapterConfig c;
+    c.target_regex = R"(.*\.(q|k)_proj)";
+    c.rank_pattern = {{"q_proj", 4}};
+    c.alpha_pattern = {{"k_proj", 32.0}};
+    const ModuleMatcher m(c);
+    // At the limit: matched correctly.
+    std::string at_limit;
+    while (at_limit.size() < max_module_name_length - 7) at_limit += "x.";
+    at_limit = at_limit.substr(0, max_module_name_length - 7) + ".q_proj";
+    REQUIRE(at_limit.size() == max_module_name_length);
+    CHECK(m.targets(at_limit));
+    CHECK(c.targets(at_limit));
+    CHECK(m.rank_for(at_limit) == 4);
+    CHECK(c.rank_for(at_limit) == 4);
+    // Over it (30k characters crashed std::regex's recursive executor): refused, naming the limit.
+    const std::string long_name = std::string(30'000, 'a') + ".q_proj";
+    for (const std::string& name : {long_name, at_limit + "x"}) {
+        CHECK_THROWS_WITH_AS(m.targets(name), doctest::Contains("over the limit of 1024"), pissa::invalid_argument);
+        CHECK_THROWS_WITH_AS(c.targets(name), doctest::Contains("module name '"), pissa::invalid_argument);
+        CHECK_THROWS_AS(m.rank_for(name), pissa::invalid_argument);
+        CHECK_THROWS_AS(c.alpha_for(name), pissa::invalid_argument);
+        CHECK_THROWS_AS(AdapterConfig::pattern_matches("q_proj", name), pissa::invalid_argument);
+    }
+    // Suffix lists need no regex, so no limit.
+    AdapterConfig list;
+    list.target_modules = {"q_proj"};
+    CHECK(list.targets(long_name));
+    // Patterns: length and group nesting bounded, at parse time with the file named.
+    CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"target_modules":")" + std::string(2000, 'a') + "\"}", "cfg.json"),
+                         doctest::Contains("cfg.json: target_modules regex 'aaaa"), format_error);
+    CHECK_THROWS_WITH_AS(
+        parse_adapter_config(R"({"rank_pattern":{")" + std::string(33, '(') + "a" + std::string(33, ')') + "\":2}}", "c"),
+        doctest::Contains("nests groups 33 deep"), format_error);
+    CHECK_NOTHROW(parse_adapter_config(
+        R"({"rank_pattern":{")" + std::string(32, '(') + "a" + std::string(32, ')') + R"(\\([(]":2}})", "c"));
+    // Patterns that backtrack exponentially in a backtracking matcher finish at the length limit.
+    AdapterConfig hostile;
+    hostile.target_regex = std::string("(a|a?)") + "*(a|aa)*" + "b";
+    std::string pattern;
+    for (int i = 0; i < 150; ++i) pattern += "(a|.)";
+    hostile.rank_pattern = {{pattern, 2}};
+    const ModuleMatcher h(hostile);
+    const std::string as(max_module_name_length, 'a');
+    CHECK_FALSE(h.targets(as));
+    CHECK(h.rank_for(as) == hostile.r);
+}
+
+TEST_CASE("FIFOs as adapter files are refused, not waited on") {
+    pissa_test::Watchdog watchdog(60);
+    ScratchDir dir("peft-fifo");
+    Adapter adapter;
+    adapter.modules.push_back({"m.q_proj", pissa_test::gaussian<float>(8, 6, 1), pissa_test::gaussian<float>(5, 8, 2)});
+    write_adapter(dir / "a", adapter);
+    write_adapter(dir / "b", adapter);
+    std::filesystem::remove(dir / "a" / adapter_config_name);
+    pissa_test::make_fifo(dir / "a" / adapter_config_name);
+    CHECK(is_adapter_folder(dir / "a"));
+    CHECK_THROWS_WITH_AS(read_adapter(dir / "a"), doctest::Contains("adapter_config.json: not a regular file (a FIFO)"),
+                         format_error);
+    std::filesystem::remove(dir / "b" / adapter_weights_name);
+    pissa_test::make_fifo(dir / "b" / adapter_weights_name);
+    CHECK_THROWS_WITH_AS(read_adapter(dir / "b"), doctest::Contains("not a regular file (a FIFO)"), format_error);
+}
+
+TEST_CASE("select_targets over 100,000 tensors compiles the regex once") {
+    ScratchDir dir("peft-many");
+    std::vector<OwnedTensor> tensors;
+    for (int i = 0; i < 100'000; ++i)
+        tensors.push_back({{"model.layers." + std::to_string(i / 4) + ".p" + std::to_string(i % 4) + ".weight",
+                            Dtype::F32, {1, 1}},
+                           std::vector<unsigned char>(4)});
+    write_safetensors(dir / "m.safetensors", tensors);
+    AdapterConfig c;
+    c.target_regex = R"(.*\.p[01])";
+    CHECK(select_targets(Checkpoint(dir / "m.safetensors"), c).size() == 50'000);
+}

@@ -197,3 +197,127 @@ TEST_CASE("dtype names") {
     CHECK(is_float_dtype(Dtype::BF16));
     CHECK_FALSE(is_float_dtype(Dtype::I8));
 }
+
+TEST_CASE("only spaces and JSON whitespace may pad the header: a NUL and what follows it are refused") {
+    const std::filesystem::path corpus = PISSA_IO_CORPUS;
+    CHECK(SafetensorsFile(corpus / "valid_space_padding.safetensors").tensors().empty());
+    CHECK(SafetensorsFile(corpus / "valid_whitespace_padding.safetensors").tensors().empty());
+    CHECK_THROWS_WITH_AS(SafetensorsFile(corpus / "nul_after_json.safetensors"),
+                         doctest::Contains("NUL byte at header offset 2"), format_error);
+    // A NUL inside a metadata string is refused too (JSON strings cannot hold a raw one).
+    std::string bytes = pissa_test::read_bytes(corpus / "valid_small.safetensors");
+    bytes[bytes.find("pt")] = '\0';
+    CHECK_THROWS_WITH_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(),
+                                                  bytes.size(), "x"),
+                         doctest::Contains("NUL byte"), format_error);
+}
+
+namespace {
+/// A safetensors file image whose header is `json` padded with spaces, followed by `data` bytes of zeros.
+std::string image(const std::string& json, std::size_t data = 0) {
+    std::string h = json;
+    h.append((8 - h.size() % 8) % 8, ' ');
+    std::string out(8, '\0');
+    for (int i = 0; i < 8; ++i) out[static_cast<std::size_t>(i)] = static_cast<char>((h.size() >> (8 * i)) & 0xFF);
+    return out + h + std::string(data, '\0');
+}
+SafetensorsHeader parse_image(const std::string& bytes, const std::string& name) {
+    return parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), bytes.size(),
+                                    name);
+}
+}  // namespace
+
+TEST_CASE("JSON nested deeper than max_json_depth is refused before it is built, at any depth") {
+    for (std::size_t depth : {max_json_depth + 1, std::size_t{100'000}, std::size_t{1'000'000}}) {
+        INFO("depth ", depth);
+        const std::string bytes = image("{\"__metadata__\":" + pissa_test::nested_arrays(depth) + "}");
+        CHECK_THROWS_WITH_AS(parse_image(bytes, "deep.safetensors"),
+                             doctest::Contains("deep.safetensors: JSON nested deeper than 256 levels"), format_error);
+    }
+    // At the limit the JSON itself parses (the header is then refused for its content, not its depth).
+    const std::string at_limit = image("{\"__metadata__\":" + pissa_test::nested_arrays(max_json_depth - 1) + "}");
+    CHECK_THROWS_WITH_AS(parse_image(at_limit, "f"), doctest::Contains("__metadata__ is not an object"), format_error);
+    detail::JsonStats stats;
+    const std::string objects = pissa_test::nested_arrays(max_json_depth);
+    CHECK_NOTHROW(detail::parse_json_strict(objects.data(), objects.data() + objects.size(), "f", &stats));
+    CHECK(stats.depth == max_json_depth);
+}
+
+TEST_CASE("the indented-size bound of parse_json_strict holds") {
+    for (const std::string& text : {std::string(R"({"a":[1,2,{"x":1e5,"y":"\u00e9"}],"b":{},"c":[[[]]]})"),
+                                   pissa_test::nested_arrays(200, "1,2,3,1.5E-300"), std::string("  7  ")}) {
+        detail::JsonStats stats;
+        const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), "f",
+                                                                           &stats);
+        CHECK(doc.dump(2).size() <= stats.indented_size);
+    }
+}
+
+TEST_CASE("a 100,000-tensor header parses (in linear time: it took minutes when quadratic)") {
+    std::vector<TensorInfo> tensors;
+    for (std::uint64_t i = 0; i < 100'000; ++i)
+        tensors.push_back({"model.layers." + std::to_string(i / 7) + ".mlp.p" + std::to_string(i % 7) + ".weight",
+                           Dtype::F32, {1}, 4 * i, 4 * i + 4});
+    std::string bytes = serialize_safetensors_header(tensors, {{"format", "pt"}});
+    bytes.append(4 * tensors.size(), '\0');
+    const SafetensorsHeader header = parse_image(bytes, "many");
+    REQUIRE(header.tensors.size() == tensors.size());
+    CHECK(header.tensors[99'999].name == tensors[99'999].name);
+    CHECK(header.metadata.at("format") == "pt");
+}
+
+TEST_CASE("FIFOs, devices and folders are refused before they are opened; symlinks to files are fine") {
+    pissa_test::Watchdog watchdog(60);
+    ScratchDir dir("st-fifo");
+    pissa_test::make_fifo(dir / "fifo.safetensors");
+    CHECK_THROWS_WITH_AS(SafetensorsFile(dir / "fifo.safetensors"), doctest::Contains("not a regular file (a FIFO)"),
+                         format_error);
+    CHECK_THROWS_WITH_AS(SafetensorsFile("/dev/null"), doctest::Contains("not a regular file (a device)"), format_error);
+    CHECK_THROWS_WITH_AS(SafetensorsFile(dir.path()), doctest::Contains("not a regular file (a folder)"), format_error);
+    write_safetensors(dir / "real.safetensors", {matrix_tensor("w", pissa::Matrix<float>::Ones(2, 2))});
+    std::filesystem::create_symlink(dir / "real.safetensors", dir / "link.safetensors");
+    CHECK(SafetensorsFile(dir / "link.safetensors").tensors().size() == 1);
+    std::filesystem::create_symlink(dir / "fifo.safetensors", dir / "fifo-link.safetensors");
+    CHECK_THROWS_AS(SafetensorsFile(dir / "fifo-link.safetensors"), format_error);
+    std::filesystem::create_symlink(dir / "loop-b", dir / "loop-a");
+    std::filesystem::create_symlink(dir / "loop-a", dir / "loop-b");
+    CHECK_THROWS_WITH_AS(SafetensorsFile(dir / "loop-a"), doctest::Contains("symbolic links"), io_error);
+    CHECK_THROWS_WITH_AS(SafetensorsFile(dir / "missing"), doctest::Contains("cannot open"), io_error);
+}
+
+TEST_CASE("a file truncated after opening: copies report an io_error naming file and tensor, no SIGBUS") {
+    ScratchDir dir("st-shrink");
+    const auto path = dir / "w.safetensors";
+    const pissa::Matrix<float> a = pissa_test::gaussian<float>(64, 64, 1), b = pissa_test::gaussian<float>(64, 64, 2);
+    write_safetensors(path, {matrix_tensor("a", a), matrix_tensor("b", b)});
+    SafetensorsFile file(path);
+    std::vector<unsigned char> buffer;
+    CHECK(copy_matrix_into<float>(file, file.at("b"), buffer) == pissa::RowMatrix<float>(b));
+    std::filesystem::resize_file(path, file.header().data_offset + 100);  // inside tensor 'a'
+    for (const char* name : {"a", "b"}) {
+        INFO("tensor ", name);
+        CHECK_THROWS_WITH_AS(copy_matrix_into<float>(file, file.at(name), buffer),
+                             doctest::Contains((path.string() + ": tensor '" + name + "'").c_str()), io_error);
+        CHECK_THROWS_WITH_AS(copy_matrix<float>(file, file.at(name)), doctest::Contains("shorter than when it was opened"),
+                             io_error);
+        CHECK_THROWS_AS(read_matrix<double>(file, file.at(name)), io_error);
+    }
+    std::filesystem::resize_file(path, 4);
+    CHECK_THROWS_AS(SafetensorsFile{path}, format_error);
+}
+
+TEST_CASE("the writer takes a tensor in parts") {
+    ScratchDir dir("st-parts");
+    const auto bytes = pissa_test::random_bytes(40, 3);
+    SafetensorsWriter writer(dir / "p.safetensors", {{"a", Dtype::U8, {40}}, {"e", Dtype::U8, {0}}, {"b", Dtype::U8, {2}}});
+    writer.write_part(bytes.data(), 15);
+    CHECK_THROWS_AS(writer.write(bytes.data(), 25), pissa::invalid_argument);  // mid-tensor
+    CHECK_THROWS_AS(writer.write_part(bytes.data(), 26), pissa::invalid_argument);
+    writer.write_part(bytes.data() + 15, 25);
+    writer.write_part(nullptr, 0);
+    writer.write(bytes.data(), 2);
+    writer.commit();
+    SafetensorsFile file(dir / "p.safetensors");
+    const ByteView v = file.bytes(file.at("a"));
+    CHECK(std::equal(v.data, v.data + v.size, bytes.begin()));
+}

@@ -5,7 +5,9 @@
 ///
 /// Reading maps every shard (io/safetensors.hpp) and checks the index against them: each tensor of
 /// `weight_map` is in the shard it names, every tensor of every shard is listed, no tensor is in two
-/// shards, shard names are plain file names inside the folder.
+/// shards, shard names are plain file names inside the folder. Only regular files are opened (a
+/// FIFO, device or socket is refused before it is opened); the index is at most max_index_size bytes
+/// of JSON nested at most max_json_depth deep. Opening is O(n log n) in the number of tensors.
 ///
 /// rewrite_checkpoint() writes a checkpoint with the same file names, tensor names, order, shapes,
 /// dtypes and `__metadata__`, taking each tensor either unchanged (copied byte for byte from the
@@ -27,23 +29,56 @@
 #include <map>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace pissa::io {
 
 /// The index file of a sharded checkpoint.
 inline constexpr const char* index_file_name = "model.safetensors.index.json";
 
+/// The largest index file read (bytes), the same cap as the reference's on a safetensors header: an
+/// index lists one line per tensor (about 100 bytes), so 100 MB is a million tensors.
+inline constexpr std::uint64_t max_index_size = 100'000'000;
+
 namespace detail {
 
-inline std::string read_text_file(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw io_error(path.string() + ": cannot open");
-    std::ostringstream text;
-    text << in.rdbuf();
-    return text.str();
+/// Reads a whole regular file of at most `max_size` bytes (`what` names the kind of file in the
+/// error). Non-regular files are refused before they are opened (see open_regular_file).
+/// \throws pissa::io::format_error for a non-regular or oversized file, io_error when reading fails.
+inline std::string read_text_file(const std::filesystem::path& path, std::uint64_t max_size, const char* what) {
+    const int fd = open_regular_file(path);
+    struct Closer {
+        int fd;
+        ~Closer() { ::close(fd); }
+    } closer{fd};
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) throw io_error(path.string() + ": cannot stat: " + errno_text());
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    if (size > max_size)
+        throw format_error(pissa::detail::concat(path.string(), ": ", size, " bytes, over the ", max_size,
+                                                 "-byte limit for ", what));
+    std::string text(static_cast<std::size_t>(size), '\0');
+    if (pread_full(fd, text.data(), text.size(), 0, path.string()) < text.size())
+        throw io_error(path.string() + ": the file got shorter while being read");
+    return text;
+}
+
+/// True when something is at `path`, even a dangling or looping symlink (opening it then reports
+/// the real problem); never throws.
+inline bool path_exists(const std::filesystem::path& path) {
+    std::error_code ec;
+    return std::filesystem::symlink_status(path, ec).type() != std::filesystem::file_type::not_found && !ec;
+}
+
+/// True for a folder (after following symlinks); false for anything else or an error.
+inline bool is_folder(const std::filesystem::path& path) {
+    std::error_code ec;
+    return std::filesystem::is_directory(path, ec);
 }
 
 /// Writes a small text file atomically (temporary file beside it, then rename).
@@ -67,6 +102,43 @@ inline bool plain_file_name(const std::string& name) {
 
 }  // namespace detail
 
+/// A parsed model.safetensors.index.json, checked on its own (the shards are not looked at).
+struct CheckpointIndex {
+    nlohmann::ordered_json json;                    ///< the whole document, key order kept for the rewrite
+    std::vector<std::string> shards;                ///< shard file names, by first appearance in weight_map
+    std::map<std::string, std::string> weight_map;  ///< tensor name -> shard file name
+};
+
+/// Parses the text of an index: a JSON object (at most max_index_size bytes, nested at most
+/// max_json_depth deep, no duplicate keys) with a "weight_map" object from tensor names to plain
+/// file names (no folders, no ".."); other fields (such as "metadata") are kept as they are, as long
+/// as the two-space indented rewrite stays under 4 x max_index_size bytes. Linear in the text.
+/// \throws pissa::io::format_error naming `file`.
+inline CheckpointIndex parse_checkpoint_index(const std::string& text, const std::string& file) {
+    if (text.size() > max_index_size)
+        throw format_error(pissa::detail::concat(file, ": ", text.size(), " bytes, over the ", max_index_size,
+                                                 "-byte limit for a checkpoint index"));
+    CheckpointIndex index;
+    detail::JsonStats stats;
+    index.json =
+        detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), file, &stats);
+    if (stats.indented_size > 4 * max_index_size)
+        throw format_error(pissa::detail::concat(file, ": rewriting it would take up to ", stats.indented_size,
+                                                 " bytes, over the ", 4 * max_index_size, "-byte limit"));
+    const auto map = index.json.is_object() ? index.json.find("weight_map") : index.json.end();
+    if (!index.json.is_object() || map == index.json.end() || !map->is_object())
+        throw format_error(file + ": no \"weight_map\" object");
+    std::set<std::string> seen;
+    for (const auto& [tensor, shard] : map->items()) {
+        if (!shard.is_string() || !detail::plain_file_name(shard.get_ref<const std::string&>()))
+            throw format_error(file + ": weight_map entry '" + tensor + "' must name a shard file in the same folder");
+        const auto& name = shard.get_ref<const std::string&>();
+        if (seen.insert(name).second) index.shards.push_back(name);
+        index.weight_map.emplace(tensor, name);
+    }
+    return index;
+}
+
 /// A checkpoint (single file or sharded folder) read as one model.
 class Checkpoint {
 public:
@@ -76,20 +148,23 @@ public:
     ///         no (or several unindexed) safetensors files; io_error when a file cannot be read.
     explicit Checkpoint(const std::filesystem::path& path) : m_root(path) {
         namespace fs = std::filesystem;
-        if (!fs::exists(path)) throw format_error(path.string() + ": no such file or folder");
-        if (!fs::is_directory(path)) {
+        if (!detail::path_exists(path)) throw format_error(path.string() + ": no such file or folder");
+        if (!detail::is_folder(path)) {
             add_shard(path);
-        } else if (fs::exists(path / index_file_name)) {
+        } else if (detail::path_exists(path / index_file_name)) {
             m_folder = true;
             m_sharded = true;
             open_index();
         } else {
             m_folder = true;
             std::vector<fs::path> files;
-            for (const auto& entry : fs::directory_iterator(path))
-                if (entry.is_regular_file() && entry.path().extension() == ".safetensors") files.push_back(entry.path());
+            std::error_code ec;
+            for (const auto& entry : fs::directory_iterator(path)) {
+                // Only regular files (after symlinks) are candidates; a FIFO or a broken link is not.
+                if (entry.path().extension() == ".safetensors" && entry.is_regular_file(ec)) files.push_back(entry.path());
+            }
             std::sort(files.begin(), files.end());
-            if (fs::exists(path / "model.safetensors")) files = {path / "model.safetensors"};
+            if (detail::path_exists(path / "model.safetensors")) files = {path / "model.safetensors"};
             if (files.size() != 1)
                 throw format_error(path.string() + (files.empty() ? ": no .safetensors file in the folder"
                                                                   : ": several .safetensors files but no " +
@@ -143,8 +218,9 @@ public:
         if (!m_folder) return out;
         std::set<std::string> own = {index_file_name};
         for (const auto& shard : m_shards) own.insert(shard->path().filename().string());
+        std::error_code ec;
         for (const auto& entry : std::filesystem::directory_iterator(m_root))
-            if (entry.is_regular_file() && !own.count(entry.path().filename().string())) out.push_back(entry.path());
+            if (!own.count(entry.path().filename().string()) && entry.is_regular_file(ec)) out.push_back(entry.path());
         std::sort(out.begin(), out.end());
         return out;
     }
@@ -163,35 +239,24 @@ private:
 
     void open_index() {
         const auto index_path = m_root / index_file_name;
-        const std::string text = detail::read_text_file(index_path);
-        m_index = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(),
-                                                                    index_path.string());
-        const auto map = m_index.is_object() ? m_index.find("weight_map") : m_index.end();
-        if (!m_index.is_object() || map == m_index.end() || !map->is_object())
-            throw format_error(index_path.string() + ": no \"weight_map\" object");
-        std::vector<std::string> order;
-        std::map<std::string, std::string> expected;  // tensor -> shard
-        for (const auto& [tensor, shard] : map->items()) {
-            if (!shard.is_string() || !detail::plain_file_name(shard.get<std::string>()))
-                throw format_error(index_path.string() + ": weight_map entry '" + tensor +
-                                   "' must name a shard file in the same folder");
-            const auto name = shard.get<std::string>();
-            if (std::find(order.begin(), order.end(), name) == order.end()) order.push_back(name);
-            expected.emplace(tensor, name);
-        }
-        for (const auto& name : order) {
-            if (!std::filesystem::exists(m_root / name))
+        CheckpointIndex index = parse_checkpoint_index(
+            detail::read_text_file(index_path, max_index_size, "a checkpoint index"), index_path.string());
+        m_index = std::move(index.json);
+        for (const auto& name : index.shards) {
+            if (!detail::path_exists(m_root / name))
                 throw format_error(index_path.string() + ": shard '" + name + "' listed in weight_map does not exist");
             add_shard(m_root / name);
         }
-        for (const auto& [tensor, shard] : expected) {
+        std::vector<std::string> shard_names;
+        for (const auto& shard : m_shards) shard_names.push_back(shard->path().filename().string());
+        for (const auto& [tensor, shard] : index.weight_map) {
             const auto it = m_where.find(tensor);
-            if (it == m_where.end() || m_shards[it->second]->path().filename() != shard)
+            if (it == m_where.end() || shard_names[it->second] != shard)
                 throw format_error(index_path.string() + ": weight_map puts tensor '" + tensor + "' in '" + shard +
                                    "', which does not hold it");
         }
         for (const auto& [tensor, k] : m_where)
-            if (!expected.count(tensor))
+            if (!index.weight_map.count(tensor))
                 throw format_error(m_shards[k]->path().string() + ": tensor '" + tensor + "' is not listed in " +
                                    index_path.string());
     }
@@ -218,10 +283,13 @@ using RewriteProgress = std::function<void(std::size_t, std::size_t, const Tenso
 /// updated. `rewrite` gives a tensor's new bytes or declines to copy it unchanged. When
 /// `copy_other_files` is set, the other files of a model folder (config.json, ...) are copied too.
 /// The next tensor is read from disk in the background while the current one is rewritten.
+/// Unchanged tensors are copied with pread(2) through `bytes`, in pieces of at most 16 MiB.
 /// \throws pissa::invalid_argument when `rewrite` returns a wrong byte count (naming the tensor),
-///         io_error when writing fails; every shard is written atomically.
+///         io_error when writing fails or an input shard has become shorter since it was opened
+///         (naming it and the tensor); every shard is written atomically, so no partial output.
 inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path& out_dir, const TensorRewrite& rewrite,
                                const RewriteProgress& progress = {}, bool copy_other_files = true) {
+    constexpr std::uint64_t copy_piece = std::uint64_t{16} << 20;  // bytes per read/write of an unchanged tensor
     const std::size_t count = in.size();
     std::size_t done = 0;
     std::vector<unsigned char> buffer;
@@ -238,8 +306,17 @@ inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path
             if (rewrite && rewrite(*shard, t, buffer)) {
                 writer.write(buffer.data(), buffer.size());
             } else {
-                const ByteView bytes = shard->bytes(t);
-                writer.write(bytes.data, bytes.size);
+                // Streamed through `buffer` in pieces with pread(2) (SafetensorsFile::read), not
+                // written from the mapping: a shard truncated meanwhile is an io_error, not SIGBUS.
+                const std::uint64_t size = t.nbytes();
+                if (size == 0) writer.write(nullptr, 0);
+                for (std::uint64_t at = 0; at < size;) {
+                    const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(size - at, copy_piece));
+                    if (buffer.size() < piece) buffer.resize(piece);
+                    shard->read(t, at, buffer.data(), piece);
+                    writer.write_part(buffer.data(), piece);
+                    at += piece;
+                }
             }
             shard->release(t);
             ++done;

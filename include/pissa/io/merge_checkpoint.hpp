@@ -52,10 +52,11 @@ using MergeProgress = std::function<void(std::size_t index, std::size_t count, c
 inline std::map<std::string, const LoraModule*> merge_plan(const Checkpoint& model, const Adapter& adapter,
                                                           std::vector<std::string>* skipped = nullptr) {
     const auto& config = adapter.config;
+    const ModuleMatcher matcher(config);
     std::map<std::string, const LoraModule*> by_weight;
     const std::string where = model.root().string();
     for (const auto& m : adapter.modules) {
-        if (!config.targets(m.name)) {
+        if (!matcher.targets(m.name)) {
             if (skipped) skipped->push_back(m.name);
             continue;
         }
@@ -73,7 +74,7 @@ inline std::map<std::string, const LoraModule*> merge_plan(const Checkpoint& mod
                 "] does not fit A [" + std::to_string(m.A.rows()) + ", " + std::to_string(m.A.cols()) + "] and B [" +
                 std::to_string(m.B.rows()) + ", " + std::to_string(m.B.cols()) + "]" +
                 (config.fan_in_fan_out ? " (fan_in_fan_out: stored [in, out])" : ""));
-        const double s = config.scaling_for(m.name);
+        const double s = matcher.scaling_for(m.name);
         if (!std::isfinite(s) || !m.A.allFinite() || !m.B.allFinite())
             throw pissa::invalid_argument(where + ": module '" + m.name + "': " +
                                           (std::isfinite(s) ? "A or B holds non-finite values"

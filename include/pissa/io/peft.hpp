@@ -13,7 +13,13 @@
 ///   `re.match(rf"(.*\.)?({k})$", module)` gives the module's rank / alpha; otherwise `r` / `lora_alpha`.
 /// - scaling: alpha / r, or alpha / sqrt(r) with `use_rslora`.
 /// Regular expressions use std::regex (ECMAScript), which agrees with Python's `re` on the patterns
-/// peft configs use (alternation, classes, `.*`, `\d`, groups); lookbehind and named groups differ.
+/// peft configs use (alternation, classes, `.*`, `\d`, groups); lookbehind and named groups differ,
+/// and back-references are refused (libstdc++'s polynomial executor has none).
+/// Limits against hostile input: adapter_config.json at most max_adapter_config_size (16 MiB) of
+/// JSON nested at most max_json_depth (256) deep; patterns at most max_pattern_length (1024)
+/// characters with groups nested at most max_pattern_group_depth (32) deep; module names matched
+/// against a pattern at most max_module_name_length (1024) characters (pissa::invalid_argument,
+/// or format_error from read_adapter, naming the module and the limit).
 #pragma once
 
 #include <pissa/convert.hpp>
@@ -26,9 +32,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -46,8 +55,99 @@ namespace pissa::io {
 inline constexpr const char* adapter_config_name = "adapter_config.json";
 inline constexpr const char* adapter_weights_name = "adapter_model.safetensors";
 
+/// The largest adapter_config.json read (peft writes about 1 KB; a rank_pattern for every module
+/// of a large model is some 100 KB).
+inline constexpr std::uint64_t max_adapter_config_size = std::uint64_t{16} << 20;
+/// Module names longer than this are refused by regular-expression matching (real ones are under
+/// 200 characters). libstdc++'s std::regex recurses once per character in its default executor and
+/// overflowed an 8 MiB stack at 16k-32k characters (4k-8k under AddressSanitizer); pissa uses the
+/// executor whose recursion is bounded by the pattern instead (libstdc++), and this bound keeps
+/// the matching time (name x pattern length) and any other standard library's recursion small.
+inline constexpr std::size_t max_module_name_length = 1024;
+/// Longest target_modules regex or rank_pattern / alpha_pattern key accepted.
+inline constexpr std::size_t max_pattern_length = 1024;
+/// Deepest nesting of groups `( ... )` accepted in a pattern: std::regex compiles by recursive
+/// descent (it overflowed an 8 MiB stack at 2k-4k nested groups under AddressSanitizer).
+inline constexpr std::size_t max_pattern_group_depth = 32;
+
+namespace detail {
+
+/// "the first 60 characters..." of a long name, for messages.
+inline std::string shortened(const std::string& s) { return s.size() <= 80 ? s : s.substr(0, 60) + "..."; }
+
+/// Checks a pattern's length and group nesting. \throws pissa::invalid_argument naming `what`.
+inline void check_pattern(const std::string& pattern, const std::string& what) {
+    pissa::detail::require(pattern.size() <= max_pattern_length, what, " '", shortened(pattern), "' has ", pattern.size(),
+                           " characters, over the limit of ", max_pattern_length);
+    std::size_t depth = 0, deepest = 0;
+    bool in_class = false;
+    for (std::size_t i = 0; i < pattern.size(); ++i) {
+        const char c = pattern[i];
+        if (c == '\\') {
+            ++i;  // an escaped character is never a bracket
+        } else if (in_class) {
+            in_class = c != ']';
+        } else if (c == '[') {
+            in_class = true;
+        } else if (c == '(') {
+            deepest = std::max(deepest, ++depth);
+        } else if (c == ')' && depth > 0) {
+            --depth;
+        }
+    }
+    pissa::detail::require(deepest <= max_pattern_group_depth, what, " '", shortened(pattern), "' nests groups ",
+                           deepest, " deep, over the limit of ", max_pattern_group_depth);
+}
+
+/// Compiles a pattern (ECMAScript, as peft's re patterns). With libstdc++ the compiled regex uses
+/// its polynomial executor: time O(name x pattern) with no backtracking blow-up, and recursion
+/// bounded by the pattern, not the name; back-references are then refused (peft patterns have none).
+/// \throws pissa::invalid_argument for a pattern over the limits; std::regex_error for a bad one.
+inline std::regex compile_pattern(const std::string& pattern, const std::string& what) {
+    check_pattern(pattern, what);
+#if defined(__GLIBCXX__)
+    return std::regex(pattern, std::regex::ECMAScript | std::regex_constants::__polynomial);
+#else
+    return std::regex(pattern, std::regex::ECMAScript);
+#endif
+}
+
+/// peft get_pattern_key's regex for a rank_pattern / alpha_pattern key: (.*\.)?(key), full match.
+/// The limits apply to the key; the wrapper adds 14 characters and one level of groups.
+inline std::regex compile_pattern_key(const std::string& key) {
+    check_pattern(key, "rank_pattern / alpha_pattern key");
+    const std::string pattern = "(.*\\.)?(" + key + ")";
+#if defined(__GLIBCXX__)
+    return std::regex(pattern, std::regex::ECMAScript | std::regex_constants::__polynomial);
+#else
+    return std::regex(pattern, std::regex::ECMAScript);
+#endif
+}
+
+/// regex_match of a module name, refusing names over max_module_name_length.
+/// \throws pissa::invalid_argument naming the module and the limit.
+inline bool match_module(const std::regex& re, const std::string& module) {
+    pissa::detail::require(module.size() <= max_module_name_length, "module name '", shortened(module), "' has ",
+                           module.size(), " characters, over the limit of ", max_module_name_length,
+                           " for matching it against target_modules / rank_pattern / alpha_pattern");
+    return std::regex_match(module, re);
+}
+
+/// peft's list form of target_modules: the name equals an entry or ends with "." + entry.
+inline bool suffix_match(const std::vector<std::string>& entries, const std::string& module) {
+    for (const auto& t : entries)
+        if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
+                            module[module.size() - t.size() - 1] == '.'))
+            return true;
+    return false;
+}
+
+}  // namespace detail
+
 /// The fields of peft's LoraConfig that pissa reads and writes (names as in adapter_config.json).
 /// Unknown fields are ignored on read and kept in `extra` so that a rewrite preserves them.
+/// The matching methods compile the patterns they use on every call; to match many modules, build
+/// a ModuleMatcher once.
 struct AdapterConfig {
     std::string peft_type = "LORA";
     std::string task_type = "CAUSAL_LM";
@@ -66,13 +166,12 @@ struct AdapterConfig {
     nlohmann::ordered_json extra = nlohmann::ordered_json::object();  ///< other fields, kept as read
 
     /// True when peft would put a LoRA layer on the module (see the file comment).
+    /// \throws pissa::invalid_argument for a module name over max_module_name_length when
+    ///         target_regex is used, or a pattern over the limits (see detail::check_pattern).
     bool targets(const std::string& module) const {
-        if (!target_regex.empty()) return std::regex_match(module, std::regex(target_regex));
-        for (const auto& t : target_modules)
-            if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
-                                module[module.size() - t.size() - 1] == '.'))
-                return true;
-        return false;
+        if (!target_regex.empty())
+            return detail::match_module(detail::compile_pattern(target_regex, "target_modules regex"), module);
+        return detail::suffix_match(target_modules, module);
     }
     /// The module's rank: the first matching rank_pattern entry, else r.
     Index rank_for(const std::string& module) const {
@@ -92,14 +191,70 @@ struct AdapterConfig {
     }
     /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
     static bool pattern_matches(const std::string& key, const std::string& module) {
-        return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
+        return detail::match_module(detail::compile_pattern_key(key), module);
     }
 };
 
-/// Parses adapter_config.json text. \throws pissa::io::format_error naming `file` for a wrong type
-/// or a non-LORA peft_type.
+/// A config's target_modules, rank_pattern and alpha_pattern compiled once, for matching many
+/// modules (AdapterConfig's own methods compile on every call). Same answers as AdapterConfig's
+/// methods; it copies what it needs, so the config may change or go away afterwards.
+class ModuleMatcher {
+public:
+    /// \throws pissa::invalid_argument for a pattern over the limits; std::regex_error for an invalid one.
+    explicit ModuleMatcher(const AdapterConfig& config)
+        : m_suffixes(config.target_modules), m_r(config.r), m_alpha(config.lora_alpha), m_rslora(config.use_rslora) {
+        if (!config.target_regex.empty())
+            m_target = std::make_unique<std::regex>(detail::compile_pattern(config.target_regex, "target_modules regex"));
+        for (const auto& [key, value] : config.rank_pattern) m_ranks.emplace_back(detail::compile_pattern_key(key), value);
+        for (const auto& [key, value] : config.alpha_pattern) m_alphas.emplace_back(detail::compile_pattern_key(key), value);
+    }
+    /// AdapterConfig::targets.
+    bool targets(const std::string& module) const {
+        return m_target ? detail::match_module(*m_target, module) : detail::suffix_match(m_suffixes, module);
+    }
+    /// AdapterConfig::rank_for.
+    Index rank_for(const std::string& module) const {
+        for (const auto& [re, value] : m_ranks)
+            if (detail::match_module(re, module)) return value;
+        return m_r;
+    }
+    /// AdapterConfig::alpha_for.
+    double alpha_for(const std::string& module) const {
+        for (const auto& [re, value] : m_alphas)
+            if (detail::match_module(re, module)) return value;
+        return m_alpha;
+    }
+    /// AdapterConfig::scaling_for.
+    double scaling_for(const std::string& module) const {
+        return lora_scaling(alpha_for(module), rank_for(module), m_rslora);
+    }
+
+private:
+    std::vector<std::string> m_suffixes;
+    std::unique_ptr<std::regex> m_target;
+    std::vector<std::pair<std::regex, Index>> m_ranks;
+    std::vector<std::pair<std::regex, double>> m_alphas;
+    Index m_r;
+    double m_alpha;
+    bool m_rslora;
+};
+
+/// Parses adapter_config.json text: at most max_adapter_config_size bytes of JSON nested at most
+/// max_json_depth deep, whose two-space indented rewrite (write_adapter) stays under 4 x
+/// max_adapter_config_size bytes; patterns within max_pattern_length and max_pattern_group_depth.
+/// Unknown fields are kept in `extra` (bounded by those limits).
+/// \throws pissa::io::format_error naming `file` for a wrong type, a non-LORA peft_type, an invalid
+///         regular expression or any of the limits.
 inline AdapterConfig parse_adapter_config(const std::string& text, const std::string& file) {
-    const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), file);
+    if (text.size() > max_adapter_config_size)
+        throw format_error(pissa::detail::concat(file, ": ", text.size(), " bytes, over the ", max_adapter_config_size,
+                                                 "-byte limit for an adapter config"));
+    detail::JsonStats stats;
+    const auto doc =
+        detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), file, &stats);
+    if (stats.indented_size > 4 * max_adapter_config_size)
+        throw format_error(pissa::detail::concat(file, ": rewriting it would take up to ", stats.indented_size,
+                                                 " bytes, over the ", 4 * max_adapter_config_size, "-byte limit"));
     if (!doc.is_object()) throw format_error(file + ": not a JSON object");
     AdapterConfig c;
     c.extra = nlohmann::ordered_json::object();
@@ -167,11 +322,11 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
     }
     if (c.peft_type != "LORA") throw format_error(file + ": peft_type '" + c.peft_type + "' is not LORA");
     try {
-        if (!c.target_regex.empty()) std::regex check(c.target_regex);
-        for (const auto& [k, v] : c.rank_pattern) std::regex check("(.*\\.)?(" + k + ")");
-        for (const auto& [k, v] : c.alpha_pattern) std::regex check("(.*\\.)?(" + k + ")");
+        ModuleMatcher check(c);
     } catch (const std::regex_error& e) {
         throw format_error(file + ": invalid regular expression in target_modules or a pattern: " + e.what());
+    } catch (const pissa::invalid_argument& e) {
+        throw format_error(file + ": " + e.what());
     }
     return c;
 }
@@ -252,15 +407,16 @@ inline std::string module_of_weight(const std::string& tensor) {
 
 /// True for a folder holding adapter_config.json.
 inline bool is_adapter_folder(const std::filesystem::path& path) {
-    return std::filesystem::is_directory(path) && std::filesystem::exists(path / adapter_config_name);
+    return detail::is_folder(path) && detail::path_exists(path / adapter_config_name);
 }
 
 /// Reads the adapter_config.json of an adapter folder.
 /// \throws pissa::io::format_error naming the file.
 inline AdapterConfig read_adapter_config(const std::filesystem::path& dir) {
     const auto config_path = dir / adapter_config_name;
-    if (!std::filesystem::exists(config_path)) throw format_error(dir.string() + ": no " + adapter_config_name);
-    return parse_adapter_config(detail::read_text_file(config_path), config_path.string());
+    if (!detail::path_exists(config_path)) throw format_error(dir.string() + ": no " + adapter_config_name);
+    return parse_adapter_config(detail::read_text_file(config_path, max_adapter_config_size, "an adapter config"),
+                                config_path.string());
 }
 
 /// Reads an adapter folder. Every key of the weights file must be a peft LoRA key, each module must
@@ -269,8 +425,9 @@ inline AdapterConfig read_adapter_config(const std::filesystem::path& dir) {
 inline Adapter read_adapter(const std::filesystem::path& dir) {
     Adapter adapter;
     adapter.config = read_adapter_config(dir);
+    const ModuleMatcher matcher(adapter.config);
     const auto weights_path = dir / adapter_weights_name;
-    if (!std::filesystem::exists(weights_path)) throw format_error(dir.string() + ": no " + adapter_weights_name);
+    if (!detail::path_exists(weights_path)) throw format_error(dir.string() + ": no " + adapter_weights_name);
     SafetensorsFile file(weights_path);
     adapter.metadata = file.metadata();
     const std::string prefix = "base_model.model.";
@@ -294,7 +451,12 @@ inline Adapter read_adapter(const std::filesystem::path& dir) {
     for (const auto& m : adapter.modules) {
         if (m.A.size() == 0 && m.A.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'A'));
         if (m.B.size() == 0 && m.B.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'B'));
-        const Index rank = adapter.config.rank_for(m.name);
+        Index rank = 0;
+        try {
+            rank = matcher.rank_for(m.name);
+        } catch (const pissa::invalid_argument& e) {
+            throw format_error(weights_path.string() + ": " + e.what());
+        }
         if (m.A.rows() != rank || m.B.cols() != rank)
             throw format_error(weights_path.string() + ": module '" + m.name + "': A [" + std::to_string(m.A.rows()) +
                                ", " + std::to_string(m.A.cols()) + "] and B [" + std::to_string(m.B.rows()) + ", " +
@@ -319,17 +481,20 @@ inline void write_adapter(const std::filesystem::path& dir, const Adapter& adapt
 
 /// The names of the weights a config targets in a checkpoint: `<module>.weight` tensors that are
 /// 2-D float (F32/F16/BF16/F64) and whose module the config targets, in checkpoint order.
+/// Linear in the number of tensors (the patterns are compiled once).
 /// \throws pissa::invalid_argument when nothing matches, listing the module names the model has
-///         (grouped by their last component, with counts).
+///         (grouped by their last component, with counts), or for a module name over
+///         max_module_name_length when target_modules is a regex.
 inline std::vector<std::string> select_targets(const Checkpoint& model, const AdapterConfig& config) {
     std::vector<std::string> out;
     std::map<std::string, int> available;
+    const ModuleMatcher matcher(config);
     for (const auto& shard : model.shards())
         for (const auto& t : shard->tensors()) {
             const std::string module = module_of_weight(t.name);
             if (module.empty() || !is_float_matrix(t)) continue;
             available[module.substr(module.rfind('.') + 1)]++;
-            if (config.targets(module)) out.push_back(t.name);
+            if (matcher.targets(module)) out.push_back(t.name);
         }
     if (out.empty()) {
         std::string list;

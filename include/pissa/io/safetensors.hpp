@@ -2,9 +2,13 @@
 /// \brief safetensors files: a memory-mapped, validating reader with zero-copy views, and an atomic
 /// streaming writer.
 ///
-/// Reading: SafetensorsFile maps the file read-only and validates its header completely
-/// (io/safetensors_header.hpp) before anything can be accessed, so bytes(t) always lies inside the
-/// mapping. Nothing is copied: a checkpoint of any size costs its page cache, not heap.
+/// Reading: SafetensorsFile opens only a regular file (a FIFO, device or socket is refused before it is
+/// opened), maps it read-only and validates its header completely (io/safetensors_header.hpp) before
+/// anything can be accessed, so every tensor lies inside the file as it was when opened. read(t, ...)
+/// copies a tensor's bytes with pread(2): if another process truncates the file meanwhile, that is an
+/// io_error naming the file and tensor. bytes(t) is a zero-copy view into the mapping, which such a
+/// truncation turns into SIGBUS on access; the library's own copies (copy_matrix_into, copy_matrix,
+/// rewrite_checkpoint) all go through read().
 ///
 /// Writing: SafetensorsWriter takes the full list of tensors first (the header must precede the data),
 /// writes the header padded with spaces to 8 bytes, then receives each tensor's bytes in order and
@@ -52,39 +56,99 @@ namespace detail {
 
 inline std::string errno_text() { return std::strerror(errno); }
 
-/// A read-only private mapping of a whole file (empty files map to nothing).
+/// What kind of non-regular file `mode` is, for messages.
+inline const char* file_kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a folder";
+    if (S_ISFIFO(mode)) return "a FIFO";
+    if (S_ISSOCK(mode)) return "a socket";
+    if (S_ISCHR(mode) || S_ISBLK(mode)) return "a device";
+    return "not a regular file";
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (after following symlinks) before
+/// it is opened: opening a FIFO for reading blocks until a writer appears, and a device or a socket
+/// has no size to validate against. O_NONBLOCK covers a path swapped for a FIFO between the stat()
+/// and the open() (the fstat() then refuses it); it changes nothing for a regular file.
+/// \throws pissa::io::format_error for a non-regular file, io_error when it cannot be opened (a
+///         symlink loop gives "Too many levels of symbolic links").
+inline int open_regular_file(const std::filesystem::path& path) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) throw io_error(path.string() + ": cannot open: " + errno_text());
+    if (!S_ISREG(st.st_mode))
+        throw format_error(path.string() + ": not a regular file (" + file_kind(st.st_mode) + ")");
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) throw io_error(path.string() + ": cannot open: " + errno_text());
+    if (::fstat(fd, &st) != 0) {
+        const std::string why = errno_text();
+        ::close(fd);
+        throw io_error(path.string() + ": cannot stat: " + why);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw format_error(path.string() + ": not a regular file (" + file_kind(st.st_mode) + ")");
+    }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    return fd;
+}
+
+/// Reads exactly `size` bytes at `offset` of `fd` into `out`, retrying short reads; returns how many
+/// bytes were read, less than `size` only when the file ends first (it was truncated meanwhile).
+/// \throws io_error (naming `what`) when the read fails.
+inline std::size_t pread_full(int fd, void* out, std::size_t size, std::uint64_t offset, const std::string& what) {
+    auto* p = static_cast<unsigned char*>(out);
+    std::size_t done = 0;
+    while (done < size) {
+        const ssize_t n = ::pread(fd, p + done, size - done, static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) throw io_error(what + ": read failed: " + errno_text());
+        if (n == 0) break;
+        done += static_cast<std::size_t>(n);
+    }
+    return done;
+}
+
+/// A read-only private mapping of a whole regular file (empty files map to nothing), plus the open
+/// descriptor, through which read() copies bytes out with pread(2).
+///
+/// The mapping is not safe against the file shrinking while it is in use: touching a page past the
+/// new end raises SIGBUS. read() is: a file that got shorter gives a short read, reported as an
+/// io_error. Copies therefore go through read(); the mapping serves zero-copy views.
 class MappedFile {
 public:
-    explicit MappedFile(const std::filesystem::path& path) {
-        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-        if (fd < 0) throw io_error(path.string() + ": cannot open: " + errno_text());
+    explicit MappedFile(const std::filesystem::path& path) : m_fd(open_regular_file(path)) {
         struct stat st {};
-        if (::fstat(fd, &st) != 0) {
-            ::close(fd);
-            throw io_error(path.string() + ": cannot stat: " + errno_text());
-        }
-        if (!S_ISREG(st.st_mode)) {
-            ::close(fd);
-            throw format_error(path.string() + ": not a regular file");
+        if (::fstat(m_fd, &st) != 0) {
+            const std::string why = errno_text();
+            ::close(m_fd);
+            throw io_error(path.string() + ": cannot stat: " + why);
         }
         m_size = static_cast<std::size_t>(st.st_size);
         if (m_size > 0) {
-            void* p = ::mmap(nullptr, m_size, PROT_READ, MAP_PRIVATE, fd, 0);
+            void* p = ::mmap(nullptr, m_size, PROT_READ, MAP_PRIVATE, m_fd, 0);
             if (p == MAP_FAILED) {
-                ::close(fd);
-                throw io_error(path.string() + ": cannot map: " + errno_text());
+                const std::string why = errno_text();
+                ::close(m_fd);
+                throw io_error(path.string() + ": cannot map: " + why);
             }
             m_data = static_cast<const unsigned char*>(p);
         }
-        ::close(fd);
     }
     MappedFile(const MappedFile&) = delete;
     MappedFile& operator=(const MappedFile&) = delete;
     ~MappedFile() {
         if (m_data) ::munmap(const_cast<unsigned char*>(m_data), m_size);
+        ::close(m_fd);
     }
     const unsigned char* data() const { return m_data; }
+    /// The size when the file was opened.
     std::size_t size() const { return m_size; }
+    int fd() const { return m_fd; }
+
+    /// Copies [offset, offset + size) of the file into `out` with pread(2); returns the bytes read,
+    /// fewer than `size` when the file has been truncated since it was opened.
+    std::size_t read(std::uint64_t offset, void* out, std::size_t size, const std::string& what) const {
+        return pread_full(m_fd, out, size, offset, what);
+    }
 
     /// Drops the whole pages inside [offset, offset + length) from memory (MADV_DONTNEED on a
     /// read-only private mapping: the file is untouched and the pages are faulted in again on use).
@@ -95,17 +159,19 @@ public:
             ::madvise(const_cast<unsigned char*>(m_data) + first, static_cast<std::size_t>(last - first), MADV_DONTNEED);
     }
 
-    /// Asks the kernel to start reading [offset, offset + length) now (MADV_WILLNEED): one large
-    /// read-ahead instead of page faults with a small read-ahead window, and overlapped with
-    /// whatever the caller computes meanwhile. Only advice: a refusal changes nothing.
+    /// Asks the kernel to start reading [offset, offset + length) into the page cache now
+    /// (POSIX_FADV_WILLNEED): one large read-ahead instead of reads with a small read-ahead window,
+    /// overlapped with whatever the caller computes meanwhile. It serves read() and the mapping
+    /// alike, and touches no page itself (so it is harmless on a truncated file). Only advice: a
+    /// refusal changes nothing.
     void will_need(std::uint64_t offset, std::uint64_t length) const {
-        const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-        const std::uint64_t first = offset / page * page, end = std::min<std::uint64_t>(offset + length, m_size);
-        if (m_data && end > first)
-            ::madvise(const_cast<unsigned char*>(m_data) + first, static_cast<std::size_t>(end - first), MADV_WILLNEED);
+        const std::uint64_t end = std::min<std::uint64_t>(offset + length, m_size);
+        if (end > offset)
+            ::posix_fadvise(m_fd, static_cast<off_t>(offset), static_cast<off_t>(end - offset), POSIX_FADV_WILLNEED);
     }
 
 private:
+    int m_fd = -1;
     const unsigned char* m_data = nullptr;
     std::size_t m_size = 0;
 };
@@ -131,7 +197,8 @@ public:
     /// \throws pissa::io::format_error for a malformed file (message names the file and tensor),
     ///         pissa::io::io_error when the file cannot be opened or mapped.
     explicit SafetensorsFile(const std::filesystem::path& path) : m_path(path), m_map(path) {
-        m_header = parse_safetensors_header(m_map.data(), m_map.size(), m_map.size(), path.string());
+        m_header = read_header();
+        m_index.reserve(m_header.tensors.size());
         for (std::size_t i = 0; i < m_header.tensors.size(); ++i) m_index.emplace(m_header.tensors[i].name, i);
     }
 
@@ -154,9 +221,26 @@ public:
         pissa::detail::require(t != nullptr, m_path.string(), ": no tensor '", name, "'");
         return *t;
     }
-    /// The tensor's bytes, inside the mapping (validated at construction).
+    /// The tensor's bytes, inside the mapping (validated at construction). Zero-copy, and therefore
+    /// not safe against another process truncating the file meanwhile: reading a page past the new
+    /// end raises SIGBUS. Copies should use read(), which reports a truncation as an io_error.
     ByteView bytes(const TensorInfo& t) const {
         return {m_map.data() + m_header.data_offset + t.begin, static_cast<std::size_t>(t.nbytes())};
+    }
+
+    /// Copies `size` bytes of tensor `t`, from byte `from` of its data, into `out` with pread(2).
+    /// \throws io_error naming the file and tensor when the file has become shorter since it was
+    ///         opened (or the read fails); pissa::invalid_argument when the range is outside the tensor.
+    void read(const TensorInfo& t, std::uint64_t from, void* out, std::size_t size) const {
+        pissa::detail::require(from <= t.nbytes() && size <= t.nbytes() - from, m_path.string(), ": tensor '", t.name,
+                               "': bytes [", from, ", ", from + size, ") are outside its ", t.nbytes(), " bytes");
+        const std::string what = m_path.string() + ": tensor '" + t.name + "'";
+        const std::uint64_t offset = m_header.data_offset + t.begin + from;
+        const std::size_t got = m_map.read(offset, out, size, what);
+        if (got < size)
+            throw io_error(pissa::detail::concat(what, ": the file is shorter than when it was opened (", m_map.size(),
+                                                 " bytes): read ", got, " of ", size, " bytes at file offset ", offset,
+                                                 "; was it truncated or replaced meanwhile?"));
     }
 
     /// Tells the kernel the tensor's pages are no longer needed (they are re-read from the file if
@@ -167,6 +251,24 @@ public:
     void prefetch(const TensorInfo& t) const { m_map.will_need(m_header.data_offset + t.begin, t.nbytes()); }
 
 private:
+    // The header is read with pread(2) rather than through the mapping, so that a file truncated
+    // while it is being opened gives an error, not SIGBUS.
+    SafetensorsHeader read_header() const {
+        const std::string file = m_path.string();
+        const std::uint64_t size = m_map.size();
+        unsigned char length[8] = {};
+        const auto first = static_cast<std::size_t>(std::min<std::uint64_t>(size, 8));
+        if (m_map.read(0, length, first, file) < first) throw io_error(file + ": the file got shorter while being opened");
+        if (size < 8) return parse_safetensors_header(length, first, size, file);  // throws "truncated"
+        std::uint64_t n = 0;
+        for (int i = 7; i >= 0; --i) n = (n << 8) | length[i];
+        if (n > max_header_size || n > size - 8) return parse_safetensors_header(length, 8, size, file);  // throws
+        std::vector<unsigned char> bytes(static_cast<std::size_t>(8 + n));
+        if (m_map.read(0, bytes.data(), bytes.size(), file) < bytes.size())
+            throw io_error(file + ": the file got shorter while being opened");
+        return parse_safetensors_header(bytes.data(), bytes.size(), size, file);
+    }
+
     std::filesystem::path m_path;
     detail::MappedFile m_map;
     SafetensorsHeader m_header;
@@ -231,10 +333,27 @@ public:
     void write(const void* data, std::size_t size) {
         pissa::detail::require(m_next < m_tensors.size(), m_path.string(), ": more tensors written than declared");
         const TensorInfo& t = m_tensors[m_next];
-        pissa::detail::require(size == t.nbytes(), m_path.string(), ": tensor '", t.name, "': got ", size,
-                               " bytes, its shape and dtype need ", t.nbytes());
+        pissa::detail::require(m_part == 0 && size == t.nbytes(), m_path.string(), ": tensor '", t.name, "': got ",
+                               size, " bytes, its shape and dtype need ", t.nbytes() - m_part);
         write_all(data, size);
         ++m_next;
+    }
+
+    /// Writes the next `size` bytes of the current tensor, which may so be written in several parts
+    /// (streaming a large tensor through a small buffer); once all its bytes are written, the next
+    /// tensor becomes current. \throws pissa::invalid_argument when `size` exceeds what the tensor
+    /// still needs, or every tensor was already written.
+    void write_part(const void* data, std::size_t size) {
+        pissa::detail::require(m_next < m_tensors.size(), m_path.string(), ": more tensors written than declared");
+        const TensorInfo& t = m_tensors[m_next];
+        pissa::detail::require(size <= t.nbytes() - m_part, m_path.string(), ": tensor '", t.name, "': got ", size,
+                               " bytes, it needs only ", t.nbytes() - m_part, " more");
+        write_all(data, size);
+        m_part += size;
+        if (m_part == t.nbytes()) {
+            m_part = 0;
+            ++m_next;
+        }
     }
 
     /// Flushes, closes and renames the file into place (replacing an existing file).
@@ -269,6 +388,7 @@ private:
     int m_fd = -1;
     bool m_committed = false;
     std::size_t m_next = 0;
+    std::uint64_t m_part = 0;  // bytes of tensor m_next written so far by write_part()
     std::vector<TensorInfo> m_tensors;
 };
 

@@ -12,6 +12,8 @@
 ///   implementation's cap) or past the end of the file;
 /// - a header that is not valid UTF-8, not a JSON object, or has duplicate keys (JSON parsers merge
 ///   them silently; here they are an error, detected while parsing);
+/// - a NUL byte anywhere in the header (after the JSON value only whitespace may follow, as in the
+///   reference reader: writers pad with spaces), or JSON nested deeper than max_json_depth (256);
 /// - an entry without a known dtype, a shape of non-negative integers or two integer data offsets;
 /// - `end - begin` differing from (element count x dtype size), computed without overflow;
 /// - offsets that do not tile the data area exactly (gaps, overlaps, bytes past the last tensor,
@@ -27,11 +29,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <map>
-#include <set>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace pissa::io {
@@ -45,6 +50,13 @@ public:
 
 /// The reference implementation's cap on the header length (100 MB).
 inline constexpr std::uint64_t max_header_size = 100'000'000;
+
+/// How deeply any JSON document pissa reads may nest (objects and arrays, the outermost counting
+/// as 1). Python's json module stops near 1000 (its recursion limit); the files pissa reads nest 2
+/// to 4 deep. The bound keeps every recursive walk of a parsed document (copy, dump, comparison)
+/// within a few hundred stack frames, and keeps the two-space indented rewrite of a document at
+/// most ~2 x 256 bytes of indentation per value.
+inline constexpr std::size_t max_json_depth = 256;
 
 /// One tensor of a safetensors file: name, dtype, shape and its byte range in the data area.
 struct TensorInfo {
@@ -149,32 +161,147 @@ inline bool json_u64(const nlohmann::json& value, std::uint64_t& out) {
     return true;
 }
 
-/// Parses JSON text, rejecting duplicate keys in any object (nlohmann would keep the last one).
-/// `Json` is nlohmann::json, or nlohmann::ordered_json where the order of keys matters.
-template <class Json = nlohmann::json>
-Json parse_json_strict(const char* first, const char* last, const std::string& file) {
-    std::vector<std::set<std::string>> keys;  // one set per open object
-    std::string duplicate;
-    auto callback = [&](int, typename Json::parse_event_t event, Json& parsed) {
-        using E = typename Json::parse_event_t;
-        if (event == E::object_start) {
-            keys.emplace_back();
-        } else if (event == E::object_end) {
-            if (!keys.empty()) keys.pop_back();
-        } else if (event == E::key && !keys.empty() && duplicate.empty()) {
-            const auto& key = parsed.template get_ref<const std::string&>();
-            if (!keys.back().insert(key).second) duplicate = key;
+template <class T, class = void>
+struct has_container : std::false_type {};
+template <class T>
+struct has_container<T, std::void_t<typename T::Container>> : std::true_type {};
+
+/// What parse_json_strict() learnt about a document besides its content.
+struct JsonStats {
+    std::size_t depth = 0;             ///< deepest nesting of objects/arrays (0 for a scalar)
+    std::uint64_t indented_size = 0;   ///< upper bound on the size of doc.dump(2)
+};
+
+/// A SAX handler that builds the document itself (instead of nlohmann's callback parser, whose
+/// end_object() scans the whole parent object for discarded values: quadratic in the number of
+/// keys), refusing duplicate keys and nesting deeper than max_json_depth as soon as they are read,
+/// so no deep document is ever built (or destroyed). Objects are appended to without a lookup:
+/// duplicates are found by the std::map insertion itself (nlohmann::json) or by a hash set per
+/// open object (nlohmann::ordered_json, whose own insertion is a linear search).
+template <class Json>
+class StrictJsonBuilder {
+public:
+    using number_integer_t = typename Json::number_integer_t;
+    using number_unsigned_t = typename Json::number_unsigned_t;
+    using number_float_t = typename Json::number_float_t;
+    using string_t = typename Json::string_t;
+    using binary_t = typename Json::binary_t;
+    using object_t = typename Json::object_t;
+    using array_t = typename Json::array_t;
+    static constexpr bool ordered = has_container<object_t>::value;  // nlohmann::ordered_map
+
+    Json root;
+    std::string error;  ///< why parsing stopped (empty on success)
+    JsonStats stats;
+
+    bool null() { return value(Json(nullptr)); }
+    bool boolean(bool b) { return value(Json(b)); }
+    bool number_integer(number_integer_t v) { return value(Json(v)); }
+    bool number_unsigned(number_unsigned_t v) { return value(Json(v)); }
+    bool number_float(number_float_t v, const string_t&) {
+        stats.indented_size += 24;  // dump() may print a float longer than it was written ("1e5" -> "100000.0")
+        return value(Json(v));
+    }
+    bool string(string_t& s) { return value(Json(std::move(s))); }
+    bool binary(binary_t& b) { return value(Json::binary(std::move(b))); }
+    bool start_object(std::size_t) { return open(Json::object()); }
+    bool start_array(std::size_t) { return open(Json::array()); }
+    bool end_object() { return close(); }
+    bool end_array() { return close(); }
+    bool key(string_t& k) {
+        Frame& f = m_stack.back();
+        auto* object = f.container->template get_ptr<object_t*>();
+        if constexpr (ordered) {
+            if (!f.keys.insert(k).second) return duplicate(k);
+            auto& items = static_cast<typename object_t::Container&>(*object);
+            items.emplace_back(std::move(k), Json());
+            m_slot = &items.back().second;
+        } else {
+            const auto [it, fresh] = object->emplace(std::move(k), Json());
+            if (!fresh) return duplicate(it->first);
+            m_slot = &it->second;
         }
         return true;
+    }
+    template <class Exception>
+    bool parse_error(std::size_t, const std::string&, const Exception& e) {
+        if (error.empty()) error = std::string("invalid JSON: ") + e.what();
+        return false;
+    }
+
+private:
+    struct Frame {
+        Json* container;
+        std::unordered_set<string_t> keys;  // ordered_json only
     };
-    Json doc;
+
+    // Places `v` where the parser is: the root, the end of the open array, or the slot of the last key.
+    Json* place(Json&& v) {
+        stats.indented_size += 2 * m_stack.size() + 4;  // newline, indentation, ", " / ": "
+        if (m_stack.empty()) {
+            root = std::move(v);
+            return &root;
+        }
+        Json& container = *m_stack.back().container;
+        if (container.is_array()) {
+            auto* array = container.template get_ptr<array_t*>();
+            array->push_back(std::move(v));
+            return &array->back();
+        }
+        *m_slot = std::move(v);
+        return m_slot;
+    }
+    bool value(Json&& v) {
+        place(std::move(v));
+        return true;
+    }
+    bool open(Json&& container) {
+        if (m_stack.size() >= max_json_depth) {
+            error = pissa::detail::concat("JSON nested deeper than ", max_json_depth, " levels");
+            return false;
+        }
+        stats.indented_size += 2 * m_stack.size() + 2;  // the closing bracket's line
+        Json* placed = place(std::move(container));
+        m_stack.push_back({placed, {}});
+        stats.depth = std::max(stats.depth, m_stack.size());
+        return true;
+    }
+    bool close() {
+        m_stack.pop_back();
+        return true;
+    }
+    bool duplicate(const string_t& k) {
+        error = "duplicate key '" + k + "' in JSON";
+        return false;
+    }
+
+    std::vector<Frame> m_stack;  // open containers, outermost first
+    Json* m_slot = nullptr;      // the value of the key just read
+};
+
+/// Parses JSON text strictly: the whole text must be one JSON value (whitespace around it allowed),
+/// with no duplicate keys in any object (nlohmann would keep the last one), no NUL byte (nlohmann's
+/// lexer takes one for the end of the input and would ignore what follows) and nesting at most
+/// max_json_depth deep, checked while parsing, before anything deeper is built. Linear time.
+/// `Json` is nlohmann::json, or nlohmann::ordered_json where the order of keys matters.
+/// \throws pissa::io::format_error naming `file`.
+template <class Json = nlohmann::json>
+Json parse_json_strict(const char* first, const char* last, const std::string& file, JsonStats* stats = nullptr) {
+    if (const void* nul = std::memchr(first, 0, static_cast<std::size_t>(last - first)))
+        fail(file, "NUL byte at offset ", static_cast<const char*>(nul) - first,
+             " (JSON text cannot contain one, not even after the value)");
+    StrictJsonBuilder<Json> builder;
+    bool ok = false;
     try {
-        doc = Json::parse(first, last, callback);
+        ok = Json::sax_parse(first, last, &builder, nlohmann::json::input_format_t::json, /*strict=*/true,
+                             /*ignore_comments=*/false);
     } catch (const nlohmann::json::exception& e) {
         fail(file, "invalid JSON: ", e.what());
     }
-    if (!duplicate.empty()) fail(file, "duplicate key '", duplicate, "' in JSON");
-    return doc;
+    if (!ok) fail(file, builder.error.empty() ? std::string("invalid JSON") : builder.error);
+    builder.stats.indented_size += static_cast<std::uint64_t>(last - first);
+    if (stats) *stats = builder.stats;
+    return std::move(builder.root);
 }
 
 }  // namespace detail
@@ -203,6 +330,11 @@ inline SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, st
         fail(file, "header is not valid UTF-8 (bad byte ", static_cast<unsigned>(text[bad_at]), " at header offset ",
              bad_at, ")");
     if (n == 0 || text[0] != '{') fail(file, "header does not start with '{' (not a safetensors file?)");
+    // The reference reader (serde_json::from_str) allows only JSON whitespace after the object; the
+    // writers pad with spaces. nlohmann's lexer would stop at a NUL and ignore whatever follows it.
+    if (const void* nul = std::memchr(text, 0, static_cast<std::size_t>(n)))
+        fail(file, "header has a NUL byte at header offset ", static_cast<const unsigned char*>(nul) - text,
+             "; the JSON may only be followed by whitespace (padding is spaces, 0x20)");
 
     const auto doc = detail::parse_json_strict(reinterpret_cast<const char*>(text),
                                                reinterpret_cast<const char*>(text + n), file);

@@ -74,6 +74,8 @@ std::pair<Index, Index> stored_matrix_shape(const SafetensorsFile& file, const T
 
 /// A zero-copy map of a 2-D tensor's bytes as `RowMatrix<Storage>` `[rows, cols]`; `ok` is false
 /// (and the map empty) when the bytes are not aligned for Storage. The dtype must be dtype_of<Storage>.
+/// Like SafetensorsFile::bytes(), it is not safe against the file being truncated while in use
+/// (SIGBUS on access); copy_matrix_into() is.
 template <class Storage>
 Eigen::Map<const RowMatrix<Storage>> map_matrix(const SafetensorsFile& file, const TensorInfo& t, bool& ok) {
     const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
@@ -83,13 +85,13 @@ Eigen::Map<const RowMatrix<Storage>> map_matrix(const SafetensorsFile& file, con
     return {reinterpret_cast<const Storage*>(bytes.data), rows, cols};
 }
 
-/// Copies a 2-D tensor into a RowMatrix of its own storage type (an aligned copy of the bytes).
+/// Copies a 2-D tensor into a RowMatrix of its own storage type (an aligned copy of the bytes, read
+/// with pread(2): see copy_matrix_into).
 template <class Storage>
 RowMatrix<Storage> copy_matrix(const SafetensorsFile& file, const TensorInfo& t) {
     const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
     RowMatrix<Storage> out(rows, cols);
-    const ByteView bytes = file.bytes(t);
-    if (bytes.size) std::memcpy(static_cast<void*>(out.data()), bytes.data, bytes.size);
+    file.read(t, 0, static_cast<void*>(out.data()), static_cast<std::size_t>(t.nbytes()));
     return out;
 }
 
@@ -97,14 +99,18 @@ RowMatrix<Storage> copy_matrix(const SafetensorsFile& file, const TensorInfo& t)
 /// matrix. `buffer` is resized, never shrunk: reused from tensor to tensor, it is allocated once
 /// for a whole checkpoint instead of once per tensor (fresh pages of a large allocation cost a
 /// page fault each). The view is valid until `buffer` is next resized.
-/// \throws pissa::invalid_argument when the tensor is not 2-D or not stored as `Storage`.
+/// The bytes are read with pread(2), not copied out of the mapping, so another process truncating the
+/// file meanwhile is reported instead of raising SIGBUS; with the page cache already filled
+/// (SafetensorsFile::prefetch) it costs the same one copy.
+/// \throws pissa::invalid_argument when the tensor is not 2-D or not stored as `Storage`;
+///         pissa::io::io_error naming the file and tensor when the file has become shorter.
 template <class Storage>
 Eigen::Map<RowMatrix<Storage>> copy_matrix_into(const SafetensorsFile& file, const TensorInfo& t,
                                                 std::vector<unsigned char>& buffer) {
     const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
-    const ByteView bytes = file.bytes(t);
-    buffer.resize(bytes.size);
-    if (bytes.size) std::memcpy(buffer.data(), bytes.data, bytes.size);
+    const auto size = static_cast<std::size_t>(t.nbytes());
+    buffer.resize(size);
+    file.read(t, 0, buffer.data(), size);
     return {reinterpret_cast<Storage*>(buffer.data()), rows, cols};
 }
 

@@ -87,6 +87,14 @@ case("surrogate_utf8.safetensors",
 case("metadata_not_string.safetensors",
      st({"a": t("F32", [2], 0, 8)}, bytes(8), {"format": 1}), "__metadata__ entry 'format' is not a string")
 case("entry_not_object.safetensors", header_bytes('{"a":[1,2]}'), "entry is not an object")
+# Only JSON whitespace may follow the object (the reference reader is serde_json::from_str; writers pad
+# with spaces): a NUL and anything after it is refused, not ignored.
+case("nul_after_json.safetensors", struct.pack("<Q", 16) + b'{}\x00junk' + b' ' * 9, "NUL byte at header offset 2")
+case("nul_padding.safetensors", struct.pack("<Q", 8) + b"{}\x00\x00\x00\x00\x00\x00", "NUL byte at header offset 2")
+case("deep_nesting.safetensors", header_bytes('{"__metadata__":' + "[" * 300 + "]" * 300 + "}"),
+     "nested deeper than 256 levels")
+cases["valid_space_padding.safetensors"] = struct.pack("<Q", 16) + b"{}" + b" " * 14
+cases["valid_whitespace_padding.safetensors"] = struct.pack("<Q", 8) + b"{}\n\t\r   "
 
 for name, content in {**cases}.items():
     with open(os.path.join(HERE, name), "wb") as f:
