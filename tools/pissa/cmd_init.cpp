@@ -6,6 +6,7 @@
 #include <pissa/io/init_checkpoint.hpp>
 
 #include <iostream>
+#include <set>
 
 namespace pissa_tool {
 
@@ -27,6 +28,10 @@ int cmd_init(int argc, char** argv) {
         .option("targets", "LIST", "comma-separated module-name suffixes", "q_proj,v_proj")
         .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
         .flag("rslora", "rsLoRA scaling alpha / sqrt(r)")
+        .option("task-type", "T",
+                "peft task_type written to adapter_config.json (CAUSAL_LM, SEQ_CLS, ..., none for null);\n"
+                "                           default: from config.json's architectures (LlamaForCausalLM -> CAUSAL_LM,\n"
+                "                           a bare model such as BertModel -> null)")
         .flag("fan-in-fan-out", "weights are stored [in, out] (GPT-2 Conv1D)")
         .option("seed", "S", "seed of the randomized SVD (module i uses stream i of it)", "0")
         .option("threads", "N", "threads (0: all cores)", "0")
@@ -64,6 +69,12 @@ int cmd_init(int argc, char** argv) {
     options.seed = seed;
     if (quantize) options.quantize = quant_config;
     options.force = args.has("force");
+    options.task_type = args.get("task-type");
+    const std::set<std::string> task_types = {"CAUSAL_LM", "SEQ_CLS",      "SEQ_2_SEQ_LM",      "TOKEN_CLS",
+                                              "QUESTION_ANS", "FEATURE_EXTRACTION", "none"};
+    if (args.has("task-type") && !task_types.count(options.task_type))
+        throw UsageError("--task-type must be one of peft's CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, "
+                         "QUESTION_ANS, FEATURE_EXTRACTION, or none; got '" + options.task_type + "'");
     pissa::io::AdapterConfig selection;
     set_targets_from_args(args, selection);
     options.target_modules = selection.target_modules;

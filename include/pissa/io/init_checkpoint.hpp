@@ -51,6 +51,10 @@ struct InitCheckpointOptions {
     /// QPiSSA: when set, the residual is written as deq(NF4(W - s B A)) after `iterations`
     /// alternations, with this quantiser; its `pissa` member is replaced by `pissa` above.
     std::optional<QuantInitConfig> quantize;
+    /// peft's task_type written to adapter_config.json: "CAUSAL_LM", "SEQ_CLS", ...; "none" for
+    /// null (peft's default, what a bare encoder such as BertModel needs); empty: inferred from the
+    /// model's config.json (infer_task_type).
+    std::string task_type;
     bool force = false;                      ///< replace an existing output folder
     std::string adapter_folder = "pissa_init";  ///< the adapter's folder inside the output
 
@@ -113,6 +117,32 @@ inline void refuse_embedding_targets(const std::vector<std::string>& targets) {
     }
 }
 
+/// peft's task_type for a model, from the class its config.json names (`architectures[0]`, as
+/// transformers' save_pretrained writes it): `...ForCausalLM` / `...LMHeadModel` -> CAUSAL_LM,
+/// `...ForSequenceClassification` -> SEQ_CLS, `...ForTokenClassification` -> TOKEN_CLS,
+/// `...ForQuestionAnswering` -> QUESTION_ANS, `...ForConditionalGeneration` -> SEQ_2_SEQ_LM; ""
+/// (null) for anything else, a bare model class or no config.json. A wrong task_type is not
+/// harmless: peft wraps the model by it, and e.g. a causal-LM wrapper fails on a BertModel.
+inline std::string infer_task_type(const std::filesystem::path& model) {
+    const auto config = std::filesystem::is_directory(model) ? model / "config.json" : model.parent_path() / "config.json";
+    if (!detail::path_exists(config)) return "";
+    const std::string text = detail::read_text_file(config, max_adapter_config_size, "a model config");
+    const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(),
+                                                                      config.string());
+    const auto it = doc.is_object() ? doc.find("architectures") : doc.end();
+    if (it == doc.end() || !it->is_array() || it->empty() || !(*it)[0].is_string()) return "";
+    const std::string name = (*it)[0].get<std::string>();
+    auto ends_with = [&](const std::string& suffix) {
+        return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (ends_with("ForCausalLM") || ends_with("LMHeadModel")) return "CAUSAL_LM";
+    if (ends_with("ForSequenceClassification")) return "SEQ_CLS";
+    if (ends_with("ForTokenClassification")) return "TOKEN_CLS";
+    if (ends_with("ForQuestionAnswering")) return "QUESTION_ANS";
+    if (ends_with("ForConditionalGeneration") || ends_with("ForSeq2SeqLM")) return "SEQ_2_SEQ_LM";
+    return "";
+}
+
 /// The adapter_config.json of a job (peft's LoraConfig fields).
 inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, const std::filesystem::path& model) {
     AdapterConfig c;
@@ -124,6 +154,8 @@ inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, co
     c.base_model_name_or_path = std::filesystem::absolute(model).lexically_normal().string();
     c.target_modules = options.target_modules;
     c.target_regex = options.target_regex;
+    c.task_type = options.task_type.empty() ? infer_task_type(model)
+                                            : options.task_type == "none" ? std::string() : options.task_type;
     return c;
 }
 
