@@ -69,6 +69,12 @@ def pissa() -> PissaTool:
     return PissaTool(path)
 
 
+@pytest.fixture(scope="session")
+def pissa_tool(pissa) -> PissaTool:
+    """The tool, under a name that leaves `pissa` free for the Python package."""
+    return pissa
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading checkpoints and adapters
 
