@@ -1,10 +1,11 @@
 /// \file errors.hpp
-/// \brief The three tiers of failure in pissa.
+/// \brief The tiers of failure in pissa.
 ///
 /// 1. Bad caller input (rank out of range, shape mismatch, non-finite weights) throws
 ///    pissa::invalid_argument, a std::invalid_argument, with a message naming the sizes.
 /// 2. A numerical failure (an Eigen decomposition that did not succeed) throws pissa::numerical_error.
-/// 3. Internal invariants use PISSA_ASSERT, which defaults to assert() and may be redefined before
+/// 3. A computation stopped on request (cancel.hpp) throws pissa::cancelled.
+/// 4. Internal invariants use PISSA_ASSERT, which defaults to assert() and may be redefined before
 ///    including any pissa header (the tests redefine it to throw).
 #pragma once
 
@@ -27,6 +28,12 @@ public:
 
 /// Thrown when a numerical routine fails (e.g. an Eigen decomposition reports an error).
 class numerical_error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when a computation stops because cancellation was requested (cancel.hpp).
+class cancelled : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
 };

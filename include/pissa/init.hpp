@@ -48,12 +48,22 @@ struct PissaConfig {
     double scaling() const { return lora_scaling(lora_alpha, rank, use_rslora); }
 };
 
-/// Throws pissa::invalid_argument for a configuration outside its ranges (the rank against the
-/// matrix is checked by init itself).
+/// The scalings init accepts (see require_valid).
+inline constexpr double min_scaling = 1e-12, max_scaling = 1e12;
+
+/// Throws pissa::invalid_argument for a configuration outside its ranges, including a scaling
+/// outside [min_scaling, max_scaling] (the rank against the matrix is checked by init itself).
 inline void require_valid(const PissaConfig& config) {
     detail::require(config.rank >= 1, "pissa::init: rank must be >= 1, got ", config.rank);
     detail::require(std::isfinite(config.lora_alpha) && config.lora_alpha > 0,
                     "pissa::init: lora_alpha must be a finite number > 0, got ", config.lora_alpha);
+    // A and B hold sqrt(S / s) in float32: a scaling far outside [1e-12, 1e12] underflows or
+    // overflows them (a zero or NaN adapter) long before any real lora_alpha / r gets there.
+    const double s = config.rank >= 1 ? config.scaling() : 1.0;
+    detail::require(s >= min_scaling && s <= max_scaling, "pissa::init: the scaling lora_alpha / ",
+                    config.use_rslora ? "sqrt(r)" : "r", " = ", s, " (lora_alpha ", config.lora_alpha, ", r ",
+                    config.rank, ") is outside [", min_scaling, ", ", max_scaling,
+                    "], where float32 adapters cannot represent the split");
     require_valid(config.randomized);
     require_valid(config.exact);
 }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <pissa/errors.hpp>
+#include <pissa/cancel.hpp>
 #include <pissa/convert.hpp>
 #include <pissa/init.hpp>
 #include <pissa/lora.hpp>

@@ -2,6 +2,7 @@
 // the public, documented API; this module is its private engine).
 #include "core.hpp"
 
+#include <pissa/cancel.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/io/safetensors.hpp>
 #include <pissa/version.hpp>
@@ -27,6 +28,8 @@ NB_MODULE(_core, m) {
             PyErr_SetString(PyExc_OSError, e.what());
         } catch (const pissa::numerical_error& e) {
             PyErr_SetString(PyExc_ArithmeticError, e.what());
+        } catch (const pissa::cancelled& e) {
+            PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
         }
     });
     m.def("threads", [] {

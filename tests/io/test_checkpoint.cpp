@@ -47,6 +47,8 @@ TEST_CASE("a sharded folder reads as one model and is rewritten with the same sh
     CHECK(in.find("layers.4.proj.weight") != nullptr);
     CHECK(in.file_of("layers.4.proj.weight").path().filename() == "model-00002-of-00003.safetensors");
     CHECK(in.other_files().size() == 2);
+    CHECK(in.not_copied().empty());
+    CHECK(in.not_copied_note().empty());
 
     std::filesystem::create_directories(dir / "out");
     std::size_t calls = 0;
@@ -224,4 +226,28 @@ TEST_CASE("a sharded checkpoint of 100,000 tensors opens (in O(n log n): the ind
     CHECK(in.size() == 100'000);
     CHECK(in.shards().size() == 4);
     CHECK(in.find("layers.3.24999.weight") != nullptr);
+}
+
+TEST_CASE("unlisted .safetensors files and subfolders of an indexed folder are left out, and said") {
+    ScratchDir dir("ckpt-unlisted");
+    make_sharded(dir / "in");
+    // Mistral's layout: the same weights once more in one file that the index does not list.
+    write_safetensors(dir / "in" / "consolidated.safetensors",
+                      {matrix_tensor("layers.0.proj.weight", pissa_test::gaussian<float>(4, 3, 1), Dtype::F32)}, {});
+    std::filesystem::create_directories(dir / "in" / "original");
+    detail::write_text_file(dir / "in" / "original" / "params.json", "{}");
+    const Checkpoint in(dir / "in");
+    CHECK(in.other_files().size() == 2);  // config.json, tokenizer.json
+    const auto left = in.not_copied();
+    REQUIRE(left.size() == 2);
+    CHECK(left[0].filename() == "consolidated.safetensors");
+    CHECK(left[1].filename() == "original");
+    const std::string note = in.not_copied_note();
+    CHECK(note.find("consolidated.safetensors original/") != std::string::npos);
+
+    std::filesystem::create_directories(dir / "out");
+    rewrite_checkpoint(in, dir / "out", {});
+    CHECK_FALSE(std::filesystem::exists(dir / "out" / "consolidated.safetensors"));
+    CHECK_FALSE(std::filesystem::exists(dir / "out" / "original"));
+    CHECK(std::filesystem::exists(dir / "out" / "tokenizer.json"));
 }

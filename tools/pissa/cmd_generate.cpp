@@ -142,7 +142,7 @@ void generate_model(const fs::path& dir, const GenerateOptions& o, bool show_pro
     progress.finish();
     if (shards > 1) {
         index["metadata"]["total_size"] = total;
-        std::ofstream(dir / pissa::io::index_file_name) << index.dump(2) << "\n";
+        pissa::io::detail::write_text_file(dir / pissa::io::index_file_name, index.dump(2) + "\n");
     }
     const char* torch_dtype = dtype == Dtype::BF16 ? "bfloat16" : dtype == Dtype::F16 ? "float16"
                               : dtype == Dtype::F32 ? "float32" : "float64";
@@ -159,7 +159,7 @@ void generate_model(const fs::path& dir, const GenerateOptions& o, bool show_pro
                   {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", torch_dtype}};
     }
     config["pissa_synthetic"] = {{"generator", "pissa generate"}, {"seed", o.seed}};
-    std::ofstream(dir / "config.json") << config.dump(2) << "\n";
+    pissa::io::detail::write_text_file(dir / "config.json", config.dump(2) + "\n");
 }
 
 fs::path builtin_model() {

@@ -8,12 +8,17 @@
 // Exit codes: 0 success, 2 usage or input error (nothing written), 1 internal error.
 #include "tool.hpp"
 
+#include <pissa/cancel.hpp>
 #include <pissa/io/peft.hpp>
 #include <pissa/io/safetensors.hpp>
 #include <pissa/version.hpp>
 
 #include <Eigen/Core>
 
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
 #include <csignal>
 #include <cstdarg>
 #include <cstdlib>
@@ -80,12 +85,42 @@ std::string Args::get(const std::string& name) const {
     return {};
 }
 
+namespace {
+
+/// True when `text` is a plain decimal number: digits, at most one point, an optional exponent;
+/// no sign, no surrounding space, no hexadecimal, inf or nan (strtod accepts all of those).
+bool plain_decimal(const std::string& text) {
+    std::size_t i = 0, digits = 0;
+    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i, ++digits;
+    if (i < text.size() && text[i] == '.') {
+        ++i;
+        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i, ++digits;
+    }
+    if (digits == 0) return false;
+    if (i < text.size() && (text[i] == 'e' || text[i] == 'E')) {
+        ++i;
+        if (i < text.size() && (text[i] == '+' || text[i] == '-')) ++i;
+        const std::size_t exponent = i;
+        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+        if (i == exponent) return false;
+    }
+    return i == text.size();
+}
+
+/// The whole of `text` as an integer of type T (std::from_chars: no space, no '+', base 10).
+template <class T>
+bool parse_integer(const std::string& text, T& value) {
+    const char* end = text.data() + text.size();
+    const auto [ptr, ec] = std::from_chars(text.data(), end, value, 10);
+    return !text.empty() && ec == std::errc() && ptr == end;
+}
+
+}  // namespace
+
 long long Args::get_int(const std::string& name, long long min, long long max) const {
     const std::string text = get(name);
-    char* end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(text.c_str(), &end, 10);
-    if (text.empty() || *end != '\0' || errno != 0 || v < min || v > max)
+    long long v = 0;
+    if (!parse_integer(text, v) || v < min || v > max)
         throw UsageError("--" + name + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) +
                          "], got '" + text + "'");
     return v;
@@ -93,20 +128,17 @@ long long Args::get_int(const std::string& name, long long min, long long max) c
 
 double Args::get_double(const std::string& name) const {
     const std::string text = get(name);
-    char* end = nullptr;
-    const double v = std::strtod(text.c_str(), &end);
-    if (text.empty() || *end != '\0' || !std::isfinite(v) || v <= 0)
-        throw UsageError("--" + name + " must be a number > 0, got '" + text + "'");
+    const double v = plain_decimal(text) ? std::strtod(text.c_str(), nullptr) : 0.0;
+    if (!std::isfinite(v) || v <= 0)
+        throw UsageError("--" + name + " must be a decimal number > 0 (e.g. 16, 0.5, 1e-3), got '" + text + "'");
     return v;
 }
 
 std::uint64_t Args::get_u64(const std::string& name) const {
     const std::string text = get(name);
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-    if (text.empty() || text[0] == '-' || *end != '\0' || errno != 0)
-        throw UsageError("--" + name + " must be a non-negative integer, got '" + text + "'");
+    std::uint64_t v = 0;
+    if (!parse_integer(text, v))
+        throw UsageError("--" + name + " must be a non-negative decimal integer below 2^64, got '" + text + "'");
     return v;
 }
 
@@ -238,7 +270,35 @@ void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
 
 namespace {
 
-void on_signal(int) { pissa_tool::interrupted = true; }
+/// The first SIGINT / SIGTERM asks the running job to stop (it unwinds within one pass over the
+/// current weight and removes its temporary output); a second one ends the process at once.
+/// (The handler is installed with SA_RESETHAND.) Exit status 128 + the signal: 130 for SIGINT.
+std::atomic<int> received_signal{0};
+void on_signal(int signal) {
+    received_signal = signal;
+    pissa_tool::interrupted = true;
+    pissa::request_cancellation();
+}
+
+void install_signal_handlers() {
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    action.sa_flags = SA_RESETHAND;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGTERM, &action, nullptr);
+}
+
+/// What a command printed on stdout must have reached it: a full disk or a closed pipe is an
+/// error (exit 1), not a silent success. The command's files, if any, are written by then.
+int check_stdout(const char* name, int status) {
+    std::cout.flush();
+    if (std::fflush(stdout) == 0 && !std::ferror(stdout) && std::cout.good()) return status;
+    const int error = errno;
+    std::fprintf(stderr, "pissa %s: error: writing to standard output failed: %s%s\n", name, std::strerror(error),
+                 status == 0 ? " (the command's files were written)" : "");
+    return status == 0 ? 1 : status;
+}
 
 void print_usage(std::FILE* out) {
     std::fprintf(out,
@@ -259,8 +319,7 @@ void print_usage(std::FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::signal(SIGINT, on_signal);
-    std::signal(SIGTERM, on_signal);
+    install_signal_handlers();
     if (argc < 2) {
         print_usage(stderr);
         return 2;
@@ -268,11 +327,11 @@ int main(int argc, char** argv) {
     const std::string command = argv[1];
     if (command == "--help" || command == "-h" || command == "help") {
         print_usage(stdout);
-        return 0;
+        return check_stdout("help", 0);
     }
     if (command == "--version") {
         std::printf("pissa %d.%d.%d\n", PISSA_VERSION_MAJOR, PISSA_VERSION_MINOR, PISSA_VERSION_PATCH);
-        return 0;
+        return check_stdout("--version", 0);
     }
     using Command = int (*)(int, char**);
     const std::pair<const char*, Command> commands[] = {{"init", pissa_tool::cmd_init},
@@ -284,7 +343,7 @@ int main(int argc, char** argv) {
     for (const auto& [name, run] : commands) {
         if (command != name) continue;
         try {
-            return run(argc - 2, argv + 2);
+            return check_stdout(name, run(argc - 2, argv + 2));
         } catch (const pissa_tool::UsageError& e) {
             std::fprintf(stderr, "pissa %s: error: %s\n(see pissa %s --help)\n", name, e.what(), name);
             return 2;
@@ -294,7 +353,7 @@ int main(int argc, char** argv) {
         } catch (const std::exception& e) {
             if (pissa_tool::interrupted) {
                 std::fprintf(stderr, "\npissa %s: interrupted; nothing written\n", name);
-                return 130;
+                return 128 + (received_signal ? received_signal.load() : SIGINT);
             }
             std::fprintf(stderr, "pissa %s: internal error: %s\n", name, e.what());
             return 1;

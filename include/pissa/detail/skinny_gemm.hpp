@@ -14,6 +14,7 @@
 /// round differently).
 #pragma once
 
+#include <pissa/cancel.hpp>
 #include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/kernels_avx512.hpp>
 #include <pissa/detail/weight_view.hpp>
@@ -362,6 +363,7 @@ void multiply_gram(const RowMajorView<Storage>& W, const Matrix<Scalar>& Q, Matr
 
 /// `W` as an operator for the decompositions: `apply` is `W X`, `apply_transposed` is `W^T Y`,
 /// whichever way round the prepared view stores it (a column-major W is viewed as row-major W^T).
+/// Each pass over W first checks for a cancellation request (cancel.hpp).
 template <class Storage>
 struct WeightOperator {
     const PreparedWeight<Storage>& weight;
@@ -373,12 +375,14 @@ struct WeightOperator {
     /// `Y = W X`, X `[cols, q]`.
     template <class Scalar>
     void apply(const Matrix<Scalar>& X, Matrix<Scalar>& Y) const {
+        throw_if_cancelled();
         if (weight.transposed) multiply_transposed(weight.view, X, Y, workspace);
         else multiply(weight.view, X, Y, workspace);
     }
     /// `Z = W^T Y`, Y `[rows, q]`.
     template <class Scalar>
     void apply_transposed(const Matrix<Scalar>& Y, Matrix<Scalar>& Z) const {
+        throw_if_cancelled();
         if (weight.transposed) multiply(weight.view, Y, Z, workspace);
         else multiply_transposed(weight.view, Y, Z, workspace);
     }
@@ -386,6 +390,7 @@ struct WeightOperator {
     /// is W itself (multiply_gram); a transposed view (column-major W) takes the two products.
     template <class Scalar>
     void apply_gram(const Matrix<Scalar>& Q, Matrix<Scalar>& Z, Matrix<Scalar>& Y) const {
+        throw_if_cancelled();
         if (weight.transposed) {
             apply(Q, Y);
             apply_transposed(Y, Z);

@@ -16,6 +16,7 @@
 /// `weight_map` and an updated `metadata.total_size`.
 #pragma once
 
+#include <pissa/cancel.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/io/safetensors.hpp>
 
@@ -211,21 +212,45 @@ public:
             for (const auto& t : shard->tensors()) total += t.nbytes();
         return total;
     }
-    /// Regular files of the model folder other than the shards and the index (config.json,
-    /// tokenizer files, ...); empty for a single-file checkpoint.
-    std::vector<std::filesystem::path> other_files() const {
+    /// Regular files of the model folder other than the shards, the index and unlisted
+    /// `.safetensors` files (config.json, tokenizer files, ...): what a rewrite copies. Empty for
+    /// a single-file checkpoint.
+    std::vector<std::filesystem::path> other_files() const { return folder_entries(false); }
+
+    /// What a rewrite leaves out of a model folder: `.safetensors` files that the index does not
+    /// list (e.g. Mistral's consolidated.safetensors, the same weights in another layout: copied,
+    /// they would put the original weights beside the rewritten ones) and subfolders.
+    std::vector<std::filesystem::path> not_copied() const { return folder_entries(true); }
+
+    /// not_copied() as one sentence for a warning; empty when nothing is left out.
+    std::string not_copied_note() const {
+        const auto left = not_copied();
+        if (left.empty()) return "";
+        std::string note = "not copied from " + m_root.string() + ":";
+        for (const auto& p : left) note += " " + p.filename().string() + (detail::is_folder(p) ? "/" : "");
+        return note + " (unlisted .safetensors files and subfolders are left out)";
+    }
+
+private:
+    /// The model folder's entries besides the shards and the index: the regular files to copy, or
+    /// (left_out) the unlisted .safetensors files and the folders.
+    std::vector<std::filesystem::path> folder_entries(bool left_out) const {
         std::vector<std::filesystem::path> out;
         if (!m_folder) return out;
         std::set<std::string> own = {index_file_name};
         for (const auto& shard : m_shards) own.insert(shard->path().filename().string());
         std::error_code ec;
-        for (const auto& entry : std::filesystem::directory_iterator(m_root))
-            if (!own.count(entry.path().filename().string()) && entry.is_regular_file(ec)) out.push_back(entry.path());
+        for (const auto& entry : std::filesystem::directory_iterator(m_root)) {
+            if (own.count(entry.path().filename().string())) continue;
+            const bool folder = entry.is_directory(ec);
+            const bool file = entry.is_regular_file(ec);
+            const bool weights = file && entry.path().extension() == ".safetensors";
+            if (left_out ? (folder || weights) : (file && !weights)) out.push_back(entry.path());
+        }
         std::sort(out.begin(), out.end());
         return out;
     }
 
-private:
     void add_shard(const std::filesystem::path& file) {
         m_shards.push_back(std::make_unique<SafetensorsFile>(file));
         const std::size_t k = m_shards.size() - 1;
@@ -302,6 +327,7 @@ inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path
         for (std::size_t i = 0; i < tensors.size(); ++i) {
             const TensorInfo& t = tensors[i];
             if (i + 1 < tensors.size()) shard->prefetch(tensors[i + 1]);
+            throw_if_cancelled();
             if (progress) progress(done, count, t);
             if (rewrite && rewrite(*shard, t, buffer)) {
                 writer.write(buffer.data(), buffer.size());

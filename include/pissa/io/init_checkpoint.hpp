@@ -302,6 +302,8 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
     folder.commit();
     report.out = folder.final_path();
     report.warning = folder.warning();
+    if (const std::string note = checkpoint.not_copied_note(); !note.empty())
+        report.warning += (report.warning.empty() ? "" : "; ") + note;
     report.seconds = seconds_since(start);
     return report;
 }
