@@ -86,3 +86,24 @@ TEST_CASE("unlisted .safetensors files and subfolders are not copied into the ou
     CHECK_FALSE(fs::exists(dir / "o" / "original"));
     CHECK(fs::exists(dir / "o" / "config.json"));
 }
+
+TEST_CASE("input paths that name no file, and a file where the adapter goes, are bad input: exit 2") {
+    ScratchDir dir("cli-input-paths");
+    REQUIRE(pissa_run(dir, "generate --out m --shards 2 " + small_llama).code == 0);
+    fs::copy(dir / "m", dir / "loop", fs::copy_options::recursive);
+    fs::remove(dir / "loop" / "model-00002-of-00002.safetensors");
+    fs::create_symlink("model-00002-of-00002.safetensors", dir / "loop" / "model-00002-of-00002.safetensors");
+    Run r = pissa_run(dir, "init loop --out o --rank 2");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("model-00002-of-00002.safetensors: cannot open") != std::string::npos);
+    fs::create_symlink("nowhere.safetensors", dir / "dangling.safetensors");
+    r = pissa_run(dir, "inspect dangling.safetensors");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("dangling.safetensors") != std::string::npos);
+    fs::copy(dir / "m", dir / "clash", fs::copy_options::recursive);
+    pissa_test::write_bytes(dir / "clash" / "pissa_init", "notes");
+    r = pissa_run(dir, "init clash --out o --rank 2");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("adapter folder's name 'pissa_init'") != std::string::npos);
+    CHECK(entries(dir.path()) == std::set<std::string>{"m", "loop", "dangling.safetensors", "clash"});
+}

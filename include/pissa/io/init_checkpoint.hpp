@@ -232,6 +232,10 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         require_valid(*quantize);
     }
     const Checkpoint checkpoint(model);
+    for (const auto& file : checkpoint.other_files())  // copied into the output beside the adapter folder
+        pissa::detail::require(file.filename() != options.adapter_folder, "init_checkpoint: ", file.string(),
+                               " has the adapter folder's name '", options.adapter_folder,
+                               "' and would be copied where the adapter goes; move it out of the model folder");
     InitCheckpointReport report;
     report.written.config = adapter_config_for(options, model);
     report.written.metadata = adapter_metadata_for(options);

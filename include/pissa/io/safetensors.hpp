@@ -69,11 +69,18 @@ inline const char* file_kind(mode_t mode) {
 /// it is opened: opening a FIFO for reading blocks until a writer appears, and a device or a socket
 /// has no size to validate against. O_NONBLOCK covers a path swapped for a FIFO between the stat()
 /// and the open() (the fstat() then refuses it); it changes nothing for a regular file.
-/// \throws pissa::io::format_error for a non-regular file, io_error when it cannot be opened (a
-///         symlink loop gives "Too many levels of symbolic links").
+/// \throws pissa::io::format_error for a non-regular file and for a path that names no readable
+///         file (missing, a symlink loop, a dangling link, no permission: bad input, not a fault);
+///         io_error when opening fails otherwise.
 inline int open_regular_file(const std::filesystem::path& path) {
     struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) throw io_error(path.string() + ": cannot open: " + errno_text());
+    if (::stat(path.c_str(), &st) != 0) {
+        const int err = errno;
+        const std::string message = path.string() + ": cannot open: " + errno_text();
+        if (err == ENOENT || err == ELOOP || err == ENOTDIR || err == ENAMETOOLONG || err == EACCES)
+            throw format_error(message);
+        throw io_error(message);
+    }
     if (!S_ISREG(st.st_mode))
         throw format_error(path.string() + ": not a regular file (" + file_kind(st.st_mode) + ")");
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
