@@ -98,7 +98,10 @@ void BM_pissa_exact(benchmark::State& state) {
 }
 
 void reference_rows(benchmark::internal::Benchmark* b) {
-    b->Args({4096, 4096, 16})->Args({4096, 4096, 64})->Args({4096, 4096, 128})->Args({11008, 4096, 16})
+    b->Args({4096, 4096, 16})
+        ->Args({4096, 4096, 64})
+        ->Args({4096, 4096, 128})
+        ->Args({11008, 4096, 16})
         ->Args({11008, 4096, 128});
     b->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 }

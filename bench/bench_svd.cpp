@@ -104,7 +104,8 @@ void set_roofline(benchmark::State& state, Index m, Index n, Index q, double pas
     // Measured seconds per iteration are only known to the reporter: roofline_s / (t/iter) as a rate.
     state.counters["roofline_frac"] =
         benchmark::Counter(roofline_s * double(state.iterations()), benchmark::Counter::kIsRate);
-    state.counters["GFLOPs"] = benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+    state.counters["GFLOPs"] =
+        benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
     state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
 }
 
@@ -223,7 +224,8 @@ float parallel_fma_chains(Index steps, double& flops) {
 void BM_fma_peak(benchmark::State& state) {
     double flops = 0;
     for (auto _ : state) benchmark::DoNotOptimize(parallel_fma_chains(Index(1) << 20, flops));
-    state.counters["GFLOPs"] = benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+    state.counters["GFLOPs"] =
+        benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -285,7 +287,10 @@ void product_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_TEMPLATE(BM_multiply, float)->Apply(product_args);
 BENCHMARK_TEMPLATE(BM_multiply_t, float)->Apply(product_args);
 BENCHMARK_TEMPLATE(BM_multiply, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)
+    ->Args({4096, 4096, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 void offset_args(benchmark::internal::Benchmark* b) {
     b->Args({4096, 4096, 16, 0})->Args({4096, 4096, 16, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
@@ -332,7 +337,10 @@ void gram_args(benchmark::internal::Benchmark* b) {
     b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 BENCHMARK_TEMPLATE(BM_multiply_gram, float)->Apply(gram_args);
-BENCHMARK_TEMPLATE(BM_multiply_gram, Eigen::bfloat16)->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_multiply_gram, Eigen::bfloat16)
+    ->Args({4096, 4096, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // ---- randomized SVD (peft pissa_niter_K) --------------------------------------------------------
 
@@ -435,7 +443,12 @@ void BM_gaussian(benchmark::State& state) {
     state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * rows * q);
     state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
 }
-BENCHMARK(BM_gaussian)->Args({4096, 16})->Args({4096, 128})->Args({11008, 128})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_gaussian)
+    ->Args({4096, 16})
+    ->Args({4096, 128})
+    ->Args({11008, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 /// Orthonormalising a `[k, q]` block between the passes: Householder QR (TallQr, the standard
 /// path) or CholeskyQR2 (the fused path; Householder only where it falls back). Includes copying
@@ -464,11 +477,11 @@ BENCHMARK_TEMPLATE(BM_orthonormalize, true)->Apply(orthonormalize_args);
 
 /// The reference float rows: {m, n, r, niter}.
 constexpr std::array<std::array<Index, 4>, 6> kReferenceRows{{{4096, 4096, 16, 4},
-                                                          {4096, 4096, 64, 4},
-                                                          {4096, 4096, 128, 4},
-                                                          {11008, 4096, 16, 4},
-                                                          {11008, 4096, 128, 4},
-                                                          {4096, 4096, 16, 16}}};
+                                                              {4096, 4096, 64, 4},
+                                                              {4096, 4096, 128, 4},
+                                                              {11008, 4096, 16, 4},
+                                                              {11008, 4096, 128, 4},
+                                                              {4096, 4096, 16, 16}}};
 
 /// The reference table plus two bfloat16 rows: {m, n, r, niter, bf16}.
 void randomized_args(benchmark::internal::Benchmark* b) {
@@ -505,8 +518,13 @@ void BM_exact_krylov(benchmark::State& state) {
     state.counters["converged"] = report.converged ? 1 : 0;
     state.SetLabel(pissa::detail::kernel_isa_name(pissa::detail::active_kernel_isa()));
 }
-BENCHMARK(BM_exact_krylov)->Args({1024, 1024, 16})->Args({4096, 4096, 16})->Args({4096, 4096, 128})
-    ->Args({11008, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_exact_krylov)
+    ->Args({1024, 1024, 16})
+    ->Args({4096, 4096, 16})
+    ->Args({4096, 4096, 128})
+    ->Args({11008, 4096, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_exact_full(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1), r = state.range(2);
@@ -549,8 +567,12 @@ void BM_pissa_init_in_place(benchmark::State& state) {
     }
     set_roofline(state, m, n, config.rank, 2.0 * config.randomized.niter + 2, 2.0);
 }
-BENCHMARK(BM_pissa_init_in_place)->Args({4096, 4096, 16})->Args({11008, 4096, 16})->Args({4096, 11008, 16})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_pissa_init_in_place)
+    ->Args({4096, 4096, 16})
+    ->Args({11008, 4096, 16})
+    ->Args({4096, 11008, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 #ifdef PISSA_BENCH_LORA
 void BM_lora_forward(benchmark::State& state) {
@@ -560,9 +582,9 @@ void BM_lora_forward(benchmark::State& state) {
     const Matrix<float> A = Matrix<float>::Random(r, n), B = Matrix<float>::Random(n, r);
     for (auto _ : state) benchmark::DoNotOptimize(pissa::lora_forward(x, W, A, B, 2.0));
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * n * n * 4);
-    state.counters["GFLOPs"] = benchmark::Counter(2.0 * double(batch) * double(n) * double(n + 2 * r) *
-                                                      double(state.iterations()) / 1e9,
-                                                  benchmark::Counter::kIsRate);
+    state.counters["GFLOPs"] =
+        benchmark::Counter(2.0 * double(batch) * double(n) * double(n + 2 * r) * double(state.iterations()) / 1e9,
+                           benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_lora_forward)->Args({1, 4096, 16})->Args({64, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 #endif
@@ -587,8 +609,8 @@ const RowMatrix<float>& file_weight(const FileCase& c) {
         std::ifstream in(c.path, std::ios::binary);
         in.read(reinterpret_cast<char*>(slot->data()), std::streamsize(slot->size() * Index(sizeof(float))));
         if (!in) {
-            std::fprintf(stderr, "bench_svd: cannot read %lld x %lld float32 from %s\n", (long long)c.m,
-                         (long long)c.n, c.path.c_str());
+            std::fprintf(stderr, "bench_svd: cannot read %lld x %lld float32 from %s\n", (long long)c.m, (long long)c.n,
+                         c.path.c_str());
             std::exit(2);
         }
     }
@@ -599,8 +621,8 @@ void write_result(const FileCase& c, const char* mode, const pissa::SvdResult<fl
     const char* dir = std::getenv("PISSA_PEER_OUT");
     if (dir == nullptr) return;
     const RowMatrix<float>& W = file_weight(c);
-    const Matrix<double> approx = svd.U.cast<double>() * svd.S.cast<double>().asDiagonal() *
-                                  svd.V.cast<double>().transpose();
+    const Matrix<double> approx =
+        svd.U.cast<double>() * svd.S.cast<double>().asDiagonal() * svd.V.cast<double>().transpose();
     const double error = (W.cast<double>() - approx).norm();
     std::ofstream out(std::string(dir) + "/" + c.name + "_" + mode + ".txt");
     out.precision(17);
@@ -615,10 +637,14 @@ void write_result(const FileCase& c, const char* mode, const pissa::SvdResult<fl
 enum class FileMode { exact, randomized, reused, fused };
 const char* file_mode_name(FileMode mode) {
     switch (mode) {
-    case FileMode::exact: return "exact";
-    case FileMode::randomized: return "randomized";
-    case FileMode::reused: return "reused";
-    case FileMode::fused: return "fused";
+        case FileMode::exact:
+            return "exact";
+        case FileMode::randomized:
+            return "randomized";
+        case FileMode::reused:
+            return "reused";
+        case FileMode::fused:
+            return "fused";
     }
     return "?";
 }
@@ -671,7 +697,8 @@ const bool file_cases_registered = [] {
         for (const FileMode mode : {FileMode::randomized, FileMode::reused, FileMode::fused, FileMode::exact})
             benchmark::RegisterBenchmark((std::string("BM_file_") + file_mode_name(mode) + "/" + c.name).c_str(),
                                          [c, mode](benchmark::State& s) { file_benchmark(s, c, mode); })
-                ->Unit(benchmark::kMillisecond)->UseRealTime();
+                ->Unit(benchmark::kMillisecond)
+                ->UseRealTime();
     }
     return true;
 }();

@@ -95,15 +95,17 @@ int main(int argc, char** argv) {
         else if (arg == "--no-nuclear") nuclear = false;
         else if (arg == "--svd") svd = value();
         else {
-            std::fprintf(stderr, "usage: quant_error_table [--sizes MxN,...] [--ranks r,...] [--iters T,...] "
-                                 "[--seed S] [--no-nuclear] [--svd auto|full|krylov|niterK]\n");
+            std::fprintf(stderr,
+                         "usage: quant_error_table [--sizes MxN,...] [--ranks r,...] [--iters T,...] "
+                         "[--seed S] [--no-nuclear] [--svd auto|full|krylov|niterK]\n");
             return 2;
         }
     }
 
     std::printf("SVD: %s, NF4 blocks of 64, seed %llu\n\n", svd.c_str(), static_cast<unsigned long long>(seed));
-    std::printf("| shape | rank | T | QLoRA F | LoftQ F (red.) | QPiSSA F (red.) | QLoRA nuc | LoftQ nuc (red.) | "
-                "QPiSSA nuc (red.) |\n|---|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "| shape | rank | T | QLoRA F | LoftQ F (red.) | QPiSSA F (red.) | QLoRA nuc | LoftQ nuc (red.) | "
+        "QPiSSA nuc (red.) |\n|---|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
     for (const std::string& size : split(sizes, ',')) {
         const auto dims = split(size, 'x');

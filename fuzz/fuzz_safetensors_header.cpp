@@ -28,8 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
     std::string again = serialize_safetensors_header(header.tensors, header.metadata);
     again.append(reinterpret_cast<const char*>(data) + header.data_offset, header.data_size);
-    const SafetensorsHeader reparsed = parse_safetensors_header(
-        reinterpret_cast<const unsigned char*>(again.data()), again.size(), again.size(), "fuzz-roundtrip");
+    const SafetensorsHeader reparsed = parse_safetensors_header(reinterpret_cast<const unsigned char*>(again.data()),
+                                                                again.size(), again.size(), "fuzz-roundtrip");
     if (reparsed.metadata != header.metadata || reparsed.tensors.size() != header.tensors.size()) std::abort();
     for (std::size_t i = 0; i < header.tensors.size(); ++i) {
         const auto &a = header.tensors[i], &b = reparsed.tensors[i];

@@ -7,8 +7,10 @@
 
 // Internal invariants throw in tests so that CHECK_THROWS can see them (tl::expected's trick).
 #ifndef PISSA_ASSERT
-#define PISSA_ASSERT(condition) \
-    do { if (!(condition)) throw std::logic_error("PISSA_ASSERT failed: " #condition); } while (false)
+#define PISSA_ASSERT(condition)                                                       \
+    do {                                                                              \
+        if (!(condition)) throw std::logic_error("PISSA_ASSERT failed: " #condition); \
+    } while (false)
 #endif
 
 #include <pissa/detail/random.hpp>
@@ -32,7 +34,9 @@ using Vector = pissa::Vector<S>;
 
 /// Machine epsilon of the scalar.
 template <class S>
-constexpr double eps() { return static_cast<double>(std::numeric_limits<S>::epsilon()); }
+constexpr double eps() {
+    return static_cast<double>(std::numeric_limits<S>::epsilon());
+}
 
 /// A seeded matrix of i.i.d. standard normals.
 template <class S>

@@ -55,13 +55,15 @@ int main(int argc, char** argv) {
                 const auto t0 = std::chrono::steady_clock::now();
                 if (old) ab_old(op, w, m, n, in, a);
                 else ab_new(op, w, m, n, in, b);
-                const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+                const double ms =
+                    std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
                 (old ? t_old : t_new).push_back(ms);
             }
         std::sort(t_old.begin(), t_old.end());
         std::sort(t_new.begin(), t_new.end());
         const double o = t_old[t_old.size() / 2], nw = t_new[t_new.size() / 2];
-        const bool same = a.rows() == b.rows() && a.cols() == b.cols() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+        const bool same = a.rows() == b.rows() && a.cols() == b.cols() &&
+                          std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
         std::printf("  %-11s  old %8.2f ms  new %8.2f ms  new/old %.3f  bits %s\n", names[op], o, nw, nw / o,
                     same ? "same" : "differ");
     }

@@ -68,11 +68,11 @@ inline std::vector<std::uint8_t> read_gzip_file(const std::filesystem::path& pat
 /// \throws idx_error for a bad magic, a type other than 0x08, zero dimensions, or a data size that
 ///         disagrees with the dimensions (truncated, or trailing bytes).
 inline IdxArray parse_idx(const std::vector<std::uint8_t>& bytes, const std::string& name) {
-    if (bytes.size() < 4) throw idx_error(name + ": truncated IDX file (" + std::to_string(bytes.size()) +
-                                          " bytes, the header alone needs at least 4)");
+    if (bytes.size() < 4)
+        throw idx_error(name + ": truncated IDX file (" + std::to_string(bytes.size()) +
+                        " bytes, the header alone needs at least 4)");
     if (bytes[0] != 0 || bytes[1] != 0) throw idx_error(name + ": not an IDX file (the first two bytes must be zero)");
-    if (bytes[2] != 0x08)
-    {
+    if (bytes[2] != 0x08) {
         const char* hex = "0123456789abcdef";
         throw idx_error(name + ": unsupported IDX element type 0x" + hex[bytes[2] >> 4] + hex[bytes[2] & 15] +
                         " (only 0x08, unsigned byte, is supported)");

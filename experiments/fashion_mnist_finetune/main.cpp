@@ -142,8 +142,8 @@ int run(const Options& o) {
         std::cout << "pretrained: " << steps << " Adam steps on odd_train (" << format("%.1f s", seconds_since(start))
                   << ")\n";
         if (!o.save_pretrained.empty()) {
-            save_mlp(o.save_pretrained, pretrained, {{"data_mean", format("%.17g", data.mean)},
-                                                     {"data_std", format("%.17g", data.std)}});
+            save_mlp(o.save_pretrained, pretrained,
+                     {{"data_mean", format("%.17g", data.mean)}, {"data_std", format("%.17g", data.std)}});
             std::cout << "pretrained: saved to " << o.save_pretrained.string() << "\n";
         }
     }
@@ -245,8 +245,8 @@ int run(const Options& o) {
     }
     std::cout << "\nwrote " << (o.out / "table.md").string() << ", " << (o.out / "loss_curves.csv").string() << ", "
               << (o.out / "loss_best_lr.svg").string() << "\n"
-              << format("grid: %.0f runs in %.1f s; total %.1f s", static_cast<double>(grid.runs().size()), grid_seconds,
-                        seconds_since(start));
+              << format("grid: %.0f runs in %.1f s; total %.1f s", static_cast<double>(grid.runs().size()),
+                        grid_seconds, seconds_since(start));
 #ifdef _OPENMP
     std::cout << " (" << omp_get_max_threads() << " threads)";
 #endif

@@ -28,8 +28,8 @@ inline MatrixF read_weight(const pissa::io::SafetensorsFile& file, const std::st
 
 inline VectorF read_bias(const pissa::io::SafetensorsFile& file, const std::string& name, Index size) {
     const auto& t = file.at(name);
-    pissa::detail::require(t.shape.size() == 1 && t.shape[0] == static_cast<std::uint64_t>(size),
-                           file.path().string(), ": tensor '", name, "' must have shape [", size, "]");
+    pissa::detail::require(t.shape.size() == 1 && t.shape[0] == static_cast<std::uint64_t>(size), file.path().string(),
+                           ": tensor '", name, "' must have shape [", size, "]");
     return pissa::io::visit_float_dtype(t.dtype, file.path().string() + ": tensor '" + name + "'", [&](auto tag) {
         using Storage = decltype(tag);
         pissa::Vector<Storage> stored(size);
@@ -55,7 +55,8 @@ inline Mlp load_mlp(const std::filesystem::path& path) {
 }
 
 /// Saves the MLP with the same keys (F32), plus metadata.
-inline void save_mlp(const std::filesystem::path& path, const Mlp& net, const std::map<std::string, std::string>& meta) {
+inline void save_mlp(const std::filesystem::path& path, const Mlp& net,
+                     const std::map<std::string, std::string>& meta) {
     using pissa::io::matrix_tensor;
     std::vector<pissa::io::OwnedTensor> tensors;
     auto bias = [](const std::string& name, const VectorF& b) {

@@ -150,7 +150,8 @@ inline void print_claim_check(std::ostream& out, const Grid& grid) {
     const auto ends = window_ends(grid.steps());
     for (Method p : {Method::pissa, Method::pissa_niter_4}) {
         if (std::find(ms.begin(), ms.end(), p) == ms.end()) continue;
-        out << "\n" << method_name(p) << " − lora (seed-mean difference; seeds where " << method_name(p)
+        out << "\n"
+            << method_name(p) << " − lora (seed-mean difference; seeds where " << method_name(p)
             << " is lower):\n| lr |";
         for (int k : steps) out << " step " << k << " |";
         out << " windows lower |\n|---|";
@@ -165,7 +166,9 @@ inline void print_claim_check(std::ostream& out, const Grid& grid) {
                 out << format(" %+.3f", spread(a).mean - spread(b).mean) << " (" << lower << "/" << a.size() << ") |";
             }
             int lower_windows = 0;
-            for (int k : ends) lower_windows += spread(grid.windows(p, lr_p, k)).mean < spread(grid.windows(Method::lora, lr_l, k)).mean;
+            for (int k : ends)
+                lower_windows +=
+                    spread(grid.windows(p, lr_p, k)).mean < spread(grid.windows(Method::lora, lr_l, k)).mean;
             out << " " << lower_windows << "/" << ends.size() << " |\n";
         };
         for (double lr : grid.lrs()) row(lr_text(lr), lr, lr);
@@ -222,8 +225,8 @@ inline void write_svg(std::ostream& out, const Grid& grid, const std::string& ti
         << " " << H << "\" font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\" font-size=\"13\">\n"
         << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         << "<text x=\"" << W / 2 << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">" << title << "</text>\n"
-        << "<text x=\"" << W / 2 << "\" y=\"44\" text-anchor=\"middle\">(line: mean of " << grid.cell(grid.methods()[0], grid.lrs()[0]).size()
-        << " seeds; band: min–max)</text>\n";
+        << "<text x=\"" << W / 2 << "\" y=\"44\" text-anchor=\"middle\">(line: mean of "
+        << grid.cell(grid.methods()[0], grid.lrs()[0]).size() << " seeds; band: min–max)</text>\n";
     // Grid lines and y ticks: decades labelled, 2..9 as minor lines.
     for (int e = static_cast<int>(std::floor(ylo)); e <= static_cast<int>(std::ceil(yhi)); ++e)
         for (int d = 1; d <= 9; ++d) {
@@ -245,7 +248,8 @@ inline void write_svg(std::ostream& out, const Grid& grid, const std::string& ti
     }
     out << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << pw << "\" height=\"" << ph
         << "\" fill=\"none\" stroke=\"black\"/>\n"
-        << "<text x=\"" << left + pw / 2 << "\" y=\"" << H - 16 << "\" text-anchor=\"middle\">fine-tuning step (batch 64)</text>\n"
+        << "<text x=\"" << left + pw / 2 << "\" y=\"" << H - 16
+        << "\" text-anchor=\"middle\">fine-tuning step (batch 64)</text>\n"
         << "<text transform=\"translate(22," << top + ph / 2 << ") rotate(-90)\" text-anchor=\"middle\">"
         << "training loss, 10-step window mean (log scale)</text>\n";
     // Bands, then lines on top.

@@ -28,10 +28,14 @@ namespace fmnist {
 enum class Method { lora, pissa, pissa_niter_4, full };
 inline const char* method_name(Method m) {
     switch (m) {
-        case Method::lora: return "lora";
-        case Method::pissa: return "pissa";
-        case Method::pissa_niter_4: return "pissa_niter_4";
-        default: return "full";
+        case Method::lora:
+            return "lora";
+        case Method::pissa:
+            return "pissa";
+        case Method::pissa_niter_4:
+            return "pissa_niter_4";
+        default:
+            return "full";
     }
 }
 inline Method parse_method(const std::string& name) {
@@ -235,7 +239,8 @@ inline void attach_adapter(Layer& layer, const RunConfig& config, int layer_inde
     const std::uint64_t layer_seed = pissa::detail::stream_seed(config.seed, static_cast<std::uint64_t>(layer_index));
     layer.adapted = true;
     if (config.method == Method::lora) {
-        auto adapter = pissa::lora_init<float>(layer.W.rows(), layer.W.cols(), config.rank, config.lora_alpha, layer_seed);
+        auto adapter =
+            pissa::lora_init<float>(layer.W.rows(), layer.W.cols(), config.rank, config.lora_alpha, layer_seed);
         layer.A = std::move(adapter.A);
         layer.B = std::move(adapter.B);
         layer.s = adapter.scaling;

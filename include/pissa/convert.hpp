@@ -43,8 +43,8 @@ LoraPair<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, cons
     static_assert(std::is_floating_point_v<Scalar>, "pissa_to_lora: adapters are float or double");
     detail::require(B.cols() == A.rows() && B0.cols() == A0.rows() && A.cols() == A0.cols() && B.rows() == B0.rows(),
                     "pissa_to_lora: shapes must be A [r, in], B [out, r], A0 [r0, in], B0 [out, r0]; got A [", A.rows(),
-                    ", ", A.cols(), "], B [", B.rows(), ", ", B.cols(), "], A0 [", A0.rows(), ", ", A0.cols(), "], B0 [",
-                    B0.rows(), ", ", B0.cols(), "]");
+                    ", ", A.cols(), "], B [", B.rows(), ", ", B.cols(), "], A0 [", A0.rows(), ", ", A0.cols(),
+                    "], B0 [", B0.rows(), ", ", B0.cols(), "]");
     LoraPair<Scalar> out;
     out.A.resize(A.rows() + A0.rows(), A.cols());
     out.A.topRows(A.rows()) = A.template cast<Scalar>();

@@ -36,13 +36,13 @@ enum class SvdMethod { exact, randomized };
 
 /// Configuration of a PiSSA split, named as in peft's LoraConfig.
 struct PissaConfig {
-    Index rank = 8;                  ///< r, 1 <= r <= min(out, in)
-    double lora_alpha = 8;           ///< > 0
-    bool use_rslora = false;         ///< scaling alpha / sqrt(r) instead of alpha / r
+    Index rank = 8;           ///< r, 1 <= r <= min(out, in)
+    double lora_alpha = 8;    ///< > 0
+    bool use_rslora = false;  ///< scaling alpha / sqrt(r) instead of alpha / r
     SvdMethod method = SvdMethod::exact;
     RandomizedSvdOptions randomized{};  ///< used when method == randomized (niter, oversampling, seed)
     ExactSvdOptions exact{};            ///< used when method == exact
-    bool fan_in_fan_out = false;     ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
+    bool fan_in_fan_out = false;        ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
 
     /// The LoRA scaling s: alpha / r, or alpha / sqrt(r) with rsLoRA.
     double scaling() const { return lora_scaling(lora_alpha, rank, use_rslora); }
@@ -73,9 +73,9 @@ inline void require_valid(const PissaConfig& config) {
 /// plus what the decomposition found.
 template <class Scalar>
 struct PissaAdapter : LoraAdapter<Scalar> {
-    Vector<Scalar> singular_values;   ///< S_r, descending (not divided by s)
+    Vector<Scalar> singular_values;  ///< S_r, descending (not divided by s)
     QualityReport quality;
-    ConvergenceReport convergence;    ///< of the SVD that produced S_r
+    ConvergenceReport convergence;  ///< of the SVD that produced S_r
 };
 
 /// An adapter plus the residual `W - s B A` in W's stored layout and dtype.
@@ -196,7 +196,7 @@ PissaResult<compute_scalar_t<typename Derived::Scalar>, typename Derived::Scalar
 /// \throws as init; W is left untouched when anything is thrown.
 template <class Derived>
 PissaAdapter<compute_scalar_t<typename Derived::Scalar>> init_in_place(Eigen::MatrixBase<Derived>& W,
-                                                                      const PissaConfig& config) {
+                                                                       const PissaConfig& config) {
     require_valid(config);
     auto adapter = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
     detail::write_residual(W, W, adapter, config.fan_in_fan_out);

@@ -36,8 +36,8 @@ inline double lora_scaling(double lora_alpha, Index rank, bool use_rslora) {
 /// A LoRA adapter: `A` `[r, in]`, `B` `[out, r]`, scaling `s`; the layer adds `s (x A^T) B^T`.
 template <class Scalar>
 struct LoraAdapter {
-    Matrix<Scalar> A;  ///< [r, in]
-    Matrix<Scalar> B;  ///< [out, r]
+    Matrix<Scalar> A;    ///< [r, in]
+    Matrix<Scalar> B;    ///< [out, r]
     Scalar scaling = 0;  ///< s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA)
 };
 
@@ -61,8 +61,7 @@ inline void check_lora_shapes(Index x_rows, Index x_cols, Index w_rows, Index w_
     const auto shapes = concat(" (x [", x_rows, ", ", x_cols, "], W [", w_rows, ", ", w_cols, "], A [", a_rows, ", ",
                                a_cols, "], B [", b_rows, ", ", b_cols, "])");
     require(a_rows >= 1, where, ": adapter rank must be >= 1, got A with ", a_rows, " rows", shapes);
-    require(b_cols == a_rows, where, ": rank mismatch, B has ", b_cols, " columns but A has ", a_rows, " rows",
-            shapes);
+    require(b_cols == a_rows, where, ": rank mismatch, B has ", b_cols, " columns but A has ", a_rows, " rows", shapes);
     require(a_cols == w_cols, where, ": A must be [r, in] with in = W.cols() = ", w_cols, shapes);
     require(b_rows == w_rows, where, ": B must be [out, r] with out = W.rows() = ", w_rows, shapes);
     require(x_cols == w_cols, where, ": x must be [batch, in] with in = W.cols() = ", w_cols, shapes);
@@ -90,8 +89,8 @@ Matrix<compute_scalar_t<typename DX::Scalar>> lora_forward(const Eigen::MatrixBa
                                                            const Eigen::MatrixBase<DB>& B, double scaling) {
     using Scalar = compute_scalar_t<typename DX::Scalar>;
     static_assert(std::is_floating_point_v<Scalar>, "lora_forward: x must hold float, double or 16-bit floats");
-    detail::check_lora_shapes(x.rows(), x.cols(), W.rows(), W.cols(), A.rows(), A.cols(), B.rows(), B.cols(),
-                              scaling, "lora_forward");
+    detail::check_lora_shapes(x.rows(), x.cols(), W.rows(), W.cols(), A.rows(), A.cols(), B.rows(), B.cols(), scaling,
+                              "lora_forward");
     const auto& xc = detail::as_compute<Scalar>(x);
     Matrix<Scalar> y = xc * detail::as_compute<Scalar>(W).transpose();
     const Matrix<Scalar> t = xc * detail::as_compute<Scalar>(A).transpose();  // [batch, r]: the bottleneck
@@ -143,8 +142,8 @@ template <class Scalar = float>
 LoraAdapter<Scalar> lora_init(Index out, Index in, Index rank, double lora_alpha, std::uint64_t seed,
                               bool use_rslora = false) {
     static_assert(std::is_floating_point_v<Scalar>, "lora_init: Scalar must be float or double");
-    detail::require(out >= 1 && in >= 1, "lora_init: layer shape must be positive, got [out, in] = [", out, ", ",
-                    in, "]");
+    detail::require(out >= 1 && in >= 1, "lora_init: layer shape must be positive, got [out, in] = [", out, ", ", in,
+                    "]");
     detail::require(rank >= 1, "lora_init: rank must be >= 1, got ", rank);
     detail::require(std::isfinite(lora_alpha) && lora_alpha > 0, "lora_init: lora_alpha must be finite and > 0, got ",
                     lora_alpha);

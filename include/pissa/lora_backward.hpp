@@ -48,23 +48,22 @@ LoraGradients<compute_scalar_t<typename DX::Scalar>> lora_backward(const Eigen::
                                                                    const LoraBackwardOptions& options = {}) {
     using Scalar = compute_scalar_t<typename DX::Scalar>;
     static_assert(std::is_floating_point_v<Scalar>, "lora_backward: x must hold float, double or 16-bit floats");
-    detail::check_lora_shapes(x.rows(), x.cols(), W.rows(), W.cols(), A.rows(), A.cols(), B.rows(), B.cols(),
-                              scaling, "lora_backward");
-    detail::require(dy.rows() == x.rows() && dy.cols() == W.rows(),
-                    "lora_backward: dy must be [batch, out] = [", x.rows(), ", ", W.rows(), "], got [", dy.rows(), ", ",
-                    dy.cols(), "]");
+    detail::check_lora_shapes(x.rows(), x.cols(), W.rows(), W.cols(), A.rows(), A.cols(), B.rows(), B.cols(), scaling,
+                              "lora_backward");
+    detail::require(dy.rows() == x.rows() && dy.cols() == W.rows(), "lora_backward: dy must be [batch, out] = [",
+                    x.rows(), ", ", W.rows(), "], got [", dy.rows(), ", ", dy.cols(), "]");
     const auto& xc = detail::as_compute<Scalar>(x);
     const auto& Ac = detail::as_compute<Scalar>(A);
     const auto& G = detail::as_compute<Scalar>(dy);
     const Scalar s = static_cast<Scalar>(scaling);
 
-    const Matrix<Scalar> t = xc * Ac.transpose();                                          // [batch, r]
-    const Matrix<Scalar> sGB = s * (G * detail::as_compute<Scalar>(B)).eval();            // [batch, r]
+    const Matrix<Scalar> t = xc * Ac.transpose();                               // [batch, r]
+    const Matrix<Scalar> sGB = s * (G * detail::as_compute<Scalar>(B)).eval();  // [batch, r]
     LoraGradients<Scalar> grads;
-    grads.dB.noalias() = s * (G.transpose() * t);                                         // [out, r]
-    grads.dA.noalias() = sGB.transpose() * xc;                                            // [r, in]
+    grads.dB.noalias() = s * (G.transpose() * t);  // [out, r]
+    grads.dA.noalias() = sGB.transpose() * xc;     // [r, in]
     if (options.input_gradient) {
-        grads.dx.noalias() = G * detail::as_compute<Scalar>(W);                           // [batch, in]
+        grads.dx.noalias() = G * detail::as_compute<Scalar>(W);  // [batch, in]
         grads.dx.noalias() += sGB * Ac;
     }
     if (options.bias_gradient) grads.dbias = G.colwise().sum().transpose();

@@ -6,9 +6,9 @@
 /// quantised bases (NF4, QPiSSA, LoftQ). File formats live in <pissa/io/...>.
 #pragma once
 
-#include <pissa/errors.hpp>
 #include <pissa/cancel.hpp>
 #include <pissa/convert.hpp>
+#include <pissa/errors.hpp>
 #include <pissa/init.hpp>
 #include <pissa/lora.hpp>
 #include <pissa/lora_backward.hpp>

@@ -46,9 +46,9 @@ namespace pissa {
 
 /// Configuration of QPiSSA and LoftQ.
 struct QuantInitConfig {
-    PissaConfig pissa{};   ///< rank, lora_alpha, rsLoRA, SVD method, fan_in_fan_out
-    int iterations = 1;    ///< T >= 1 alternating iterations (the paper reports T = 1 and T = 5)
-    Nf4Options nf4{};      ///< block size (64), double quantisation (off)
+    PissaConfig pissa{};  ///< rank, lora_alpha, rsLoRA, SVD method, fan_in_fan_out
+    int iterations = 1;   ///< T >= 1 alternating iterations (the paper reports T = 1 and T = 5)
+    Nf4Options nf4{};     ///< block size (64), double quantisation (off)
 };
 
 /// Throws pissa::invalid_argument for a configuration outside its ranges.

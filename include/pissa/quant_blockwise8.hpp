@@ -48,8 +48,7 @@ inline const std::array<float, 256>& dynamic_map_8bit() {
             const int halfway = items / 2;
             for (int k = 0; k < items; ++k)
                 boundaries[static_cast<std::size_t>(k)] =
-                    k < halfway ? start + step * static_cast<float>(k)
-                                : end - step * static_cast<float>(items - k - 1);
+                    k < halfway ? start + step * static_cast<float>(k) : end - step * static_cast<float>(items - k - 1);
             const float scale = static_cast<float>(std::pow(10.0, i - 6));
             for (int k = 0; k + 1 < items; ++k) {
                 const float mean =

@@ -38,8 +38,8 @@ double nuclear_norm(const Eigen::MatrixBase<Derived>& M) {
                     " matrix has non-finite values");
     Eigen::BDCSVD<Matrix<Scalar>> svd(dense);  // no ComputeThinU/V: singular values only
     if (svd.info() != Eigen::Success)
-        throw numerical_error(detail::concat("nuclear_norm: Eigen's BDCSVD failed on a ", dense.rows(), " x ", dense.cols(),
-                                     " matrix"));
+        throw numerical_error(
+            detail::concat("nuclear_norm: Eigen's BDCSVD failed on a ", dense.rows(), " x ", dense.cols(), " matrix"));
     return svd.singularValues().template cast<double>().sum();
 }
 

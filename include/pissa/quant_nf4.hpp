@@ -40,19 +40,29 @@
 namespace pissa {
 
 /// The 16 NF4 values, indexed by their 4-bit code (bitsandbytes `nf4_dequantization_lut`).
-inline constexpr std::array<float, 16> nf4_code_values = {
-    -1.0f,                 -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f,  0.16093020141124725f,  0.24611230194568634f,  0.33791524171829224f,
-    0.44070982933044434f,  0.5626170039176941f,   0.7229568362236023f,   1.0f};
+inline constexpr std::array<float, 16> nf4_code_values = {-1.0f,
+                                                          -0.6961928009986877f,
+                                                          -0.5250730514526367f,
+                                                          -0.39491748809814453f,
+                                                          -0.28444138169288635f,
+                                                          -0.18477343022823334f,
+                                                          -0.09105003625154495f,
+                                                          0.0f,
+                                                          0.07958029955625534f,
+                                                          0.16093020141124725f,
+                                                          0.24611230194568634f,
+                                                          0.33791524171829224f,
+                                                          0.44070982933044434f,
+                                                          0.5626170039176941f,
+                                                          0.7229568362236023f,
+                                                          1.0f};
 
 /// The 15 decision thresholds of bitsandbytes' `dQuantizeNF4`: threshold k separates codes k and
 /// k+1 (the float32 midpoint of `nf4_code_values[k]` and `[k+1]`).
 inline constexpr std::array<float, 15> nf4_thresholds = {
-    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
-    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-    0.1202552504837513f,  0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
-    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
+    -0.8480964004993439f,  -0.6106329262256622f,   -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
+    -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,   0.2035212516784668f,
+    0.2920137718319893f,   0.3893125355243683f,    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
 
 /// 4-bit NF4 code of a value already scaled by its block's reciprocal absmax: the number of
 /// thresholds it strictly exceeds (identical to bitsandbytes' decision tree, NaN -> 0).
@@ -67,8 +77,8 @@ inline float nf4_decode(std::uint8_t code) noexcept { return nf4_code_values[cod
 
 /// Options of NF4 quantisation.
 struct Nf4Options {
-    Index block_size = 64;         ///< values per absmax block; even, >= 2 (bitsandbytes: 64 .. 4096)
-    bool double_quant = false;     ///< compress the absmax to 8 bits (bitsandbytes compress_statistics)
+    Index block_size = 64;           ///< values per absmax block; even, >= 2 (bitsandbytes: 64 .. 4096)
+    bool double_quant = false;       ///< compress the absmax to 8 bits (bitsandbytes compress_statistics)
     Index double_quant_block = 256;  ///< absmax values per 8-bit block (bitsandbytes: 256)
 };
 
@@ -91,8 +101,8 @@ struct Nf4Tensor {
     Index rows = 0;
     Index cols = 0;
     Index block_size = 64;
-    std::vector<std::uint8_t> packed;      ///< ceil(n / 2) bytes, first element in the high nibble
-    std::vector<float> absmax;             ///< ceil(n / block_size) scales; empty when `nested`
+    std::vector<std::uint8_t> packed;       ///< ceil(n / 2) bytes, first element in the high nibble
+    std::vector<float> absmax;              ///< ceil(n / block_size) scales; empty when `nested`
     std::optional<Nf4NestedAbsmax> nested;  ///< the 8-bit absmax when double-quantised
 
     Index size() const { return rows * cols; }  ///< number of elements n

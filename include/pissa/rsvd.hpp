@@ -43,17 +43,16 @@ namespace pissa {
 
 /// Options of the randomized SVD; the defaults are peft's `pissa_niter_4`.
 struct RandomizedSvdOptions {
-    int niter = 4;              ///< power iterations K >= 0 (peft: the K of "pissa_niter_K")
-    Index oversampling = 0;     ///< extra test vectors p >= 0, q = r + p capped at min(m, n)
-    std::uint64_t seed = 0;     ///< seed of the Gaussian test matrix
+    int niter = 4;                       ///< power iterations K >= 0 (peft: the K of "pissa_niter_K")
+    Index oversampling = 0;              ///< extra test vectors p >= 0, q = r + p capped at min(m, n)
+    std::uint64_t seed = 0;              ///< seed of the Gaussian test matrix
     bool fused_power_iteration = false;  ///< Q = qr(W^T (W Q)) per step; see the file comment
 };
 
 /// Throws pissa::invalid_argument for options outside their ranges.
 inline void require_valid(const RandomizedSvdOptions& options) {
     detail::require(options.niter >= 0, "randomized_svd: niter must be >= 0, got ", options.niter);
-    detail::require(options.oversampling >= 0, "randomized_svd: oversampling must be >= 0, got ",
-                    options.oversampling);
+    detail::require(options.oversampling >= 0, "randomized_svd: oversampling must be >= 0, got ", options.oversampling);
 }
 
 namespace detail {
@@ -64,9 +63,9 @@ namespace detail {
 template <class Scalar>
 struct RandomizedSvdWorkspace {
     KernelWorkspace kernels;
-    Matrix<Scalar> G, Q, P;              ///< test matrix [m, q], basis [n, q], image [m, q]
-    Matrix<Scalar> Z;                    ///< W^T (W Q) [n, q] of the fused power step
-    TallQr<Scalar> qr_image, qr_basis;   ///< factorisations of P and Q
+    Matrix<Scalar> G, Q, P;                              ///< test matrix [m, q], basis [n, q], image [m, q]
+    Matrix<Scalar> Z;                                    ///< W^T (W Q) [n, q] of the fused power step
+    TallQr<Scalar> qr_image, qr_basis;                   ///< factorisations of P and Q
     CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the fused power step's QRs of P and Q
 };
 
@@ -99,8 +98,7 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     if (options.fused_power_iteration)
         ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.cholesky_image, ws.qr_image,
                       ws.kernels);
-    else
-        ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
+    else ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
     out.S.conservativeResize(rank);
     out.report = {options.niter, -1.0, true};
 }

@@ -19,6 +19,7 @@ namespace pissa {
 inline std::uint64_t module_seed(std::uint64_t seed, std::uint64_t index) { return detail::stream_seed(seed, index); }
 
 /// The rule in words, as written to the adapter's `pissa.seed_rule` metadata.
-inline constexpr const char* module_seed_rule = "module i (checkpoint order of targets) uses pissa::module_seed(seed, i)";
+inline constexpr const char* module_seed_rule =
+    "module i (checkpoint order of targets) uses pissa::module_seed(seed, i)";
 
 }  // namespace pissa

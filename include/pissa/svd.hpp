@@ -39,7 +39,7 @@ struct ExactSvdOptions {
     /// \warning Below ~10 machine epsilons of the compute scalar the test may never pass; the
     /// iteration then stops when the residual stagnates (or at `max_iterations`) and reports
     /// `converged == false` with the bound it reached.
-    double tolerance = -1.0;  ///< <= 0: 100 * epsilon of the compute scalar (1.2e-5 float, 2.2e-14 double)
+    double tolerance = -1.0;   ///< <= 0: 100 * epsilon of the compute scalar (1.2e-5 float, 2.2e-14 double)
     int max_iterations = 100;  ///< restarts of the block Krylov iteration
     std::uint64_t seed = 0;    ///< start block of the Krylov iteration (the result does not depend on it
                                ///< beyond the tolerance)
@@ -65,8 +65,8 @@ SvdResult<Scalar> full_truncated_svd(const Eigen::MatrixBase<Derived>& W, Index 
     }
     Eigen::BDCSVD<Matrix<Scalar>> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
     if (svd.info() != Eigen::Success)
-        throw numerical_error(concat("truncated_svd: Eigen's BDCSVD failed on a ", W.rows(), " x ", W.cols(),
-                                     " matrix"));
+        throw numerical_error(
+            concat("truncated_svd: Eigen's BDCSVD failed on a ", W.rows(), " x ", W.cols(), " matrix"));
     SvdResult<Scalar> out;
     out.U = svd.matrixU().leftCols(rank);
     out.S = svd.singularValues().head(rank);
@@ -101,16 +101,15 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> truncated_svd(const Eigen:
     static_assert(is_supported_storage_v<Storage>, "pissa: W must hold float, double, Eigen::half or Eigen::bfloat16");
     detail::check_rank(W.rows(), W.cols(), rank, "truncated_svd");
     require_valid(options);
-    const bool krylov = options.algorithm == ExactSvdAlgorithm::block_krylov ||
-                        (options.algorithm == ExactSvdAlgorithm::automatic &&
-                         detail::prefer_block_krylov(W.rows(), W.cols(), rank));
+    const bool krylov =
+        options.algorithm == ExactSvdAlgorithm::block_krylov ||
+        (options.algorithm == ExactSvdAlgorithm::automatic && detail::prefer_block_krylov(W.rows(), W.cols(), rank));
     if (!krylov) return detail::full_truncated_svd<Scalar>(W, rank);
 
     detail::PreparedWeight<Storage> prepared;
     detail::prepare_weight(W, prepared);
 
-    const double tolerance =
-        options.tolerance > 0 ? options.tolerance : 100.0 * std::numeric_limits<Scalar>::epsilon();
+    const double tolerance = options.tolerance > 0 ? options.tolerance : 100.0 * std::numeric_limits<Scalar>::epsilon();
     detail::KernelWorkspace kernels;
     SvdResult<Scalar> result = detail::block_krylov_svd<Scalar>(detail::WeightOperator<Storage>{prepared, kernels},
                                                                 rank, tolerance, options.max_iterations, options.seed);

@@ -13,9 +13,9 @@ namespace pissa {
 
 /// How an iterative decomposition ended. For a direct method: iterations = 1, converged = true.
 struct ConvergenceReport {
-    int iterations = 0;          ///< restarts (block Krylov) or power iterations (randomized)
-    double residual_bound = 0;   ///< max_i ||W^T u_i - s_i v_i|| / s_1 over kept triplets, when measured
-    bool converged = false;      ///< the stopping test passed (always true for direct and randomized SVD)
+    int iterations = 0;         ///< restarts (block Krylov) or power iterations (randomized)
+    double residual_bound = 0;  ///< max_i ||W^T u_i - s_i v_i|| / s_1 over kept triplets, when measured
+    bool converged = false;     ///< the stopping test passed (always true for direct and randomized SVD)
 };
 
 /// Top-r singular triplets `W ≈ U diag(S) V^T`, S descending. Signs of (u_i, v_i) pairs are
@@ -36,7 +36,7 @@ public:
     const Vector<Scalar>& singular_values() const { return checked().S; }  ///< S_r [r], descending
     const Matrix<Scalar>& matrix_u() const { return checked().U; }         ///< U_r [m, r]
     const Matrix<Scalar>& matrix_v() const { return checked().V; }         ///< V_r [n, r]
-    const ConvergenceReport& report() const { return checked().report; }  ///< iterations, residual bound
+    const ConvergenceReport& report() const { return checked().report; }   ///< iterations, residual bound
     const SvdResult<Scalar>& result() const { return checked(); }          ///< all of it
     /// Eigen::Success when the result met its convergence test, NoConvergence otherwise.
     Eigen::ComputationInfo info() const { return checked().report.converged ? Eigen::Success : Eigen::NoConvergence; }

@@ -42,7 +42,7 @@ using compute_scalar_t = typename compute_scalar<Storage>::type;
 /// True for the storage scalars pissa accepts: float, double, Eigen::half, Eigen::bfloat16.
 template <class Storage>
 inline constexpr bool is_supported_storage_v =
-    std::is_same_v<Storage, float> || std::is_same_v<Storage, double> ||
-    std::is_same_v<Storage, Eigen::half> || std::is_same_v<Storage, Eigen::bfloat16>;
+    std::is_same_v<Storage, float> || std::is_same_v<Storage, double> || std::is_same_v<Storage, Eigen::half> ||
+    std::is_same_v<Storage, Eigen::bfloat16>;
 
 }  // namespace pissa

@@ -9,7 +9,8 @@ DType parse_dtype(const std::string& name) {
     if (name == "float64") return DType::float64;
     if (name == "bfloat16") return DType::bfloat16;
     if (name == "float16") return DType::float16;
-    throw pissa::invalid_argument("unsupported dtype '" + name + "': pissa takes float32, float64, bfloat16 or float16");
+    throw pissa::invalid_argument("unsupported dtype '" + name +
+                                  "': pissa takes float32, float64, bfloat16 or float16");
 }
 
 void throw_array_error(const char* what, std::size_t ndim, std::size_t got_ndim) {

@@ -111,10 +111,9 @@ nb::dict merge_checkpoint(const std::string& model, const std::string& adapter, 
     pissa::io::MergeCheckpointReport report;
     {
         nb::gil_scoped_release release;
-        report = pissa::io::merge_checkpoint(model, adapter, out, force,
-                                             [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
-                                                 call_back(progress, i, n, t.name);
-                                             });
+        report = pissa::io::merge_checkpoint(
+            model, adapter, out, force,
+            [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) { call_back(progress, i, n, t.name); });
     }
     nb::dict d;
     d["out"] = report.out.string();
@@ -138,10 +137,10 @@ nb::dict merge_checkpoint(const std::string& model, const std::string& adapter, 
 
 void bind_checkpoint(nb::module_& m) {
     using namespace nb::literals;
-    m.def("init_checkpoint", &init_checkpoint, "model"_a, "out"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a,
-          "method"_a, "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "fan_in_fan_out"_a, "quantize"_a,
-          "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a, "adapter_folder"_a,
-          "progress"_a.none(), "module_done"_a.none());
+    m.def("init_checkpoint", &init_checkpoint, "model"_a, "out"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a, "method"_a,
+          "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "fan_in_fan_out"_a, "quantize"_a,
+          "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a, "adapter_folder"_a, "progress"_a.none(),
+          "module_done"_a.none());
     m.def("merge_checkpoint", &merge_checkpoint, "model"_a, "adapter"_a, "out"_a, "force"_a, "progress"_a.none());
 }
 

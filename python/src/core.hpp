@@ -41,10 +41,14 @@ void require_array(const InArray& a, std::size_t ndim, const char* what) {
 template <class F>
 decltype(auto) dispatch(DType dtype, F&& f) {
     switch (dtype) {
-        case DType::float32: return f(float{});
-        case DType::float64: return f(double{});
-        case DType::bfloat16: return f(Eigen::bfloat16{});
-        case DType::float16: break;
+        case DType::float32:
+            return f(float{});
+        case DType::float64:
+            return f(double{});
+        case DType::bfloat16:
+            return f(Eigen::bfloat16{});
+        case DType::float16:
+            break;
     }
     return f(Eigen::half{});
 }

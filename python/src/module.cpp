@@ -32,19 +32,25 @@ NB_MODULE(_core, m) {
             PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
         }
     });
-    m.def("threads", [] {
+    m.def(
+        "threads",
+        [] {
 #ifdef _OPENMP
-        return omp_get_max_threads();
+            return omp_get_max_threads();
 #else
-        return 1;
+            return 1;
 #endif
-    }, "The number of threads the math uses (OpenMP).");
-    m.def("set_threads", [](int n) {
-        if (n < 1) throw pissa::invalid_argument("set_threads: n must be >= 1, got " + std::to_string(n));
+        },
+        "The number of threads the math uses (OpenMP).");
+    m.def(
+        "set_threads",
+        [](int n) {
+            if (n < 1) throw pissa::invalid_argument("set_threads: n must be >= 1, got " + std::to_string(n));
 #ifdef _OPENMP
-        omp_set_num_threads(n);
+            omp_set_num_threads(n);
 #endif
-    }, nb::arg("n"), "Sets the number of threads the math uses (OpenMP); without OpenMP, 1.");
+        },
+        nb::arg("n"), "Sets the number of threads the math uses (OpenMP); without OpenMP, 1.");
     pissa_python::bind_decompose(m);
     pissa_python::bind_quantize(m);
     pissa_python::bind_checkpoint(m);

@@ -12,7 +12,8 @@ namespace {
 
 template <class T>
 nb::ndarray<nb::numpy> vector_to_numpy(const std::vector<T>& v) {
-    return to_numpy(pissa::Vector<T>(Eigen::Map<const pissa::Vector<T>>(v.data(), static_cast<Eigen::Index>(v.size()))));
+    return to_numpy(
+        pissa::Vector<T>(Eigen::Map<const pissa::Vector<T>>(v.data(), static_cast<Eigen::Index>(v.size()))));
 }
 
 pissa::Nf4Options nf4_options(Eigen::Index block_size, bool double_quant) {
@@ -56,7 +57,7 @@ nb::dict quantized_init(const std::string& which, const InArray& W, const std::s
         {
             nb::gil_scoped_release release;
             const auto w = view<Scalar>(W);
-            q = which == "qlora" ? pissa::qlora_init(w, config.nf4)
+            q = which == "qlora"   ? pissa::qlora_init(w, config.nf4)
                 : which == "loftq" ? pissa::loftq_init(w, config)
                                    : pissa::qpissa_init(w, config);
         }
@@ -74,25 +75,31 @@ nb::dict quantized_init(const std::string& which, const InArray& W, const std::s
 
 void bind_quantize(nb::module_& m) {
     using namespace nb::literals;
-    nb::class_<pissa::Nf4Tensor>(m, "Nf4Tensor",
-                                 "An NF4-quantised matrix in bitsandbytes' layout: the row-major flattening packed two "
-                                 "4-bit codes per byte (first element in the high nibble), one float32 absmax per block.")
+    nb::class_<pissa::Nf4Tensor>(
+        m, "Nf4Tensor",
+        "An NF4-quantised matrix in bitsandbytes' layout: the row-major flattening packed two "
+        "4-bit codes per byte (first element in the high nibble), one float32 absmax per block.")
         .def_ro("rows", &pissa::Nf4Tensor::rows)
         .def_ro("cols", &pissa::Nf4Tensor::cols)
         .def_ro("block_size", &pissa::Nf4Tensor::block_size)
-        .def_prop_ro("packed", [](const pissa::Nf4Tensor& t) { return vector_to_numpy(t.packed); },
-                     nb::rv_policy::move, "uint8 [ceil(rows * cols / 2)]: the packed 4-bit codes")
-        .def_prop_ro("absmax", [](const pissa::Nf4Tensor& t) { return vector_to_numpy(t.block_scales()); },
-                     nb::rv_policy::move,
-                     "float32 [blocks]: the scale of every block (dequantised when double-quantised)")
+        .def_prop_ro(
+            "packed", [](const pissa::Nf4Tensor& t) { return vector_to_numpy(t.packed); }, nb::rv_policy::move,
+            "uint8 [ceil(rows * cols / 2)]: the packed 4-bit codes")
+        .def_prop_ro(
+            "absmax", [](const pissa::Nf4Tensor& t) { return vector_to_numpy(t.block_scales()); }, nb::rv_policy::move,
+            "float32 [blocks]: the scale of every block (dequantised when double-quantised)")
         .def_prop_ro("double_quant", [](const pissa::Nf4Tensor& t) { return t.nested.has_value(); })
-        .def("codes", [](const pissa::Nf4Tensor& t) {
+        .def(
+            "codes",
+            [](const pissa::Nf4Tensor& t) {
                 pissa::Vector<std::uint8_t> codes(t.size());
                 for (Eigen::Index i = 0; i < t.size(); ++i) codes(i) = t.code(i);
                 return to_numpy(std::move(codes));
-            }, "uint8 [rows * cols]: the 4-bit code of every element, row-major")
-        .def("dequantize", [](const pissa::Nf4Tensor& t) { return matrix_to_numpy(pissa::dequantize_nf4<float>(t)); },
-             "float32 [rows, cols]: the codes times their block's scale (bitsandbytes' dequantize_4bit)");
+            },
+            "uint8 [rows * cols]: the 4-bit code of every element, row-major")
+        .def(
+            "dequantize", [](const pissa::Nf4Tensor& t) { return matrix_to_numpy(pissa::dequantize_nf4<float>(t)); },
+            "float32 [rows, cols]: the codes times their block's scale (bitsandbytes' dequantize_4bit)");
     m.def("quantize_nf4", &quantize_nf4, "W"_a, "dtype"_a, "block_size"_a, "double_quant"_a);
     m.def("quantized_init", &quantized_init, "which"_a, "W"_a, "dtype"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a,
           "method"_a, "niter"_a, "seed"_a, "fan_in_fan_out"_a, "iterations"_a, "block_size"_a, "double_quant"_a);

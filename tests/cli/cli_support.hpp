@@ -2,8 +2,8 @@
 // what it wrote.
 #pragma once
 
-#include "support.hpp"
 #include "io/io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/tensor.hpp>
@@ -17,8 +17,8 @@
 
 namespace pissa_cli_test {
 
-using pissa::io::Checkpoint;
 using pissa::io::ByteView;
+using pissa::io::Checkpoint;
 using pissa::io::read_matrix;
 using pissa_test::ScratchDir;
 namespace fs = std::filesystem;
@@ -32,7 +32,8 @@ struct Run {
 inline Run pissa_run(const ScratchDir& dir, const std::string& args) {
     const auto out = dir / ".stdout", err = dir / ".stderr";
     const std::string command = "cd '" + dir.path().string() + "' && PISSA_CACHE_DIR='" + (dir / ".cache").string() +
-                                "' '" + PISSA_TOOL + "' " + args + " > '" + out.string() + "' 2> '" + err.string() + "'";
+                                "' '" + PISSA_TOOL + "' " + args + " > '" + out.string() + "' 2> '" + err.string() +
+                                "'";
     const int status = std::system(command.c_str());
     Run r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, pissa_test::read_bytes(out), pissa_test::read_bytes(err)};
     fs::remove(out);

@@ -94,11 +94,13 @@ TEST_CASE("--seed reproduces a run bit for bit; another seed changes the adapter
         return pissa_test::read_bytes(dir / d / "pissa_init" / adapter_weights_name);
     };
     CHECK(adapter("a") == adapter("b"));
-    CHECK(pissa_test::read_bytes(dir / "a" / "model.safetensors") == pissa_test::read_bytes(dir / "b" / "model.safetensors"));
+    CHECK(pissa_test::read_bytes(dir / "a" / "model.safetensors") ==
+          pissa_test::read_bytes(dir / "b" / "model.safetensors"));
     CHECK(adapter("a") != adapter("c"));
     // the generator itself is deterministic
     REQUIRE(pissa_run(dir, "generate --out m2 " + small_llama).code == 0);
-    CHECK(pissa_test::read_bytes(dir / "m" / "model.safetensors") == pissa_test::read_bytes(dir / "m2" / "model.safetensors"));
+    CHECK(pissa_test::read_bytes(dir / "m" / "model.safetensors") ==
+          pissa_test::read_bytes(dir / "m2" / "model.safetensors"));
 }
 
 TEST_CASE("--fused: the fused power step keeps the same subspace and says so in the adapter") {
@@ -177,8 +179,8 @@ TEST_CASE("fan_in_fan_out on a GPT-2 style Conv1D checkpoint") {
     const LoraModule& m = adapter.modules[0];
     CHECK(m.name == "transformer.h.0.attn.c_attn");
     CHECK(m.A.rows() == 4);
-    CHECK(m.A.cols() == 32);  // in
-    CHECK(m.B.rows() == 96);  // out = 3 * hidden
+    CHECK(m.A.cols() == 32);                                                           // in
+    CHECK(m.B.rows() == 96);                                                           // out = 3 * hidden
     const pissa::Matrix<double> W = weight(in, "transformer.h.0.attn.c_attn.weight");  // stored [in, out]
     const pissa::Matrix<double> W_res = weight(out, "transformer.h.0.attn.c_attn.weight");
     CHECK(W_res.rows() == 32);
@@ -225,7 +227,7 @@ TEST_CASE("conversion identity: merge(converted LoRA, original) == merge(trained
         }
         const double err = pissa_test::relative_error(weight(a, name), weight(b, name));
         INFO(name, " ", err);
-        CHECK(err < 1e-5);  // float32 rounding
+        CHECK(err < 1e-5);                                                                  // float32 rounding
         CHECK(pissa_test::relative_error(weight(a, name), weight(original, name)) > 1e-3);  // training did something
     }
 
@@ -255,8 +257,8 @@ TEST_CASE("the malformed corpus: exit code 2, a clear message naming the file, n
         const auto tab = line.find('\t');
         const std::string name = line.substr(0, tab), message = line.substr(tab + 1);
         const std::string path = (fs::path(PISSA_IO_CORPUS) / name).string();
-        for (const std::string& command : {"init '" + path + "' --out o", "inspect '" + path + "'",
-                                          "merge '" + path + "' a --out o"}) {
+        for (const std::string& command :
+             {"init '" + path + "' --out o", "inspect '" + path + "'", "merge '" + path + "' a --out o"}) {
             const Run r = pissa_run(dir, command);
             INFO(command, "\n", r.err);
             CHECK(r.code == 2);
@@ -282,17 +284,17 @@ TEST_CASE("usage errors, overwrite protection, --help everywhere") {
     CHECK(pissa_run(dir, "").code == 2);
     CHECK(pissa_run(dir, "frobnicate").code == 2);
     CHECK(pissa_run(dir, "init m --out o --bogus").code == 2);
-    CHECK(pissa_run(dir, "init m").code == 2);                            // no --out
+    CHECK(pissa_run(dir, "init m").code == 2);  // no --out
     CHECK(pissa_run(dir, "init m --out o --rank 0").code == 2);
-    CHECK(pissa_run(dir, "init m --out o --rank 65").code == 2);          // > min(out, in) = 64
+    CHECK(pissa_run(dir, "init m --out o --rank 65").code == 2);  // > min(out, in) = 64
     CHECK(pissa_run(dir, "init m --out o --exact --niter 2").code == 2);
-    CHECK(pissa_run(dir, "init m --out m/inside").code == 2);             // never into the input
+    CHECK(pissa_run(dir, "init m --out m/inside").code == 2);  // never into the input
     CHECK(pissa_run(dir, "init nothing --out o").code == 2);
     const Run none = pissa_run(dir, "init m --out o --targets wq,wv");
     CHECK(none.code == 2);
-    CHECK(none.err.find("q_proj (2)") != std::string::npos);            // lists what the model has
+    CHECK(none.err.find("q_proj (2)") != std::string::npos);  // lists what the model has
     const Run embedding = pissa_run(dir, "init m --out o --targets q_proj,embed_tokens");
-    CHECK(embedding.code == 2);                                           // peft: plain LoRA there
+    CHECK(embedding.code == 2);  // peft: plain LoRA there
     CHECK(embedding.err.find("model.embed_tokens.weight is an embedding") != std::string::npos);
     CHECK(entries(dir.path()) == std::set<std::string>{"m"});
 
@@ -304,7 +306,7 @@ TEST_CASE("usage errors, overwrite protection, --help everywhere") {
     CHECK(pissa_test::read_bytes(dir / "o" / "pissa_init" / adapter_weights_name) == before);
     CHECK(pissa_run(dir, "init m --out o --rank 4 --force").code == 0);
     CHECK(read_adapter(dir / "o" / "pissa_init").config.r == 4);
-    CHECK(pissa_run(dir, "init o --out . --force").code == 2);            // would replace the input's parent
+    CHECK(pissa_run(dir, "init o --out . --force").code == 2);  // would replace the input's parent
     CHECK(entries(dir.path()) == std::set<std::string>{"m", "o"});
 
     const Run inspect = pissa_run(dir, "inspect o/pissa_init --json");

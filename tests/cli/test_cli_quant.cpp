@@ -2,9 +2,9 @@
 // as dequantised NF4) and `pissa quant-error`, checked against the library on the same weights.
 #include "cli/cli_support.hpp"
 
-#include <pissa/seed.hpp>
 #include <pissa/io/peft.hpp>
 #include <pissa/quant.hpp>
+#include <pissa/seed.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -14,7 +14,8 @@ using namespace pissa_cli_test;
 namespace {
 
 /// The tool's configuration for module number `index` (seed rule: pissa::module_seed(seed, index)).
-pissa::QuantInitConfig module_config(pissa::Index rank, int iterations, std::size_t index, bool fan_in_fan_out = false) {
+pissa::QuantInitConfig module_config(pissa::Index rank, int iterations, std::size_t index,
+                                     bool fan_in_fan_out = false) {
     pissa::QuantInitConfig config;
     config.pissa.rank = rank;
     config.pissa.lora_alpha = static_cast<double>(rank);
@@ -34,10 +35,12 @@ std::vector<std::string> targets_of(const Checkpoint& model, const std::vector<s
 
 }  // namespace
 
-TEST_CASE("init --quantize nf4: the written residual is deq(NF4) of the library's QPiSSA and re-quantises to its codes") {
+TEST_CASE(
+    "init --quantize nf4: the written residual is deq(NF4) of the library's QPiSSA and re-quantises to its codes") {
     ScratchDir dir("cli-qpissa");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
-    const Run r = pissa_run(dir, "init m --out o --rank 4 --quantize nf4 --quant-iters 2 --targets q_proj,down_proj --json");
+    const Run r =
+        pissa_run(dir, "init m --out o --rank 4 --quantize nf4 --quant-iters 2 --targets q_proj,down_proj --json");
     INFO(r.err);
     REQUIRE(r.code == 0);
     const auto summary = nlohmann::json::parse(r.out);
@@ -66,10 +69,12 @@ TEST_CASE("init --quantize nf4: the written residual is deq(NF4) of the library'
         CHECK(m->B == expected.adapter.B);
         // the residual is deq(Q(W_res)) in bf16, and quantising it again gives the same codes
         CHECK(bytes_of(out, targets[i]) ==
-              std::string(reinterpret_cast<const char*>(matrix_bytes(pissa::dequantize_nf4<float>(expected.base), Dtype::BF16).data()),
+              std::string(reinterpret_cast<const char*>(
+                              matrix_bytes(pissa::dequantize_nf4<float>(expected.base), Dtype::BF16).data()),
                           static_cast<std::size_t>(W.size()) * 2));
         const auto& written_file = out.file_of(targets[i]);
-        const pissa::RowMatrix<Eigen::bfloat16> written = copy_matrix<Eigen::bfloat16>(written_file, written_file.at(targets[i]));
+        const pissa::RowMatrix<Eigen::bfloat16> written =
+            copy_matrix<Eigen::bfloat16>(written_file, written_file.at(targets[i]));
         const pissa::Nf4Tensor again = pissa::quantize_nf4(written);
         CHECK(again.packed == expected.base.packed);
         // the reported QPiSSA error is ||W - written - s B A||_F (up to the bf16 rounding of the written values)
@@ -79,10 +84,12 @@ TEST_CASE("init --quantize nf4: the written residual is deq(NF4) of the library'
         CHECK(error.norm() == doctest::Approx(row["qpissa"].get<double>()).epsilon(1e-2));
         CHECK(row["qpissa"].get<double>() < row["qlora"].get<double>());
         CHECK(row["loftq"].get<double>() < row["qlora"].get<double>());
-        CHECK(row["qpissa_reduction"].get<double>() == doctest::Approx(1 - row["qpissa"].get<double>() / row["qlora"].get<double>()));
+        CHECK(row["qpissa_reduction"].get<double>() ==
+              doctest::Approx(1 - row["qpissa"].get<double>() / row["qlora"].get<double>()));
     }
     // non-target tensors are untouched
-    CHECK(bytes_of(in, "model.layers.0.self_attn.k_proj.weight") == bytes_of(out, "model.layers.0.self_attn.k_proj.weight"));
+    CHECK(bytes_of(in, "model.layers.0.self_attn.k_proj.weight") ==
+          bytes_of(out, "model.layers.0.self_attn.k_proj.weight"));
     CHECK(summary["kinds"].back()["kind"] == "all");
     CHECK(summary["kinds"][0]["kind"] == "self_attn.q_proj");
     CHECK(summary["kinds"][0]["modules"] == 2);
@@ -91,7 +98,8 @@ TEST_CASE("init --quantize nf4: the written residual is deq(NF4) of the library'
 TEST_CASE("init --quantize nf4 on Conv1D weights (fan_in_fan_out) and with another block size") {
     ScratchDir dir("cli-qpissa-gpt2");
     REQUIRE(pissa_run(dir, "generate --out m --arch gpt2 --layers 1 --hidden 32 --vocab 64 --heads 2").code == 0);
-    const Run r = pissa_run(dir, "init m --out o --rank 2 --quantize nf4 --quant-block 32 --fan-in-fan-out --targets c_attn");
+    const Run r =
+        pissa_run(dir, "init m --out o --rank 2 --quantize nf4 --quant-block 32 --fan-in-fan-out --targets c_attn");
     INFO(r.err);
     REQUIRE(r.code == 0);
     CHECK(r.out.find("QPiSSA (reduction)") != std::string::npos);
@@ -116,7 +124,8 @@ TEST_CASE("init --quantize nf4 on Conv1D weights (fan_in_fan_out) and with anoth
 TEST_CASE("quant-error: the same errors as init --quantize, JSON modules and kinds, nuclear norm against the library") {
     ScratchDir dir("cli-quant-error");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
-    const Run init = pissa_run(dir, "init m --out o --rank 4 --quantize nf4 --quant-iters 2 --targets q_proj,down_proj --json");
+    const Run init =
+        pissa_run(dir, "init m --out o --rank 4 --quantize nf4 --quant-iters 2 --targets q_proj,down_proj --json");
     REQUIRE(init.code == 0);
     const Run r = pissa_run(dir, "quant-error m --rank 4 --quant-iters 2 --targets q_proj,down_proj --json");
     INFO(r.err);

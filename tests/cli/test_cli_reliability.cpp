@@ -22,10 +22,26 @@ int shell(const ScratchDir& dir, const std::string& script) {
 TEST_CASE("numbers are parsed strictly: no space, sign, hexadecimal, inf or trailing text") {
     ScratchDir dir("cli-numbers");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
-    for (const char* bad : {"--seed ' -1'", "--seed -1", "--seed +1", "--seed 0x10", "--seed ' 1'", "--seed 1x",
-                            "--seed 18446744073709551616", "--rank ' 4'", "--rank +4", "--rank 4.0", "--rank 0x4",
-                            "--alpha ' 8'", "--alpha 0x1p3", "--alpha inf", "--alpha nan", "--alpha +8", "--alpha 8e",
-                            "--alpha 8,5", "--niter ' 2'", "--threads -1"}) {
+    for (const char* bad : {"--seed ' -1'",
+                            "--seed -1",
+                            "--seed +1",
+                            "--seed 0x10",
+                            "--seed ' 1'",
+                            "--seed 1x",
+                            "--seed 18446744073709551616",
+                            "--rank ' 4'",
+                            "--rank +4",
+                            "--rank 4.0",
+                            "--rank 0x4",
+                            "--alpha ' 8'",
+                            "--alpha 0x1p3",
+                            "--alpha inf",
+                            "--alpha nan",
+                            "--alpha +8",
+                            "--alpha 8e",
+                            "--alpha 8,5",
+                            "--niter ' 2'",
+                            "--threads -1"}) {
         const Run r = pissa_run(dir, std::string("init m --out o ") + bad);
         CHECK_MESSAGE(r.code == 2, bad);
         CHECK_MESSAGE(r.err.find("must be") != std::string::npos, bad, ": ", r.err);
@@ -65,9 +81,10 @@ TEST_CASE("SIGINT during a decomposition: exit 130, no output, no temporary fold
     // interrupt after one second lands inside the job (most likely inside a tensor).
     REQUIRE(pissa_run(dir, "generate --out m --layers 2 --hidden 1024 --intermediate 2816 --vocab 64 --heads 8").code ==
             0);
-    const int code = shell(dir, "\"$PISSA\" init m --out o --exact --rank 64 --threads 1 "
-                                "--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj 2> err & "
-                                "pid=$!; sleep 1; kill -INT $pid; wait $pid");
+    const int code = shell(dir,
+                           "\"$PISSA\" init m --out o --exact --rank 64 --threads 1 "
+                           "--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj 2> err & "
+                           "pid=$!; sleep 1; kill -INT $pid; wait $pid");
     CHECK(code == 130);
     CHECK(pissa_test::read_bytes(dir / "err").find("interrupted; nothing written") != std::string::npos);
     CHECK(entries(dir.path()) == std::set<std::string>{"m", "err"});

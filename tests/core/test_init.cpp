@@ -61,7 +61,8 @@ void check_split(const Matrix<S>& W, const Result& result, const pissa::PissaCon
     // 5. The quality report says the same.
     CHECK(result.quality.singular_values.size() == static_cast<std::size_t>(r));
     CHECK(result.quality.weight_norm == doctest::Approx(W.template cast<double>().norm()).epsilon(1e-6));
-    CHECK(result.quality.residual_norm == doctest::Approx(result.residual.template cast<double>().norm()).epsilon(1e-6));
+    CHECK(result.quality.residual_norm ==
+          doctest::Approx(result.residual.template cast<double>().norm()).epsilon(1e-6));
     CHECK(result.quality.adapter_energy_fraction ==
           doctest::Approx(low_rank.template cast<double>().squaredNorm() / W.template cast<double>().squaredNorm())
               .epsilon(1e-4));
@@ -69,8 +70,8 @@ void check_split(const Matrix<S>& W, const Result& result, const pissa::PissaCon
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("PiSSA split: reconstruction, unchanged output, B^T B = A A^T = diag(S/s), Eckart-Young", S,
-                   float, double) {
+TEST_CASE_TEMPLATE("PiSSA split: reconstruction, unchanged output, B^T B = A A^T = diag(S/s), Eckart-Young", S, float,
+                   double) {
     for (const Case shape : kShapes) {
         const Index k = std::min(shape.out, shape.in);
         const Vector<double> sigma = spectrum(k);
@@ -116,8 +117,8 @@ TEST_CASE_TEMPLATE("fan_in_fan_out: a [in, out] Conv1D weight gives the adapter 
     config.fan_in_fan_out = true;
     const auto conv = pissa::init(stored, config);
     REQUIRE(conv.A.rows() == 5);
-    REQUIRE(conv.A.cols() == 20);  // [r, in]
-    REQUIRE(conv.B.rows() == 30);  // [out, r]
+    REQUIRE(conv.A.cols() == 20);         // [r, in]
+    REQUIRE(conv.B.rows() == 30);         // [out, r]
     REQUIRE(conv.residual.rows() == 20);  // stored layout [in, out]
     REQUIRE(conv.residual.cols() == 30);
     CHECK(relative_error(Matrix<S>(conv.B * conv.A), Matrix<S>(plain.B * plain.A)) < 100 * eps<S>());
@@ -177,8 +178,9 @@ TEST_CASE("huge_page_range: whole 2 MiB pages inside the buffer, none below two 
     using pissa::detail::kHugePage;
     const std::uintptr_t page = kHugePage;
     for (const std::uintptr_t begin : {page * 7, page * 7 + 16, page * 8 - 64}) {
-        for (const std::size_t bytes : {std::size_t(0), std::size_t(page), std::size_t(2 * page),
-                                        std::size_t(3 * page - 1), std::size_t(3 * page), std::size_t(64 * page + 48)}) {
+        for (const std::size_t bytes :
+             {std::size_t(0), std::size_t(page), std::size_t(2 * page), std::size_t(3 * page - 1),
+              std::size_t(3 * page), std::size_t(64 * page + 48)}) {
             CAPTURE(begin);
             CAPTURE(bytes);
             const auto range = huge_page_range(begin, bytes);

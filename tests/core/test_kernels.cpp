@@ -91,8 +91,7 @@ double scaled_error(const Matrix<Scalar>& got, const Matrix<double>& A, const Ma
 /// The error of W^T (W Q) against (|W|^T |W| |Q|)(i, k).
 template <class Scalar>
 double scaled_gram_error(const Matrix<Scalar>& got, const Matrix<double>& W, const Matrix<double>& Q) {
-    return worst_scaled_error(got, W.transpose() * (W * Q),
-                              W.cwiseAbs().transpose() * (W.cwiseAbs() * Q.cwiseAbs()));
+    return worst_scaled_error(got, W.transpose() * (W * Q), W.cwiseAbs().transpose() * (W.cwiseAbs() * Q.cwiseAbs()));
 }
 
 template <class Storage>
@@ -151,8 +150,18 @@ TEST_CASE_TEMPLATE("skinny products match a double reference on odd shapes", Sto
         CAPTURE(pissa::detail::kernel_isa_name(isa));
         // Shapes around the tile sizes: 16 lanes, 48-row panels and 48-column tiles, 128-column blocks,
         // 192-column strips, 64-row chunks, 8-column groups, prefetches two blocks ahead across panels/strips.
-        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {3, 17}, {4, 16}, {5, 33}, {65, 63}, {131, 257},
-                                   {37, 529}, {70, 300}, {48, 128}, {49, 129}, {97, 193}, {200, 385}}) {
+        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1},
+                                   {3, 17},
+                                   {4, 16},
+                                   {5, 33},
+                                   {65, 63},
+                                   {131, 257},
+                                   {37, 529},
+                                   {70, 300},
+                                   {48, 128},
+                                   {49, 129},
+                                   {97, 193},
+                                   {200, 385}}) {
             for (const Index q : {1, 2, 5, 6, 7, 13, 48, 49, 50, 65, 97}) {
                 const StridedWeight<Storage> W(m, n, n, std::uint64_t(m * 1000 + n));
                 check_products(W, q, std::uint64_t(q));
@@ -266,16 +275,24 @@ TEST_CASE_TEMPLATE("skinny products have the same bits wherever W sits in memory
     }
 }
 
-TEST_CASE_TEMPLATE("W^T (W Q) in one pass matches a double reference on odd shapes and strides", Storage, float,
-                   double, Eigen::half, Eigen::bfloat16) {
+TEST_CASE_TEMPLATE("W^T (W Q) in one pass matches a double reference on odd shapes and strides", Storage, float, double,
+                   Eigen::half, Eigen::bfloat16) {
     using Scalar = pissa::compute_scalar_t<Storage>;
     for (const KernelIsa isa : families()) {
         IsaScope scope(isa);
         CAPTURE(pissa::detail::kernel_isa_name(isa));
         // Around the one-pass kernel's sizes: 3-row dot tiles, 24-row panels, up to 8 panel groups,
         // 16-lane k steps and their tail, 48-column tiles, 8-column groups; q = 25 and 33 take two products.
-        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1}, {2, 5}, {3, 17}, {23, 16}, {24, 48}, {25, 49},
-                                   {70, 47}, {49, 100}, {200, 385}, {301, 129}}) {
+        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1},
+                                   {2, 5},
+                                   {3, 17},
+                                   {23, 16},
+                                   {24, 48},
+                                   {25, 49},
+                                   {70, 47},
+                                   {49, 100},
+                                   {200, 385},
+                                   {301, 129}}) {
             for (const Index stride : {n, n + 5}) {  // the padding is NaN: it must never be read
                 const StridedWeight<Storage> W(m, n, stride, std::uint64_t(m * 1000 + n));
                 for (const Index q : {1, 7, 8, 9, 16, 17, 24, 25, 33}) {
@@ -372,8 +389,7 @@ TEST_CASE_TEMPLATE("orthonormalize: well conditioned, ill conditioned and rank d
     check_orthonormalize(deficient, tolerance);
 }
 
-TEST_CASE_TEMPLATE("orthonormalize and TallQr on blocks large enough for the two-block TSQR", Scalar, float,
-                   double) {
+TEST_CASE_TEMPLATE("orthonormalize and TallQr on blocks large enough for the two-block TSQR", Scalar, float, double) {
     using pissa::detail::TallQr;
     const double tolerance = 200 * eps<Scalar>();
     const Index k = 2100;
@@ -382,8 +398,7 @@ TEST_CASE_TEMPLATE("orthonormalize and TallQr on blocks large enough for the two
         REQUIRE(k * q >= TallQr<Scalar>::kTwoBlockElements);
         check_orthonormalize(gaussian<Scalar>(k, q, std::uint64_t(q)), tolerance);
         Matrix<Scalar> ill = gaussian<Scalar>(k, q, std::uint64_t(q + 1));
-        for (Index c = 0; c < q; ++c)
-            ill.col(c) *= Scalar(std::pow(10.0, -9.0 * double(c) / double(q - 1)));
+        for (Index c = 0; c < q; ++c) ill.col(c) *= Scalar(std::pow(10.0, -9.0 * double(c) / double(q - 1)));
         check_orthonormalize(ill, tolerance);
         Matrix<Scalar> deficient = gaussian<Scalar>(k, q, std::uint64_t(q + 2));
         deficient.col(7) = deficient.col(3);
@@ -462,8 +477,8 @@ bool check_cholesky_qr(const Matrix<Scalar>& X, double tolerance) {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("CholeskyQR2: orthonormal columns spanning X; Householder QR where X is too ill-conditioned",
-                   Scalar, float, double) {
+TEST_CASE_TEMPLATE("CholeskyQR2: orthonormal columns spanning X; Householder QR where X is too ill-conditioned", Scalar,
+                   float, double) {
     const double tolerance = 200 * eps<Scalar>();
     // Condition numbers CholeskyQR2 handles in this precision (u^-1/2 is 4096 in float) and
     // far beyond them.

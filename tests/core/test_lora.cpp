@@ -79,9 +79,7 @@ void check_gradients(Index rank, bool with_bias, double h, double tol) {
     CHECK(relative_error(g.dx, central_difference(L.x, h, f)) < tol);
     if (with_bias) {
         Matrix<S> b = L.bias;
-        auto fb = [&] {
-            return loss_of<S>(pissa::lora_forward(L.x, L.W, L.A, L.B, L.s, b), R);
-        };
+        auto fb = [&] { return loss_of<S>(pissa::lora_forward(L.x, L.W, L.A, L.B, L.s, b), R); };
         REQUIRE(g.dbias.size() == out);
         CHECK(relative_error(g.dbias, central_difference(b, h, fb)) < tol);
     } else {
@@ -244,8 +242,7 @@ TEST_CASE("lora_init: peft's Kaiming-uniform A, B = 0, output unchanged, seeded"
     CHECK(relative_error(pissa::lora_init<double>(out, in, r, 32.0, 7).A, a.A) < 1e-7);
     // Row-major fill order: the first row is the first `in` draws of the stream.
     pissa::detail::SplitMix64 rng(7);
-    for (Index j = 0; j < 3; ++j)
-        CHECK(a.A(0, j) == static_cast<float>(bound * (2.0 * rng.uniform() - 1.0)));
+    for (Index j = 0; j < 3; ++j) CHECK(a.A(0, j) == static_cast<float>(bound * (2.0 * rng.uniform() - 1.0)));
 }
 
 TEST_CASE("every bad input throws pissa::invalid_argument naming the shapes") {

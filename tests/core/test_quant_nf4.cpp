@@ -9,10 +9,10 @@
 #include <vector>
 
 using pissa::Index;
-using pissa::Nf4Options;
-using pissa::Nf4Tensor;
 using pissa::nf4_code_values;
 using pissa::nf4_thresholds;
+using pissa::Nf4Options;
+using pissa::Nf4Tensor;
 using pissa::RowMatrix;
 using pissa_test::Matrix;
 
@@ -76,7 +76,7 @@ TEST_CASE("NF4 hand-computed block: values on code points scaled by a non-power-
 
 TEST_CASE("NF4 packing order: first element in the high nibble; row-major flattening") {
     RowMatrix<float> w(2, 2);
-    w << 1.0f, -1.0f,   // codes 15, 0  -> 0xF0
+    w << 1.0f, -1.0f,               // codes 15, 0  -> 0xF0
         0.0f, 0.5626170039176941f;  // codes 7, 13 -> 0x7D
     const Nf4Tensor q = pissa::quantize_nf4(w);
     REQUIRE(q.packed.size() == 2);
@@ -163,7 +163,7 @@ TEST_CASE("NF4 tail block shorter than block_size has its own absmax") {
 
 TEST_CASE_TEMPLATE("NF4 dequant(quant(x)) error is at most absmax * half the largest code gap", T, float, double) {
     Matrix<T> w = pissa_test::gaussian<T>(37, 91, 11);  // 3367 values: 52 full blocks and a tail of 39
-    w(5, 7) = T(40);                                     // an outlier
+    w(5, 7) = T(40);                                    // an outlier
     for (Index block : {Index(64), Index(128), Index(4096)}) {
         Nf4Options options;
         options.block_size = block;

@@ -60,8 +60,8 @@ TEST_CASE_TEMPLATE("QPiSSA with T = 1 is the plain PiSSA residual, quantised", T
     // values within rounding of a midpoint, so the dequantised bases agree to a few flips.
     Eigen::BDCSVD<Matrix<double>> svd(w.template cast<double>(), Eigen::ComputeThinU | Eigen::ComputeThinV);
     const Matrix<double> residual = w.template cast<double>() - svd.matrixU().leftCols(8) *
-                                                                   svd.singularValues().head(8).asDiagonal() *
-                                                                   svd.matrixV().leftCols(8).transpose();
+                                                                    svd.singularValues().head(8).asDiagonal() *
+                                                                    svd.matrixV().leftCols(8).transpose();
     const pissa::Nf4Tensor reference = pissa::quantize_nf4(residual);
     Index differing = 0;
     for (Index i = 0; i < reference.size(); ++i) differing += reference.code(i) != q.base.code(i) ? 1 : 0;
@@ -105,17 +105,16 @@ TEST_CASE_TEMPLATE("QPiSSA beats QLoRA on every LLM-like test matrix, in both no
         int iterations;
         std::uint64_t seed;
     };
-    for (const Case& c : {Case{96, 160, 8, 1, 11}, Case{160, 96, 8, 5, 12}, Case{128, 128, 16, 1, 13},
-                          Case{256, 64, 4, 5, 14}}) {
+    for (const Case& c :
+         {Case{96, 160, 8, 1, 11}, Case{160, 96, 8, 5, 12}, Case{128, 128, 16, 1, 13}, Case{256, 64, 4, 5, 14}}) {
         const Matrix<T> w = llm_like<T>(c.m, c.n, c.seed);
         const auto errors = pissa::compare_quantization_errors(w, config_with(c.rank, c.iterations));
         for (QuantErrorNorm norm : {QuantErrorNorm::frobenius, QuantErrorNorm::nuclear}) {
             const auto e = errors.in(norm);
             const std::string norm_name = norm == QuantErrorNorm::nuclear ? "nuclear" : "Frobenius";
-            INFO(c.m << " x " << c.n << " rank " << c.rank << " T " << c.iterations << " " << norm_name
-                     << ": QLoRA " << e.qlora
-                     << ", LoftQ " << e.loftq << " (" << 100 * e.loftq_reduction() << "%), QPiSSA " << e.qpissa
-                     << " (" << 100 * e.qpissa_reduction() << "%)");
+            INFO(c.m << " x " << c.n << " rank " << c.rank << " T " << c.iterations << " " << norm_name << ": QLoRA "
+                     << e.qlora << ", LoftQ " << e.loftq << " (" << 100 * e.loftq_reduction() << "%), QPiSSA "
+                     << e.qpissa << " (" << 100 * e.qpissa_reduction() << "%)");
             CHECK(e.qpissa < e.qlora);
             CHECK(e.loftq < e.qlora);
             CHECK(e.qpissa_reduction() > 0.05);
@@ -140,7 +139,7 @@ TEST_CASE("LoftQ with T = 1: QLoRA's base plus the best rank-r fit of its quanti
 
 TEST_CASE("Quantised inits on a fan_in_fan_out weight quantise the stored [in, out] tensor") {
     const Matrix<float> w = llm_like<float>(64, 96, 9);  // [out, in]
-    const Matrix<float> stored = w.transpose();           // GPT-2 Conv1D layout [in, out]
+    const Matrix<float> stored = w.transpose();          // GPT-2 Conv1D layout [in, out]
     QuantInitConfig config = config_with(4, 2);
     config.pissa.fan_in_fan_out = true;
     const auto q = pissa::qpissa_init(stored, config);
@@ -148,9 +147,9 @@ TEST_CASE("Quantised inits on a fan_in_fan_out weight quantise the stored [in, o
     CHECK(q.base.cols == 64);
     CHECK(q.adapter.A.rows() == 4);
     CHECK(q.adapter.A.cols() == 96);  // A [r, in]
-    CHECK(q.adapter.B.rows() == 64);           // B [out, r]
-    const Matrix<float> rebuilt = pissa::dequantize_nf4<float>(q.base) +
-                                  (q.adapter.B * q.adapter.A * q.adapter.scaling).transpose();
+    CHECK(q.adapter.B.rows() == 64);  // B [out, r]
+    const Matrix<float> rebuilt =
+        pissa::dequantize_nf4<float>(q.base) + (q.adapter.B * q.adapter.A * q.adapter.scaling).transpose();
     CHECK((stored - rebuilt).norm() == doctest::Approx(q.error_history.back()).epsilon(1e-4));
     CHECK(pissa::quantization_error(stored, q) == doctest::Approx(q.error_history.back()).epsilon(1e-4));
     const auto plain = pissa::qpissa_init(w, config_with(4, 2));

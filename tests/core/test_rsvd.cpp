@@ -45,8 +45,8 @@ TEST_CASE_TEMPLATE("captured energy rises with niter and reaches the exact resul
         if (niter == 0) first = energy;
         previous = energy;
     }
-    CHECK(first < 0.999);      // niter = 0 is visibly inexact on this spectrum ...
-    CHECK(previous > first);   // ... and the power iterations improve it
+    CHECK(first < 0.999);     // niter = 0 is visibly inexact on this spectrum ...
+    CHECK(previous > first);  // ... and the power iterations improve it
     pissa::RandomizedSvdOptions many;
     many.niter = 30;
     const auto svd = pissa::randomized_svd(W, r, many);
@@ -65,27 +65,27 @@ TEST_CASE_TEMPLATE("randomized SVD returns orthonormal factors and exact results
         const Index k = std::min(m, n);
         const Matrix<S> W = gaussian<S>(m, n, 4);
         for (const Index r : {Index(1), k / 2, k})
-        for (const bool fused : {false, true}) {  // fused: CholeskyQR2 and the kernels' Ritz products
-            CAPTURE(m);
-            CAPTURE(n);
-            CAPTURE(r);
-            CAPTURE(fused);
-            pissa::RandomizedSvdOptions options;
-            options.fused_power_iteration = fused;
-            const auto svd = pissa::randomized_svd(W, r, options);
-            REQUIRE(svd.U.rows() == m);
-            REQUIRE(svd.V.rows() == n);
-            REQUIRE(svd.S.size() == r);
-            CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) <
-                  100 * eps<S>());
-            CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) <
-                  100 * eps<S>());
-            for (Index i = 0; i + 1 < r; ++i) CHECK(svd.S(i) >= svd.S(i + 1));
-            if (r == k) {  // q = min(m, n): the range is the whole space and the result is exact
-                const Matrix<S> product = svd.U * svd.S.asDiagonal() * svd.V.transpose();
-                CHECK(relative_error(product, W) < 100 * eps<S>());
+            for (const bool fused : {false, true}) {  // fused: CholeskyQR2 and the kernels' Ritz products
+                CAPTURE(m);
+                CAPTURE(n);
+                CAPTURE(r);
+                CAPTURE(fused);
+                pissa::RandomizedSvdOptions options;
+                options.fused_power_iteration = fused;
+                const auto svd = pissa::randomized_svd(W, r, options);
+                REQUIRE(svd.U.rows() == m);
+                REQUIRE(svd.V.rows() == n);
+                REQUIRE(svd.S.size() == r);
+                CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) <
+                      100 * eps<S>());
+                CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) <
+                      100 * eps<S>());
+                for (Index i = 0; i + 1 < r; ++i) CHECK(svd.S(i) >= svd.S(i + 1));
+                if (r == k) {  // q = min(m, n): the range is the whole space and the result is exact
+                    const Matrix<S> product = svd.U * svd.S.asDiagonal() * svd.V.transpose();
+                    CHECK(relative_error(product, W) < 100 * eps<S>());
+                }
             }
-        }
     }
 }
 
@@ -232,8 +232,8 @@ TEST_CASE_TEMPLATE("row-major maps and column-major matrices give the same resul
     CHECK(relative_error(pb, pa) < 1000 * eps<S>());
 }
 
-TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two products over a column-major one",
-                   Storage, float, Eigen::bfloat16) {
+TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two products over a column-major one", Storage,
+                   float, Eigen::bfloat16) {
     // A row-major float / bf16 W takes the one-pass W^T (W Q) (AVX-512 kernels, q <= 24), its
     // column-major copy the two products: the same algorithm, rounded differently.
     const Index m = 300, n = 200, r = 12;
@@ -251,8 +251,8 @@ TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two produ
     CHECK(relative_error(pa, pb) < 1e-4);
     // and as accurate as the standard algorithm
     const Matrix<float> widened = col_major.template cast<float>();
-    CHECK(std::abs(captured_energy(widened, a, sigma) - captured_energy(widened, pissa::randomized_svd(row_major, r), sigma)) <
-          1e-3);
+    CHECK(std::abs(captured_energy(widened, a, sigma) -
+                   captured_energy(widened, pissa::randomized_svd(row_major, r), sigma)) < 1e-3);
 }
 
 TEST_CASE("a finite W whose squares overflow float: a clear error from both algorithms, not NaN factors") {

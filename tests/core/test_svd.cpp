@@ -162,8 +162,7 @@ TEST_CASE_TEMPLATE("truncated_svd rejects bad input with a clear message", S, fl
     CHECK_THROWS_WITH_AS(pissa::truncated_svd(W, 0), doctest::Contains("1 <= r <= min(m, n) = 8"),
                          pissa::invalid_argument);
     CHECK_THROWS_WITH_AS(pissa::truncated_svd(W, 9), doctest::Contains("got r = 9"), pissa::invalid_argument);
-    CHECK_THROWS_WITH_AS(pissa::truncated_svd(Matrix<S>(0, 5), 1), doctest::Contains("empty"),
-                         pissa::invalid_argument);
+    CHECK_THROWS_WITH_AS(pissa::truncated_svd(Matrix<S>(0, 5), 1), doctest::Contains("empty"), pissa::invalid_argument);
     pissa::ExactSvdOptions bad_iterations;
     bad_iterations.max_iterations = 0;
     CHECK_THROWS_WITH_AS(pissa::truncated_svd(W, 2, bad_iterations), doctest::Contains("max_iterations"),

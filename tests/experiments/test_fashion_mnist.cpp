@@ -1,8 +1,8 @@
 // Tests of examples/fashion_mnist_finetune: the IDX reader on hand-made files (plain, gzip'd,
-// truncated, malformed), and the protocol's check values (experiments/fashion_mnist_finetune/README.md) on the real dataset
-// (splitmix64 outputs, data orders, normalisation, the pretrained model's accuracy and loss, its
-// singular values) plus the first fine-tuning window of the two deterministic methods against the
-// reference run (the same README).
+// truncated, malformed), and the protocol's check values (experiments/fashion_mnist_finetune/README.md) on the real
+// dataset (splitmix64 outputs, data orders, normalisation, the pretrained model's accuracy and loss, its singular
+// values) plus the first fine-tuning window of the two deterministic methods against the reference run (the same
+// README).
 #include "support.hpp"
 
 #include "model_io.hpp"
@@ -109,10 +109,14 @@ TEST_CASE("IDX reader: truncated and malformed files give clear errors naming th
     CHECK(contains(error_of([] { fmnist::parse_idx({0, 0, 8}, "tiny"); }), "tiny: truncated IDX file"));
     CHECK(contains(error_of([] { fmnist::parse_idx({0, 0, 8, 2, 0, 0}, "hdr"); }), "hdr: truncated IDX header"));
     CHECK(contains(error_of([] { fmnist::parse_idx({1, 0, 8, 1, 0, 0, 0, 0}, "magic"); }), "not an IDX file"));
-    CHECK(contains(error_of([] { fmnist::parse_idx({0, 0, 0x0d, 1, 0, 0, 0, 0}, "float"); }),
+    CHECK(contains(error_of([] {
+                       fmnist::parse_idx({0, 0, 0x0d, 1, 0, 0, 0, 0}, "float");
+                   }),
                    "unsupported IDX element type 0x0d"));
     CHECK(contains(error_of([] { fmnist::parse_idx({0, 0, 8, 0}, "zero"); }), "zero dimensions"));
-    CHECK(contains(error_of([] { fmnist::parse_idx({0, 0, 8, 1, 0, 0, 0, 1, 5, 6}, "long"); }),
+    CHECK(contains(error_of([] {
+                       fmnist::parse_idx({0, 0, 8, 1, 0, 0, 0, 1, 5, 6}, "long");
+                   }),
                    "1 unexpected bytes after the IDX data"));
     CHECK(contains(error_of([] { fmnist::read_idx(tmp("does-not-exist.gz")); }), "cannot open"));
 }
@@ -194,8 +198,8 @@ TEST_CASE("the deterministic methods follow the reference run over the first 10 
     const auto even_train = fmnist::positions_with_parity(data.train.labels, 0);
     auto some_test = fmnist::positions_with_parity(data.test.labels, 0);
     some_test.resize(100);
-    for (const Expect& e : {Expect{fmnist::Method::pissa, 4.708, 4.551, 4.862},
-                            Expect{fmnist::Method::full, 2.848, 2.713, 2.990}}) {
+    for (const Expect& e :
+         {Expect{fmnist::Method::pissa, 4.708, 4.551, 4.862}, Expect{fmnist::Method::full, 2.848, 2.713, 2.990}}) {
         CAPTURE(fmnist::method_name(e.method));
         std::vector<double> windows;
         for (std::uint64_t seed = 0; seed < 3; ++seed) {
@@ -243,7 +247,8 @@ TEST_CASE("cross-entropy gradient matches finite differences") {
             fmnist::MatrixF up = logits, down = logits;
             up(i, j) += h;
             down(i, j) -= h;
-            const double fd = (fmnist::cross_entropy(up, labels, nullptr) - fmnist::cross_entropy(down, labels, nullptr)) / (2 * h);
+            const double fd =
+                (fmnist::cross_entropy(up, labels, nullptr) - fmnist::cross_entropy(down, labels, nullptr)) / (2 * h);
             CHECK(grad(i, j) == doctest::Approx(fd).epsilon(1e-3).scale(1.0));
         }
 }

@@ -2,6 +2,8 @@
 /// \brief Helpers for the format tests: scratch folders, whole-file reads.
 #pragma once
 
+#include <sys/stat.h>
+#include <unistd.h>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -9,8 +11,6 @@
 #include <random>
 #include <stdexcept>
 #include <string>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace pissa_test {
 

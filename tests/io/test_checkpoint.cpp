@@ -1,7 +1,7 @@
 // Tests for io/checkpoint.hpp: single files, folders, sharded folders read as one model and
 // rewritten with the same layout; bad indexes rejected.
-#include "support.hpp"
 #include "io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/tensor.hpp>
@@ -129,13 +129,15 @@ TEST_CASE("inconsistent indexes are rejected, naming the index and the tensor") 
     with_index([](auto& j) { j.erase("weight_map"); });
     CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains("no \"weight_map\""), format_error);
     make_sharded(dir / "d");
-    detail::write_text_file(dir / "d" / index_file_name,
-                            "{\"weight_map\": {\"counter1\": \"a\", \"counter1\": \"model-00001-of-00003.safetensors\"}}");
+    detail::write_text_file(
+        dir / "d" / index_file_name,
+        "{\"weight_map\": {\"counter1\": \"a\", \"counter1\": \"model-00001-of-00003.safetensors\"}}");
     CHECK_THROWS_WITH_AS(Checkpoint(dir / "d"), doctest::Contains("duplicate key 'counter1'"), format_error);
 }
 
 TEST_CASE("the index parses on its own; deep, NUL-padded and oversized indexes are refused naming it") {
-    const std::string good = R"({"metadata":{"total_size":8},"weight_map":{"b":"s2.safetensors","a":"s1.safetensors","c":"s2.safetensors"}})";
+    const std::string good =
+        R"({"metadata":{"total_size":8},"weight_map":{"b":"s2.safetensors","a":"s1.safetensors","c":"s2.safetensors"}})";
     const CheckpointIndex index = parse_checkpoint_index(good, "idx.json");
     CHECK(index.shards == std::vector<std::string>{"s2.safetensors", "s1.safetensors"});
     CHECK(index.weight_map.at("a") == "s1.safetensors");
@@ -153,8 +155,8 @@ TEST_CASE("the index parses on its own; deep, NUL-padded and oversized indexes a
     // On disk, too: a deep index in a model folder.
     ScratchDir dir("ckpt-deep");
     make_sharded(dir / "m");
-    detail::write_text_file(dir / "m" / index_file_name, R"({"weight_map":{},"metadata":)" +
-                                                             pissa_test::nested_arrays(300'000) + "}");
+    detail::write_text_file(dir / "m" / index_file_name,
+                            R"({"weight_map":{},"metadata":)" + pissa_test::nested_arrays(300'000) + "}");
     CHECK_THROWS_WITH_AS(Checkpoint(dir / "m"), doctest::Contains(index_file_name), format_error);
 }
 
@@ -170,8 +172,8 @@ TEST_CASE("a FIFO as the model, a shard or the index is refused, not waited on")
     make_sharded(dir / "shard");
     std::filesystem::remove(dir / "shard" / "model-00002-of-00003.safetensors");
     pissa_test::make_fifo(dir / "shard" / "model-00002-of-00003.safetensors");
-    CHECK_THROWS_WITH_AS(Checkpoint(dir / "shard"), doctest::Contains("model-00002-of-00003.safetensors: not a regular"),
-                         format_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(dir / "shard"),
+                         doctest::Contains("model-00002-of-00003.safetensors: not a regular"), format_error);
     make_sharded(dir / "index");
     std::filesystem::remove(dir / "index" / index_file_name);
     pissa_test::make_fifo(dir / "index" / index_file_name);
@@ -193,15 +195,16 @@ TEST_CASE("a shard truncated during a rewrite is an io_error naming it and the t
     const auto& shard = in.shards()[1];
     std::filesystem::resize_file(shard->path(), shard->header().data_offset + 10);
     CHECK_THROWS_WITH_AS(rewrite_checkpoint(in, dir / "out", {}),
-                         doctest::Contains("model-00002-of-00003.safetensors: tensor 'layers.3.proj.weight'"), io_error);
+                         doctest::Contains("model-00002-of-00003.safetensors: tensor 'layers.3.proj.weight'"),
+                         io_error);
     CHECK_FALSE(std::filesystem::exists(dir / "out" / "model-00002-of-00003.safetensors"));
 }
 
 TEST_CASE("unchanged tensors larger than the copy piece are streamed whole") {
     ScratchDir dir("ckpt-big");
     const auto big = pissa_test::random_bytes((std::size_t{16} << 20) + 12345, 5);
-    write_safetensors(dir / "in.safetensors", {{{"big", Dtype::U8, {big.size()}}, big},
-                                               {{"small", Dtype::U8, {3}}, {1, 2, 3}}});
+    write_safetensors(dir / "in.safetensors",
+                      {{{"big", Dtype::U8, {big.size()}}, big}, {{"small", Dtype::U8, {3}}, {1, 2, 3}}});
     Checkpoint in(dir / "in.safetensors");
     std::filesystem::create_directories(dir / "out");
     rewrite_checkpoint(in, dir / "out", {});

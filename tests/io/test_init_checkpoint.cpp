@@ -2,8 +2,8 @@
 // library call — the residual plus s B A gives back every target weight, the other tensors and
 // files are untouched, the seed rule holds module by module, callbacks see every tensor and can
 // abort without leaving output, bad input names the module.
-#include "support.hpp"
 #include "io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/init.hpp>
 #include <pissa/io/init_checkpoint.hpp>
@@ -86,7 +86,8 @@ TEST_CASE("init_checkpoint: residual + s B A is the weight, other tensors and fi
         CHECK(report.modules[i].seed == pissa::module_seed(7, i));
         CHECK(report.modules[i].quality.residual_norm == doctest::Approx(residual.cast<double>().norm()).epsilon(1e-6));
     }
-    for (const char* untouched : {"model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"}) {
+    for (const char* untouched :
+         {"model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"}) {
         const ByteView a = in.file_of(untouched).bytes(*in.find(untouched));
         const ByteView b = out.file_of(untouched).bytes(*out.find(untouched));
         CHECK(std::string(reinterpret_cast<const char*>(a.data), a.size) ==
@@ -122,8 +123,8 @@ TEST_CASE("init_checkpoint: bad input is refused before anything is written, nam
     // An alpha so large that sqrt(S / s) would underflow float32: refused before any work.
     options.pissa.rank = 4;
     options.pissa.lora_alpha = 1e300;
-    CHECK_THROWS_WITH_AS(init_checkpoint(dir / "model", dir / "out", options),
-                         doctest::Contains("lora_alpha 1e+300"), pissa::invalid_argument);
+    CHECK_THROWS_WITH_AS(init_checkpoint(dir / "model", dir / "out", options), doctest::Contains("lora_alpha 1e+300"),
+                         pissa::invalid_argument);
     CHECK_FALSE(std::filesystem::exists(dir / "out"));
 }
 

@@ -1,7 +1,7 @@
 // Tests for io/output_folder.hpp: all-or-nothing output folders that never replace what they were
 // not allowed to.
-#include "support.hpp"
 #include "io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/io/output_folder.hpp>
 

@@ -1,7 +1,7 @@
 // Tests for io/peft.hpp: peft's key names, config fields, target matching and rank/alpha patterns,
 // and the conversion config; plus pissa::pissa_to_lora (convert.hpp) on in-memory adapters.
-#include "support.hpp"
 #include "io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/convert.hpp>
 #include <pissa/io/peft.hpp>
@@ -125,12 +125,14 @@ TEST_CASE("adapter files with foreign keys or wrong ranks are refused") {
     a.modules.push_back({"m.q_proj", pissa_test::gaussian<float>(2, 5, 1), pissa_test::gaussian<float>(3, 2, 2)});
     write_adapter(dir / "a", a);
     // rank mismatch against the config
-    detail::write_text_file(dir / "a" / adapter_config_name, R"({"peft_type":"LORA","r":4,"target_modules":["q_proj"]})");
+    detail::write_text_file(dir / "a" / adapter_config_name,
+                            R"({"peft_type":"LORA","r":4,"target_modules":["q_proj"]})");
     CHECK_THROWS_WITH_AS(read_adapter(dir / "a"), doctest::Contains("configured rank 4"), format_error);
     // a DoRA magnitude key
     write_adapter(dir / "b", a);
-    write_safetensors(dir / "b" / adapter_weights_name,
-                      {matrix_tensor("base_model.model.m.q_proj.lora_magnitude_vector", pissa::Matrix<float>::Ones(1, 3))});
+    write_safetensors(
+        dir / "b" / adapter_weights_name,
+        {matrix_tensor("base_model.model.m.q_proj.lora_magnitude_vector", pissa::Matrix<float>::Ones(1, 3))});
     CHECK_THROWS_WITH_AS(read_adapter(dir / "b"), doctest::Contains("is not a LoRA key"), format_error);
     // A without B
     write_safetensors(dir / "b" / adapter_weights_name,
@@ -219,7 +221,8 @@ TEST_CASE("long module names and patterns: bounded with a clear error, no stack 
     CHECK_THROWS_WITH_AS(parse_adapter_config(R"({"target_modules":")" + std::string(2000, 'a') + "\"}", "cfg.json"),
                          doctest::Contains("cfg.json: target_modules regex 'aaaa"), format_error);
     CHECK_THROWS_WITH_AS(
-        parse_adapter_config(R"({"rank_pattern":{")" + std::string(33, '(') + "a" + std::string(33, ')') + "\":2}}", "c"),
+        parse_adapter_config(R"({"rank_pattern":{")" + std::string(33, '(') + "a" + std::string(33, ')') + "\":2}}",
+                             "c"),
         doctest::Contains("nests groups 33 deep"), format_error);
     CHECK_NOTHROW(parse_adapter_config(
         R"({"rank_pattern":{")" + std::string(32, '(') + "a" + std::string(32, ')') + R"(\\([(]":2}})", "c"));
@@ -256,9 +259,9 @@ TEST_CASE("select_targets over 100,000 tensors compiles the regex once") {
     ScratchDir dir("peft-many");
     std::vector<OwnedTensor> tensors;
     for (int i = 0; i < 100'000; ++i)
-        tensors.push_back({{"model.layers." + std::to_string(i / 4) + ".p" + std::to_string(i % 4) + ".weight",
-                            Dtype::F32, {1, 1}},
-                           std::vector<unsigned char>(4)});
+        tensors.push_back(
+            {{"model.layers." + std::to_string(i / 4) + ".p" + std::to_string(i % 4) + ".weight", Dtype::F32, {1, 1}},
+             std::vector<unsigned char>(4)});
     write_safetensors(dir / "m.safetensors", tensors);
     AdapterConfig c;
     c.target_regex = R"(.*\.p[01])";

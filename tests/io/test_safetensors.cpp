@@ -1,7 +1,7 @@
 // Tests for io/safetensors_header.hpp, io/safetensors.hpp and io/tensor.hpp: round trips of every
 // dtype, header layout, and the malformed corpus rejected with clear messages.
-#include "support.hpp"
 #include "io_support.hpp"
+#include "support.hpp"
 
 #include <pissa/io/safetensors.hpp>
 #include <pissa/io/tensor.hpp>
@@ -13,9 +13,9 @@ using namespace pissa::io;
 using pissa_test::ScratchDir;
 
 namespace {
-const Dtype all_dtypes[] = {Dtype::BOOL, Dtype::U8,  Dtype::I8,   Dtype::F8_E5M2, Dtype::F8_E4M3,
-                            Dtype::I16,  Dtype::U16, Dtype::F16,  Dtype::BF16,    Dtype::I32,
-                            Dtype::U32,  Dtype::F32, Dtype::F64,  Dtype::I64,     Dtype::U64};
+const Dtype all_dtypes[] = {Dtype::BOOL, Dtype::U8,  Dtype::I8,  Dtype::F8_E5M2, Dtype::F8_E4M3,
+                            Dtype::I16,  Dtype::U16, Dtype::F16, Dtype::BF16,    Dtype::I32,
+                            Dtype::U32,  Dtype::F32, Dtype::F64, Dtype::I64,     Dtype::U64};
 }
 
 TEST_CASE("every dtype round-trips byte for byte, with metadata and odd shapes") {
@@ -105,7 +105,8 @@ TEST_CASE_TEMPLATE("float matrices convert through every float dtype", Storage, 
     CHECK(copy.cols() == 7);
     CHECK((copy.template cast<double>() - copy_matrix<Storage>(file, t).template cast<double>()).norm() == 0);
     copy(1, 2) = Storage(0.5f);
-    CHECK(static_cast<double>(copy_matrix<Storage>(file, t)(1, 2)) == static_cast<double>(static_cast<Storage>(W(1, 2))));
+    CHECK(static_cast<double>(copy_matrix<Storage>(file, t)(1, 2)) ==
+          static_cast<double>(static_cast<Storage>(W(1, 2))));
     const std::size_t capacity = buffer.capacity();
     const auto path_small = dir / "small.safetensors";
     write_safetensors(path_small, {matrix_tensor("v", W.topLeftCorner(2, 3), dtype)});
@@ -171,8 +172,9 @@ TEST_CASE("the malformed corpus is rejected, each file with its message naming t
 TEST_CASE("truncating a valid file anywhere is rejected, never read past the end") {
     ScratchDir dir("st-trunc");
     const auto path = dir / "v.safetensors";
-    write_safetensors(path, {matrix_tensor("a", pissa::Matrix<float>::Ones(3, 3)),
-                             matrix_tensor("b", pissa::Matrix<float>::Ones(2, 2), Dtype::BF16)},
+    write_safetensors(path,
+                      {matrix_tensor("a", pissa::Matrix<float>::Ones(3, 3)),
+                       matrix_tensor("b", pissa::Matrix<float>::Ones(2, 2), Dtype::BF16)},
                       {{"format", "pt"}});
     const std::string bytes = pissa_test::read_bytes(path);
     for (std::size_t cut = 0; cut < bytes.size(); ++cut) {
@@ -185,8 +187,8 @@ TEST_CASE("truncating a valid file anywhere is rejected, never read past the end
     const auto at = broken.find("[36,44]");
     REQUIRE(at != std::string::npos);
     broken.replace(at, 7, "[36,40]");
-    CHECK_THROWS_WITH_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(broken.data()),
-                                                  broken.size(), broken.size(), "v"),
+    CHECK_THROWS_WITH_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(broken.data()), broken.size(),
+                                                  broken.size(), "v"),
                          doctest::Contains("needs 8"), format_error);
 }
 
@@ -207,9 +209,9 @@ TEST_CASE("only spaces and JSON whitespace may pad the header: a NUL and what fo
     // A NUL inside a metadata string is refused too (JSON strings cannot hold a raw one).
     std::string bytes = pissa_test::read_bytes(corpus / "valid_small.safetensors");
     bytes[bytes.find("pt")] = '\0';
-    CHECK_THROWS_WITH_AS(parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(),
-                                                  bytes.size(), "x"),
-                         doctest::Contains("NUL byte"), format_error);
+    CHECK_THROWS_WITH_AS(
+        parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), bytes.size(), "x"),
+        doctest::Contains("NUL byte"), format_error);
 }
 
 namespace {
@@ -245,10 +247,10 @@ TEST_CASE("JSON nested deeper than max_json_depth is refused before it is built,
 
 TEST_CASE("the indented-size bound of parse_json_strict holds") {
     for (const std::string& text : {std::string(R"({"a":[1,2,{"x":1e5,"y":"\u00e9"}],"b":{},"c":[[[]]]})"),
-                                   pissa_test::nested_arrays(200, "1,2,3,1.5E-300"), std::string("  7  ")}) {
+                                    pissa_test::nested_arrays(200, "1,2,3,1.5E-300"), std::string("  7  ")}) {
         detail::JsonStats stats;
-        const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), "f",
-                                                                           &stats);
+        const auto doc =
+            detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), "f", &stats);
         CHECK(doc.dump(2).size() <= stats.indented_size);
     }
 }
@@ -257,7 +259,10 @@ TEST_CASE("a 100,000-tensor header parses (in linear time: it took minutes when 
     std::vector<TensorInfo> tensors;
     for (std::uint64_t i = 0; i < 100'000; ++i)
         tensors.push_back({"model.layers." + std::to_string(i / 7) + ".mlp.p" + std::to_string(i % 7) + ".weight",
-                           Dtype::F32, {1}, 4 * i, 4 * i + 4});
+                           Dtype::F32,
+                           {1},
+                           4 * i,
+                           4 * i + 4});
     std::string bytes = serialize_safetensors_header(tensors, {{"format", "pt"}});
     bytes.append(4 * tensors.size(), '\0');
     const SafetensorsHeader header = parse_image(bytes, "many");
@@ -272,7 +277,8 @@ TEST_CASE("FIFOs, devices and folders are refused before they are opened; symlin
     pissa_test::make_fifo(dir / "fifo.safetensors");
     CHECK_THROWS_WITH_AS(SafetensorsFile(dir / "fifo.safetensors"), doctest::Contains("not a regular file (a FIFO)"),
                          format_error);
-    CHECK_THROWS_WITH_AS(SafetensorsFile("/dev/null"), doctest::Contains("not a regular file (a device)"), format_error);
+    CHECK_THROWS_WITH_AS(SafetensorsFile("/dev/null"), doctest::Contains("not a regular file (a device)"),
+                         format_error);
     CHECK_THROWS_WITH_AS(SafetensorsFile(dir.path()), doctest::Contains("not a regular file (a folder)"), format_error);
     write_safetensors(dir / "real.safetensors", {matrix_tensor("w", pissa::Matrix<float>::Ones(2, 2))});
     std::filesystem::create_symlink(dir / "real.safetensors", dir / "link.safetensors");
@@ -299,8 +305,8 @@ TEST_CASE("a file truncated after opening: copies report an io_error naming file
         INFO("tensor ", name);
         CHECK_THROWS_WITH_AS(copy_matrix_into<float>(file, file.at(name), buffer),
                              doctest::Contains((path.string() + ": tensor '" + name + "'").c_str()), io_error);
-        CHECK_THROWS_WITH_AS(copy_matrix<float>(file, file.at(name)), doctest::Contains("shorter than when it was opened"),
-                             io_error);
+        CHECK_THROWS_WITH_AS(copy_matrix<float>(file, file.at(name)),
+                             doctest::Contains("shorter than when it was opened"), io_error);
         CHECK_THROWS_AS(read_matrix<double>(file, file.at(name)), io_error);
     }
     std::filesystem::resize_file(path, 4);
@@ -310,7 +316,8 @@ TEST_CASE("a file truncated after opening: copies report an io_error naming file
 TEST_CASE("the writer takes a tensor in parts") {
     ScratchDir dir("st-parts");
     const auto bytes = pissa_test::random_bytes(40, 3);
-    SafetensorsWriter writer(dir / "p.safetensors", {{"a", Dtype::U8, {40}}, {"e", Dtype::U8, {0}}, {"b", Dtype::U8, {2}}});
+    SafetensorsWriter writer(dir / "p.safetensors",
+                             {{"a", Dtype::U8, {40}}, {"e", Dtype::U8, {0}}, {"b", Dtype::U8, {2}}});
     writer.write_part(bytes.data(), 15);
     CHECK_THROWS_AS(writer.write(bytes.data(), 25), pissa::invalid_argument);  // mid-tensor
     CHECK_THROWS_AS(writer.write_part(bytes.data(), 26), pissa::invalid_argument);

@@ -31,15 +31,17 @@ int cmd_convert(int argc, char** argv) {
     const pissa::io::Adapter trained = pissa::io::read_adapter(trained_path);
 
     if (!(initial.config.init_lora_weights.is_boolean() && initial.config.init_lora_weights.get<bool>()))
-        throw pissa::invalid_argument(initial_path.string() + ": init_lora_weights must be true in the initial "
+        throw pissa::invalid_argument(initial_path.string() +
+                                      ": init_lora_weights must be true in the initial "
                                       "adapter (as `pissa init` writes it); otherwise loading it would decompose "
                                       "the residual model again (peft refuses this too)");
     const auto& ti = trained.config;
     const auto& ii = initial.config;
     if (ti.r != ii.r || ti.lora_alpha != ii.lora_alpha || ti.use_rslora != ii.use_rslora ||
         ti.fan_in_fan_out != ii.fan_in_fan_out)
-        throw pissa::invalid_argument("the trained and initial adapters differ in r, lora_alpha, use_rslora or "
-                                      "fan_in_fan_out: they are not from the same `pissa init`");
+        throw pissa::invalid_argument(
+            "the trained and initial adapters differ in r, lora_alpha, use_rslora or "
+            "fan_in_fan_out: they are not from the same `pissa init`");
     pissa::io::Adapter converted;
     converted.config = pissa::io::converted_config(trained.config);
     converted.metadata = trained.metadata;
@@ -68,7 +70,8 @@ int cmd_convert(int argc, char** argv) {
         j["use_rslora"] = converted.config.use_rslora;
         j["modules"] = nlohmann::ordered_json::array();
         for (const auto& m : converted.modules)
-            j["modules"].push_back({{"name", m.name}, {"rank", m.A.rows()}, {"scaling", converted.config.scaling_for(m.name)}});
+            j["modules"].push_back(
+                {{"name", m.name}, {"rank", m.A.rows()}, {"scaling", converted.config.scaling_for(m.name)}});
         std::cout << j.dump(2) << std::endl;
         return 0;
     }

@@ -90,7 +90,8 @@ pissa::RowMatrix<float> values(const Planned& t, std::uint64_t seed, std::uint64
         case Planned::embedding:
             for (pissa::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(0.02 * rng.normal());
             return m;
-        case Planned::projection: break;
+        case Planned::projection:
+            break;
     }
     for (pissa::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(0.02 * rng.normal());
     constexpr int strong = 6;
@@ -123,8 +124,8 @@ void generate_model(const fs::path& dir, const GenerateOptions& o, bool show_pro
     std::size_t next = 0;
     for (std::size_t s = 0; s < shards; ++s) {
         const std::size_t end = tensors.size() * (s + 1) / shards;
-        const std::string file = shards == 1 ? "model.safetensors"
-                                             : format("model-%05zu-of-%05zu.safetensors", s + 1, shards);
+        const std::string file =
+            shards == 1 ? "model.safetensors" : format("model-%05zu-of-%05zu.safetensors", s + 1, shards);
         std::vector<TensorSpec> specs;
         for (std::size_t i = next; i < end; ++i) specs.push_back(tensors[i].spec);
         pissa::io::SafetensorsWriter writer(dir / file, specs, {{"format", "pt"}});
@@ -144,19 +145,35 @@ void generate_model(const fs::path& dir, const GenerateOptions& o, bool show_pro
         index["metadata"]["total_size"] = total;
         pissa::io::detail::write_text_file(dir / pissa::io::index_file_name, index.dump(2) + "\n");
     }
-    const char* torch_dtype = dtype == Dtype::BF16 ? "bfloat16" : dtype == Dtype::F16 ? "float16"
-                              : dtype == Dtype::F32 ? "float32" : "float64";
+    const char* torch_dtype = dtype == Dtype::BF16  ? "bfloat16"
+                              : dtype == Dtype::F16 ? "float16"
+                              : dtype == Dtype::F32 ? "float32"
+                                                    : "float64";
     nlohmann::ordered_json config;
     if (o.arch == "gpt2") {
-        config = {{"architectures", {"GPT2LMHeadModel"}}, {"model_type", "gpt2"}, {"n_embd", o.hidden},
-                  {"n_layer", o.layers}, {"n_head", o.heads}, {"n_positions", 1024}, {"vocab_size", o.vocab},
+        config = {{"architectures", {"GPT2LMHeadModel"}},
+                  {"model_type", "gpt2"},
+                  {"n_embd", o.hidden},
+                  {"n_layer", o.layers},
+                  {"n_head", o.heads},
+                  {"n_positions", 1024},
+                  {"vocab_size", o.vocab},
                   {"torch_dtype", torch_dtype}};
     } else {
-        config = {{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"}, {"hidden_size", o.hidden},
-                  {"intermediate_size", o.intermediate}, {"num_hidden_layers", o.layers},
-                  {"num_attention_heads", o.heads}, {"num_key_value_heads", o.heads}, {"vocab_size", o.vocab},
-                  {"max_position_embeddings", 2048}, {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0},
-                  {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", torch_dtype}};
+        config = {{"architectures", {"LlamaForCausalLM"}},
+                  {"model_type", "llama"},
+                  {"hidden_size", o.hidden},
+                  {"intermediate_size", o.intermediate},
+                  {"num_hidden_layers", o.layers},
+                  {"num_attention_heads", o.heads},
+                  {"num_key_value_heads", o.heads},
+                  {"vocab_size", o.vocab},
+                  {"max_position_embeddings", 2048},
+                  {"rms_norm_eps", 1e-5},
+                  {"rope_theta", 10000.0},
+                  {"hidden_act", "silu"},
+                  {"tie_word_embeddings", false},
+                  {"torch_dtype", torch_dtype}};
     }
     config["pissa_synthetic"] = {{"generator", "pissa generate"}, {"seed", o.seed}};
     pissa::io::detail::write_text_file(dir / "config.json", config.dump(2) + "\n");

@@ -22,9 +22,10 @@ int cmd_init(int argc, char** argv) {
         .option("alpha", "A", "lora_alpha", "rank")
         .option("niter", "K", "randomized SVD power iterations (pissa_niter_K)", "4")
         .flag("exact", "exact truncated SVD (peft's \"pissa\") instead of the randomized one")
-        .flag("fused", "randomized SVD with the fused power step Q = qr(W^T (W Q)): one pass over W per\n"
-                       "                           step up to rank 24 (K + 2 passes instead of 2K + 2). Not peft's\n"
-                       "                           algorithm: the same subspace in exact arithmetic, other rounding")
+        .flag("fused",
+              "randomized SVD with the fused power step Q = qr(W^T (W Q)): one pass over W per\n"
+              "                           step up to rank 24 (K + 2 passes instead of 2K + 2). Not peft's\n"
+              "                           algorithm: the same subspace in exact arithmetic, other rounding")
         .option("targets", "LIST", "comma-separated module-name suffixes", "q_proj,v_proj")
         .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
         .flag("rslora", "rsLoRA scaling alpha / sqrt(r)")
@@ -70,11 +71,13 @@ int cmd_init(int argc, char** argv) {
     if (quantize) options.quantize = quant_config;
     options.force = args.has("force");
     options.task_type = args.get("task-type");
-    const std::set<std::string> task_types = {"CAUSAL_LM", "SEQ_CLS",      "SEQ_2_SEQ_LM",      "TOKEN_CLS",
-                                              "QUESTION_ANS", "FEATURE_EXTRACTION", "none"};
+    const std::set<std::string> task_types = {
+        "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "none"};
     if (args.has("task-type") && !task_types.count(options.task_type))
-        throw UsageError("--task-type must be one of peft's CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, "
-                         "QUESTION_ANS, FEATURE_EXTRACTION, or none; got '" + options.task_type + "'");
+        throw UsageError(
+            "--task-type must be one of peft's CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, "
+            "QUESTION_ANS, FEATURE_EXTRACTION, or none; got '" +
+            options.task_type + "'");
     pissa::io::AdapterConfig selection;
     set_targets_from_args(args, selection);
     options.target_modules = selection.target_modules;
@@ -96,8 +99,9 @@ int cmd_init(int argc, char** argv) {
     const double total = report.seconds;
     std::vector<ModuleQuantErrors> errors;
     for (const auto& m : report.modules)
-        if (m.quant) errors.push_back({m.name, m.shape, m.quant->qlora_frobenius, m.quant->loftq_frobenius,
-                                       m.quant->qpissa_frobenius, m.seconds});
+        if (m.quant)
+            errors.push_back({m.name, m.shape, m.quant->qlora_frobenius, m.quant->loftq_frobenius,
+                              m.quant->qpissa_frobenius, m.seconds});
 
     if (args.has("json")) {
         nlohmann::ordered_json j;
@@ -116,8 +120,10 @@ int cmd_init(int argc, char** argv) {
         j["fan_in_fan_out"] = config.fan_in_fan_out;
         j["seconds"] = total;
         if (quantize) {
-            j["quantize"] = {{"format", "nf4"}, {"quant_iters", quant_config.iterations},
-                             {"quant_block", quant_config.nf4.block_size}, {"norm", "fro"}};
+            j["quantize"] = {{"format", "nf4"},
+                             {"quant_iters", quant_config.iterations},
+                             {"quant_block", quant_config.nf4.block_size},
+                             {"norm", "fro"}};
             add_quant_report(j, errors);
             for (std::size_t i = 0; i < report.modules.size(); ++i) {
                 j["modules"][i]["rank"] = report.modules[i].rank;
@@ -128,18 +134,23 @@ int cmd_init(int argc, char** argv) {
         }
         j["modules"] = nlohmann::ordered_json::array();
         for (const auto& m : report.modules)
-            j["modules"].push_back({{"name", m.name}, {"shape", m.shape}, {"rank", m.rank},
+            j["modules"].push_back({{"name", m.name},
+                                    {"shape", m.shape},
+                                    {"rank", m.rank},
                                     {"energy_fraction", m.quality.adapter_energy_fraction},
-                                    {"weight_norm", m.quality.weight_norm}, {"residual_norm", m.quality.residual_norm},
-                                    {"seconds", m.seconds}, {"seed", m.seed}});
+                                    {"weight_norm", m.quality.weight_norm},
+                                    {"residual_norm", m.quality.residual_norm},
+                                    {"seconds", m.seconds},
+                                    {"seed", m.seed}});
         std::cout << j.dump(2) << std::endl;
         return 0;
     }
     if (quantize) {
         print_quant_report(errors, "Frobenius");
-        std::printf("\nresidual written as dequantised NF4 (blocks of %lld) after T = %d alternations; QLoRA and "
-                    "LoftQ are the baselines on the same weights\n",
-                    static_cast<long long>(quant_config.nf4.block_size), quant_config.iterations);
+        std::printf(
+            "\nresidual written as dequantised NF4 (blocks of %lld) after T = %d alternations; QLoRA and "
+            "LoftQ are the baselines on the same weights\n",
+            static_cast<long long>(quant_config.nf4.block_size), quant_config.iterations);
     } else {
         std::vector<std::vector<std::string>> rows;
         for (const auto& m : report.modules)
@@ -153,9 +164,11 @@ int cmd_init(int argc, char** argv) {
                 static_cast<long long>(config.rank), config.lora_alpha, config.scaling(),
                 exact ? "exact SVD"
                       : format("randomized SVD niter %d%s", config.randomized.niter,
-                               config.randomized.fused_power_iteration ? " (fused)" : "").c_str(),
+                               config.randomized.fused_power_iteration ? " (fused)" : "")
+                            .c_str(),
                 static_cast<unsigned long long>(seed), total);
-    std::printf("residual model: %s\nadapter:        %s\n", report.out.string().c_str(), report.adapter.string().c_str());
+    std::printf("residual model: %s\nadapter:        %s\n", report.out.string().c_str(),
+                report.adapter.string().c_str());
     return 0;
 }
 

@@ -24,31 +24,38 @@ int inspect_adapter(const fs::path& path, bool json) {
         j["r"] = c.r;
         j["lora_alpha"] = c.lora_alpha;
         j["use_rslora"] = c.use_rslora;
-        j["scaling"] = c.use_rslora ? c.lora_alpha / std::sqrt(static_cast<double>(c.r)) : c.lora_alpha / static_cast<double>(c.r);
+        j["scaling"] =
+            c.use_rslora ? c.lora_alpha / std::sqrt(static_cast<double>(c.r)) : c.lora_alpha / static_cast<double>(c.r);
         j["target_modules"] = pissa::io::to_json(c)["target_modules"];
         j["init_lora_weights"] = c.init_lora_weights;
         j["fan_in_fan_out"] = c.fan_in_fan_out;
         j["metadata"] = adapter.metadata;
         j["modules"] = nlohmann::ordered_json::array();
         for (const auto& m : adapter.modules)
-            j["modules"].push_back({{"name", m.name}, {"rank", m.A.rows()}, {"in", m.A.cols()}, {"out", m.B.rows()},
-                                    {"scaling", c.scaling_for(m.name)}, {"norm_A", m.A.norm()}, {"norm_B", m.B.norm()}});
+            j["modules"].push_back({{"name", m.name},
+                                    {"rank", m.A.rows()},
+                                    {"in", m.A.cols()},
+                                    {"out", m.B.rows()},
+                                    {"scaling", c.scaling_for(m.name)},
+                                    {"norm_A", m.A.norm()},
+                                    {"norm_B", m.B.norm()}});
         std::cout << j.dump(2) << std::endl;
         return 0;
     }
-    std::printf("adapter %s\n  r %lld, lora_alpha %g, scaling %g%s\n  target_modules %s\n  init_lora_weights %s\n"
-                "  fan_in_fan_out %s\n",
-                path.string().c_str(), static_cast<long long>(c.r), c.lora_alpha,
-                c.use_rslora ? c.lora_alpha / std::sqrt(static_cast<double>(c.r)) : c.lora_alpha / static_cast<double>(c.r),
-                c.use_rslora ? " (rsLoRA)" : "", targets.c_str(), c.init_lora_weights.dump().c_str(),
-                c.fan_in_fan_out ? "true" : "false");
+    std::printf(
+        "adapter %s\n  r %lld, lora_alpha %g, scaling %g%s\n  target_modules %s\n  init_lora_weights %s\n"
+        "  fan_in_fan_out %s\n",
+        path.string().c_str(), static_cast<long long>(c.r), c.lora_alpha,
+        c.use_rslora ? c.lora_alpha / std::sqrt(static_cast<double>(c.r)) : c.lora_alpha / static_cast<double>(c.r),
+        c.use_rslora ? " (rsLoRA)" : "", targets.c_str(), c.init_lora_weights.dump().c_str(),
+        c.fan_in_fan_out ? "true" : "false");
     for (const auto& [k, v] : adapter.metadata)
         if (k.rfind("pissa.", 0) == 0) std::printf("  %s %s\n", k.c_str(), v.c_str());
     std::printf("\n");
     std::vector<std::vector<std::string>> rows;
     for (const auto& m : adapter.modules)
-        rows.push_back({m.name, std::to_string(m.A.rows()), format("[%lld, %lld]", static_cast<long long>(m.B.rows()),
-                                                                   static_cast<long long>(m.A.cols())),
+        rows.push_back({m.name, std::to_string(m.A.rows()),
+                        format("[%lld, %lld]", static_cast<long long>(m.B.rows()), static_cast<long long>(m.A.cols())),
                         format("%g", c.scaling_for(m.name)), format("%.4g", m.A.norm()), format("%.4g", m.B.norm())});
     print_table({"module", "rank", "[out, in]", "scaling", "||A||_F", "||B||_F"}, rows);
     return 0;
@@ -65,8 +72,10 @@ int inspect_checkpoint(const fs::path& path, bool json) {
         j["tensors"] = nlohmann::ordered_json::array();
         for (const auto& shard : model.shards()) {
             for (const auto& t : shard->tensors())
-                j["tensors"].push_back({{"name", t.name}, {"dtype", std::string(pissa::io::dtype_name(t.dtype))},
-                                        {"shape", t.shape}, {"bytes", t.nbytes()},
+                j["tensors"].push_back({{"name", t.name},
+                                        {"dtype", std::string(pissa::io::dtype_name(t.dtype))},
+                                        {"shape", t.shape},
+                                        {"bytes", t.nbytes()},
                                         {"file", shard->path().filename().string()}});
             if (!shard->metadata().empty()) j["metadata"][shard->path().filename().string()] = shard->metadata();
         }

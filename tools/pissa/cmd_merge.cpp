@@ -38,12 +38,11 @@ int cmd_merge(int argc, char** argv) {
     }
     Progress progress(stderr_is_tty() && !args.has("json"));
     std::uint64_t bytes_done = 0;
-    const auto report = pissa::io::merge_checkpoint(
-        model_path, adapter_path, args.get("out"), args.has("force"),
-        [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
-            progress.update(i, n, t.name, bytes_done);
-            bytes_done += t.nbytes();
-        });
+    const auto report = pissa::io::merge_checkpoint(model_path, adapter_path, args.get("out"), args.has("force"),
+                                                    [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
+                                                        progress.update(i, n, t.name, bytes_done);
+                                                        bytes_done += t.nbytes();
+                                                    });
     progress.finish();
     for (const auto& name : report.skipped)
         std::fprintf(stderr,
@@ -60,7 +59,8 @@ int cmd_merge(int argc, char** argv) {
         j["seconds"] = report.seconds;
         j["modules"] = nlohmann::ordered_json::array();
         for (const auto& r : report.modules)
-            j["modules"].push_back({{"name", r.name}, {"shape", r.shape}, {"scaling", r.scaling}, {"seconds", r.seconds}});
+            j["modules"].push_back(
+                {{"name", r.name}, {"shape", r.shape}, {"scaling", r.scaling}, {"seconds", r.seconds}});
         j["skipped"] = report.skipped;
         std::cout << j.dump(2) << std::endl;
         return 0;

@@ -3,9 +3,9 @@
 // Reads the model only; writes nothing.
 #include "quant_report.hpp"
 
-#include <pissa/seed.hpp>
 #include <pissa/io/checkpoint.hpp>
 #include <pissa/io/tensor.hpp>
+#include <pissa/seed.hpp>
 
 #include <iostream>
 
@@ -74,9 +74,8 @@ int cmd_quant_error(int argc, char** argv) {
             using Storage = decltype(tag);
             const pissa::RowMatrix<Storage> W = pissa::io::copy_matrix<Storage>(file, t);
             file.release(t);
-            const auto errors = pissa::compare_quantization_errors(W, module_config,
-                                                                   norm == pissa::QuantErrorNorm::nuclear)
-                                    .in(norm);
+            const auto errors =
+                pissa::compare_quantization_errors(W, module_config, norm == pissa::QuantErrorNorm::nuclear).in(norm);
             row.qlora = errors.qlora;
             row.loftq = errors.loftq;
             row.qpissa = errors.qpissa;

@@ -252,7 +252,8 @@ std::vector<std::string> split_list(const std::string& text) {
 }
 
 void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
-    if (args.has("targets") && args.has("target-regex")) throw UsageError("--targets and --target-regex exclude each other");
+    if (args.has("targets") && args.has("target-regex"))
+        throw UsageError("--targets and --target-regex exclude each other");
     if (args.has("target-regex")) {
         config.target_regex = args.get("target-regex");
         try {
@@ -334,12 +335,10 @@ int main(int argc, char** argv) {
         return check_stdout("--version", 0);
     }
     using Command = int (*)(int, char**);
-    const std::pair<const char*, Command> commands[] = {{"init", pissa_tool::cmd_init},
-                                                        {"convert", pissa_tool::cmd_convert},
-                                                        {"merge", pissa_tool::cmd_merge},
-                                                        {"inspect", pissa_tool::cmd_inspect},
-                                                        {"generate", pissa_tool::cmd_generate},
-                                                        {"quant-error", pissa_tool::cmd_quant_error}};
+    const std::pair<const char*, Command> commands[] = {
+        {"init", pissa_tool::cmd_init},         {"convert", pissa_tool::cmd_convert},
+        {"merge", pissa_tool::cmd_merge},       {"inspect", pissa_tool::cmd_inspect},
+        {"generate", pissa_tool::cmd_generate}, {"quant-error", pissa_tool::cmd_quant_error}};
     for (const auto& [name, run] : commands) {
         if (command != name) continue;
         try {

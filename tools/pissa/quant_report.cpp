@@ -32,9 +32,8 @@ std::string module_kind(const std::string& module) {
     while (start < module.size()) {
         const std::size_t end = std::min(module.find('.', start), module.size());
         const std::string part = module.substr(start, end - start);
-        const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](unsigned char c) {
-            return std::isdigit(c) != 0;
-        });
+        const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(),
+                                                          [](unsigned char c) { return std::isdigit(c) != 0; });
         if (numeric && end < module.size()) return module.substr(end + 1);
         start = end + 1;
     }
@@ -86,7 +85,9 @@ void print_quant_report(const std::vector<ModuleQuantErrors>& modules, const std
         rows.push_back({k.kind, std::to_string(k.count), format("%.5g", k.qlora),
                         format("%.5g (%.1f%%)", k.loftq, 100 * k.loftq_reduction),
                         format("%.5g (%.1f%%)", k.qpissa, 100 * k.qpissa_reduction)});
-    std::printf("\nmean per module kind (reduction: mean of the per-module 1 - error / QLoRA error; \"all\": mean over kinds)\n");
+    std::printf(
+        "\nmean per module kind (reduction: mean of the per-module 1 - error / QLoRA error; \"all\": mean over "
+        "kinds)\n");
     print_table({"kind", "modules", "QLoRA" + unit, "LoftQ (reduction)", "QPiSSA (reduction)"}, rows);
 }
 

@@ -38,7 +38,7 @@ std::string module_kind(const std::string& module);
 struct KindAverage {
     std::string kind;
     int count = 0;
-    double qlora = 0, loftq = 0, qpissa = 0;     ///< mean errors
+    double qlora = 0, loftq = 0, qpissa = 0;           ///< mean errors
     double loftq_reduction = 0, qpissa_reduction = 0;  ///< mean of the per-module 1 - err / err_QLoRA
 };
 

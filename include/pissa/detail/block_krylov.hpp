@@ -28,8 +28,7 @@ namespace pissa::detail {
 /// Makes the columns of `Z` orthonormal and orthogonal to the orthonormal columns of `basis`
 /// (classical Gram-Schmidt twice, then QR, then once more: safe even when Z is almost in span(basis)).
 template <class Scalar>
-void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z,
-                            TallQr<Scalar>& qr) {
+void orthonormalize_against(const Eigen::Ref<const Matrix<Scalar>>& basis, Matrix<Scalar>& Z, TallQr<Scalar>& qr) {
     auto project_out = [&] { run_serial_eigen([&] { Z.noalias() -= basis * (basis.transpose() * Z); }); };
     project_out();
     project_out();

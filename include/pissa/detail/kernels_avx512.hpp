@@ -64,15 +64,15 @@
 namespace pissa::detail::avx512 {
 
 inline constexpr Index kLanes = 16;
-inline constexpr int kTileVectors = 3;                    ///< vectors of W per register tile
+inline constexpr int kTileVectors = 3;                      ///< vectors of W per register tile
 inline constexpr Index kTileWidth = kTileVectors * kLanes;  ///< 48 elements of W per register tile
-inline constexpr int kGroup = 8;                          ///< columns of X (or Y) per register tile
-inline constexpr Index kPanelRows = kTileWidth;           ///< multiply: rows of W per work unit
-inline constexpr Index kPanelDepth = 128;                 ///< multiply: columns of W per packed block (24 KiB)
-inline constexpr Index kStripTiles = 4;                   ///< multiply_transposed: 48-column tiles per work unit
-inline constexpr Index kStrip = kStripTiles * kTileWidth; ///< multiply_transposed: columns of W per work unit
-inline constexpr Index kChunkRows = 64;                   ///< multiply_transposed: rows of W per packed tile (12 KiB)
-inline constexpr Index kPrefetchBlocks = 2;               ///< blocks of W prefetched ahead of the one packed
+inline constexpr int kGroup = 8;                            ///< columns of X (or Y) per register tile
+inline constexpr Index kPanelRows = kTileWidth;             ///< multiply: rows of W per work unit
+inline constexpr Index kPanelDepth = 128;                   ///< multiply: columns of W per packed block (24 KiB)
+inline constexpr Index kStripTiles = 4;                     ///< multiply_transposed: 48-column tiles per work unit
+inline constexpr Index kStrip = kStripTiles * kTileWidth;   ///< multiply_transposed: columns of W per work unit
+inline constexpr Index kChunkRows = 64;                     ///< multiply_transposed: rows of W per packed tile (12 KiB)
+inline constexpr Index kPrefetchBlocks = 2;                 ///< blocks of W prefetched ahead of the one packed
 
 // The maskz_ forms with an all-ones mask stand for the plain intrinsics, whose GCC 12 definitions
 // (_mm512_undefined_*) trip -Wmaybe-uninitialized.
@@ -139,8 +139,8 @@ PISSA_AVX512_TARGET inline void transpose16(__m512* r) {
 /// While packing, the block at rows [pr0, pr0 + prows) x columns [pj0, pj0 + pcount) is
 /// prefetched into L2, a line per row and 16 columns, interleaved with the transposes.
 template <class Storage>
-PISSA_AVX512_TARGET inline void pack_panel(RowMajorView<Storage> W, Index r0, Index rows, Index j0,
-                                           Index count, float* P, Index pr0, Index prows, Index pj0, Index pcount) {
+PISSA_AVX512_TARGET inline void pack_panel(RowMajorView<Storage> W, Index r0, Index rows, Index j0, Index count,
+                                           float* P, Index pr0, Index prows, Index pj0, Index pcount) {
     for (Index k0 = 0; k0 < count; k0 += kLanes) {
         const Index kc = std::min(kLanes, count - k0);
         const __mmask16 m = tail_mask(kc);
@@ -186,9 +186,10 @@ PISSA_AVX512_TARGET inline void tile_step(__m512 (&acc)[kTileVectors][kGroup], c
 /// acc = 0: the start of every register tile.
 PISSA_AVX512_TARGET inline void zero_tile(__m512 (&acc)[kTileVectors][kGroup]) {
     PISSA_UNROLL
-    for (int v = 0; v < kTileVectors; ++v)
+    for (int v = 0; v < kTileVectors; ++v) {
         PISSA_UNROLL
         for (int c = 0; c < kGroup; ++c) acc[v][c] = _mm512_setzero_ps();
+    }
 }
 
 /// Y(i, c) (+)= acc[i / 16][c] lane i % 16, for i < rows, c < cols (the end of every register
@@ -246,8 +247,8 @@ inline BlockAhead block_ahead(Index r0, Index k0, Index depth, Index n) {
 /// row-major (zero-padded); Y col-major with leading dimension ldy; `P`: 64-byte aligned
 /// kPanelDepth x 48 floats.
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xpack, Index q, float* Y,
-                                        Index ldy, Index r0, float* P) {
+PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xpack, Index q, float* Y, Index ldy,
+                                        Index r0, float* P) {
     const Index rows = std::min<Index>(kPanelRows, W.rows - r0), n = W.cols;
     const Index groups = (q + kGroup - 1) / kGroup;
     for (Index j0 = 0; j0 < n; j0 += kPanelDepth) {
@@ -265,8 +266,8 @@ PISSA_AVX512_TARGET void multiply_panel(RowMajorView<Storage> W, const float* xp
 // ---------------------------------------------------------------------------------------------
 // Y = W X for q >= 32: broadcast form
 
-inline constexpr Index kWideBlock = 64;       ///< multiply: columns of X per block (4 vectors x 6 rows of W)
-inline constexpr Index kWideChunk = 128;      ///< multiply: k per chunk (a 64-column block of X: 32 KiB)
+inline constexpr Index kWideBlock = 64;   ///< multiply: columns of X per block (4 vectors x 6 rows of W)
+inline constexpr Index kWideChunk = 128;  ///< multiply: k per chunk (a 64-column block of X: 32 KiB)
 
 /// multiply: the broadcast kernel from this many columns of X on. 16-bit W costs a conversion per
 /// broadcast (6 per 24 FMAs at q >= 64, 12 at q = 32, where it ran 1.37x slower than the packed
@@ -302,15 +303,16 @@ PISSA_AVX512_TARGET inline __m512 broadcast(const Eigen::half* p) {
 /// row) are prefetched into L2.
 template <int Vectors, int Rows, class Storage>
 PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows], Index k0, Index k1, const float* xb,
-                                               float* part, Index ldp, bool first,
-                                               const Storage* const (&ahead)[Rows], Index ahead_lines) {
+                                               float* part, Index ldp, bool first, const Storage* const (&ahead)[Rows],
+                                               Index ahead_lines) {
     constexpr Index line = 64 / Index(sizeof(Storage));
     __m512 acc[Rows][Vectors];
     PISSA_UNROLL
-    for (int r = 0; r < Rows; ++r)
+    for (int r = 0; r < Rows; ++r) {
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v)
             acc[r][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + r * ldp + v * kLanes);
+    }
     // The next line to prefetch: line `ahead_line` of row `ahead_row` (counters, not s / ahead_lines
     // and s % ahead_lines: GCC emitted an idiv per step, and Intel's divider shares port 0 with the FMAs).
     int ahead_row = ahead_lines > 0 ? 0 : Rows;
@@ -337,9 +339,10 @@ PISSA_AVX512_TARGET inline void broadcast_tile(const Storage* const (&row)[Rows]
         }
     }
     PISSA_UNROLL
-    for (int r = 0; r < Rows; ++r)
+    for (int r = 0; r < Rows; ++r) {
         PISSA_UNROLL
         for (int v = 0; v < Vectors; ++v) _mm512_store_ps(part + r * ldp + v * kLanes, acc[r][v]);
+    }
 }
 
 /// The row tiles of Rows rows covering rows [r0, r0 + rows) of W over columns [k0, k1), against
@@ -368,8 +371,8 @@ PISSA_AVX512_TARGET inline void broadcast_rows(RowMajorView<Storage> W, Index r0
 /// row tiles over it (Y(i, c) = sum over k in order); the chunk two ahead along the thread's
 /// sequence of panels is prefetched meanwhile. Y col-major with leading dimension ldy.
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const float* xpack, Index q, float* Y,
-                                             Index ldy, Index r0, float* part) {
+PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const float* xpack, Index q, float* Y, Index ldy,
+                                             Index r0, float* part) {
     const Index rows = std::min<Index>(kPanelRows, W.rows - r0), n = W.cols;
     const WideBlocks blocks{q};
     const Index ldp = blocks.padded();
@@ -386,7 +389,7 @@ PISSA_AVX512_TARGET void multiply_panel_wide(RowMajorView<Storage> W, const floa
             const Index lines = b == 0 ? ahead_lines : 0;  // the chunk's first block prefetches
             if (blocks.width(b) == kWideBlock)
                 broadcast_rows<4, 6>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead.row, ahead_rows, ahead.column,
-                                      lines);
+                                     lines);
             else
                 broadcast_rows<2, 12>(W, r0, rows, k0, k1, xb, pb, ldp, chunk == 0, ahead.row, ahead_rows, ahead.column,
                                       lines);
@@ -430,9 +433,7 @@ struct StripGrid {
         width = std::min(begin + kTileWidth, n) - c0;
     }
     /// Columns [c0, c0 + width) of tile t (from the left) of strip u.
-    void tile_columns(Index u, Index t, Index& c0, Index& width) const {
-        tile_columns(u * kStripTiles + t, c0, width);
-    }
+    void tile_columns(Index u, Index t, Index& c0, Index& width) const { tile_columns(u * kStripTiles + t, c0, width); }
 };
 
 /// T[i * 48 + j] = float(W(i0 + i, c0 + j)) for i < rows, j < width (width <= 48); zero for
@@ -453,7 +454,8 @@ PISSA_AVX512_TARGET inline void pack_tile(RowMajorView<Storage> W, Index i0, Ind
                 _mm_prefetch(reinterpret_cast<const char*>(ahead + j), _MM_HINT_T1);
         }
         PISSA_UNROLL
-        for (int v = 0; v < kTileVectors; ++v) _mm512_store_ps(T + i * kTileWidth + v * kLanes, load16(src + v * kLanes, m[v]));
+        for (int v = 0; v < kTileVectors; ++v)
+            _mm512_store_ps(T + i * kTileWidth + v * kLanes, load16(src + v * kLanes, m[v]));
     }
 }
 
@@ -470,8 +472,8 @@ PISSA_AVX512_TARGET inline void strip_tile(const float* T, const float* yg, Inde
 /// kChunkRows x 48 floats. (`grid` by value and the prefetch width clamped to 48: through a
 /// reference, or with an unbounded prefetch loop, GCC's code ran the bf16 product 5-13% slower.)
 template <class Storage>
-PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, const float* ypack, Index q,
-                                                   float* Z, Index ldz, StripGrid grid, Index u, float* T) {
+PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, const float* ypack, Index q, float* Z,
+                                                   Index ldz, StripGrid grid, Index u, float* T) {
     const Index m = W.rows;
     const Index groups = (q + kGroup - 1) / kGroup;
     const Index across = (std::min(kStrip, W.cols + grid.shift - u * kStrip) + kTileWidth - 1) / kTileWidth;
@@ -502,13 +504,14 @@ PISSA_AVX512_TARGET void multiply_transposed_strip(RowMajorView<Storage> W, cons
 // ---------------------------------------------------------------------------------------------
 // Z = W^T (W Q) in one pass over W
 
-inline constexpr Index kGramRows = 24;    ///< multiply_gram: rows of W per panel (a multiple of kDotRows)
-inline constexpr int kDotRows = 3;        ///< multiply_gram: rows of W per dot-product register tile
+inline constexpr Index kGramRows = 24;  ///< multiply_gram: rows of W per panel (a multiple of kDotRows)
+inline constexpr int kDotRows = 3;      ///< multiply_gram: rows of W per dot-product register tile
 
 /// The sum of the 16 lanes of v, in a fixed tree order (halves, then quarters, ...). (GCC 12's
 /// _mm512_reduce_add_ps and _mm512_castps512_ps256 trip -Wuninitialized.)
 PISSA_AVX512_TARGET inline float horizontal_sum(__m512 v) {
-    const __m256 eight = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(kAll8, v, 0), _mm512_maskz_extractf32x8_ps(kAll8, v, 1));
+    const __m256 eight =
+        _mm256_add_ps(_mm512_maskz_extractf32x8_ps(kAll8, v, 0), _mm512_maskz_extractf32x8_ps(kAll8, v, 1));
     const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
     const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
@@ -526,9 +529,10 @@ PISSA_AVX512_TARGET inline void dot_tile(RowMajorView<Storage> W, Index r0, Inde
     for (int r = 0; r < kDotRows; ++r) src[r] = W.row(r0 + (r < rows ? r : 0));
     __m512 acc[kDotRows][kGroup];
     PISSA_UNROLL
-    for (int r = 0; r < kDotRows; ++r)
+    for (int r = 0; r < kDotRows; ++r) {
         PISSA_UNROLL
         for (int c = 0; c < kGroup; ++c) acc[r][c] = _mm512_setzero_ps();
+    }
     const Index n = W.cols;
     for (Index k = 0; k < n; k += kLanes) {
         const __mmask16 m = tail_mask(std::min(kLanes, n - k));
@@ -547,9 +551,10 @@ PISSA_AVX512_TARGET inline void dot_tile(RowMajorView<Storage> W, Index r0, Inde
         }
     }
     PISSA_UNROLL
-    for (int r = 0; r < kDotRows; ++r)
+    for (int r = 0; r < kDotRows; ++r) {
         PISSA_UNROLL
         for (int c = 0; c < kGroup; ++c) y[r * kGroup + c] = horizontal_sum(acc[r][c]);
+    }
 }
 
 /// Z(j, c) (+)= sum over i < rows of W(r0 + i, c0 + j) yg[i * 8 + c], for j < width, c < cols:
@@ -598,8 +603,8 @@ PISSA_AVX512_TARGET void multiply_gram_panel(RowMajorView<Storage> W, const floa
                 _mm_prefetch(reinterpret_cast<const char*>(W.row(next + i) + c0 + j), _MM_HINT_T1);
         for (Index g = 0; g < groups; ++g) {
             const int cols = static_cast<int>(std::min<Index>(kGroup, q - g * kGroup));
-            gram_tile(W, r0, rows, c0, width, ypack + g * kGramRows * kGroup, Z + g * kGroup * ldz + c0, ldz,
-                      cols, first);
+            gram_tile(W, r0, rows, c0, width, ypack + g * kGramRows * kGroup, Z + g * kGroup * ldz + c0, ldz, cols,
+                      first);
         }
     }
 }

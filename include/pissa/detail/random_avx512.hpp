@@ -33,12 +33,20 @@ namespace pissa::detail::avx512 {
 /// forms with kAll8 stand for the plain intrinsics, as in kernels_avx512.hpp.)
 inline constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-PISSA_AVX512_TARGET inline __m512d add(__m512d a, __m512d b) { return _mm512_maskz_add_round_pd(kAll8, a, b, kNearest); }
-PISSA_AVX512_TARGET inline __m512d sub(__m512d a, __m512d b) { return _mm512_maskz_sub_round_pd(kAll8, a, b, kNearest); }
-PISSA_AVX512_TARGET inline __m512d mul(__m512d a, __m512d b) { return _mm512_maskz_mul_round_pd(kAll8, a, b, kNearest); }
+PISSA_AVX512_TARGET inline __m512d add(__m512d a, __m512d b) {
+    return _mm512_maskz_add_round_pd(kAll8, a, b, kNearest);
+}
+PISSA_AVX512_TARGET inline __m512d sub(__m512d a, __m512d b) {
+    return _mm512_maskz_sub_round_pd(kAll8, a, b, kNearest);
+}
+PISSA_AVX512_TARGET inline __m512d mul(__m512d a, __m512d b) {
+    return _mm512_maskz_mul_round_pd(kAll8, a, b, kNearest);
+}
 PISSA_AVX512_TARGET inline __m512d constant(double c) { return _mm512_set1_pd(c); }
 PISSA_AVX512_TARGET inline __m512i constant64(std::uint64_t c) { return _mm512_set1_epi64(std::int64_t(c)); }
-PISSA_AVX512_TARGET inline __m512i shift_right(__m512i z, unsigned bits) { return _mm512_maskz_srli_epi64(kAll8, z, bits); }
+PISSA_AVX512_TARGET inline __m512i shift_right(__m512i z, unsigned bits) {
+    return _mm512_maskz_srli_epi64(kAll8, z, bits);
+}
 
 /// splitmix64's output function of eight states (SplitMix64::next after the increment).
 PISSA_AVX512_TARGET inline __m512i splitmix_mix(__m512i z) {
@@ -48,14 +56,17 @@ PISSA_AVX512_TARGET inline __m512i splitmix_mix(__m512i z) {
 }
 
 /// The top 53 bits of each lane as a double in [0, 2^53) (exact).
-PISSA_AVX512_TARGET inline __m512d top53(__m512i bits) { return _mm512_maskz_cvtepu64_pd(kAll8, shift_right(bits, 11)); }
+PISSA_AVX512_TARGET inline __m512d top53(__m512i bits) {
+    return _mm512_maskz_cvtepu64_pd(kAll8, shift_right(bits, 11));
+}
 
 /// log(u) for doubles u in [2^-53, 1] (fdlibm's e_log.c without its special cases, which such
 /// u never reach): u = 2^k (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
 PISSA_AVX512_TARGET inline __m512d log_unit(__m512d u) {
     // Adding 1 - 0x3fe6a09e (the high word of sqrt(2)/2) to the high word carries into the
     // exponent exactly when the mantissa is >= sqrt(2)/2 relative to the next power of two.
-    const __m512i bits = _mm512_add_epi64(_mm512_castpd_si512(u), constant64(std::uint64_t(0x3ff00000 - 0x3fe6a09e) << 32));
+    const __m512i bits =
+        _mm512_add_epi64(_mm512_castpd_si512(u), constant64(std::uint64_t(0x3ff00000 - 0x3fe6a09e) << 32));
     const __m512d k = _mm512_maskz_cvtepi64_pd(kAll8, _mm512_sub_epi64(shift_right(bits, 52), constant64(0x3ff)));
     const __m512i mantissa = _mm512_add_epi64(_mm512_and_si512(bits, constant64(0x000fffffffffffffULL)),
                                               constant64(std::uint64_t(0x3fe6a09e) << 32));
@@ -63,12 +74,14 @@ PISSA_AVX512_TARGET inline __m512d log_unit(__m512d u) {
     const __m512d hfsq = mul(mul(constant(0.5), f), f);
     const __m512d s = _mm512_maskz_div_round_pd(kAll8, f, add(constant(2.0), f), kNearest);
     const __m512d z = mul(s, s), w = mul(z, z);
-    const __m512d t1 = mul(w, add(constant(3.999999999940941908e-01),
-                                  mul(w, add(constant(2.222219843214978396e-01), mul(w, constant(1.531383769920937332e-01))))));
-    const __m512d t2 = mul(z, add(constant(6.666666666666735130e-01),
-                                  mul(w, add(constant(2.857142874366239149e-01),
-                                             mul(w, add(constant(1.818357216161805012e-01),
-                                                        mul(w, constant(1.479819860511658591e-01))))))));
+    const __m512d t1 =
+        mul(w, add(constant(3.999999999940941908e-01),
+                   mul(w, add(constant(2.222219843214978396e-01), mul(w, constant(1.531383769920937332e-01))))));
+    const __m512d t2 = mul(
+        z,
+        add(constant(6.666666666666735130e-01),
+            mul(w, add(constant(2.857142874366239149e-01),
+                       mul(w, add(constant(1.818357216161805012e-01), mul(w, constant(1.479819860511658591e-01))))))));
     const __m512d R = add(t2, t1);
     // s (hfsq + R) + k ln2_lo - hfsq + f + k ln2_hi, left to right (ln2_hi has 32 bits: k ln2_hi is exact).
     __m512d sum = add(mul(s, add(hfsq, R)), mul(k, constant(1.90821492927058770002e-10)));
@@ -91,21 +104,20 @@ PISSA_AVX512_TARGET inline __m512d cos_turn(__m512d x) {
 
     const __m512d z = mul(y0, y0), zz = mul(z, z);
     // __kernel_cos(y0, y1)
-    const __m512d cr = add(mul(z, add(constant(4.16666666666666019037e-02),
-                                      mul(z, add(constant(-1.38888888888741095749e-03),
-                                                 mul(z, constant(2.48015872894767294178e-05)))))),
-                           mul(mul(zz, zz), add(constant(-2.75573143513906633035e-07),
-                                                mul(z, add(constant(2.08757232129817482790e-09),
-                                                           mul(z, constant(-1.13596475577881948265e-11)))))));
+    const __m512d cr = add(
+        mul(z, add(constant(4.16666666666666019037e-02),
+                   mul(z, add(constant(-1.38888888888741095749e-03), mul(z, constant(2.48015872894767294178e-05)))))),
+        mul(mul(zz, zz),
+            add(constant(-2.75573143513906633035e-07),
+                mul(z, add(constant(2.08757232129817482790e-09), mul(z, constant(-1.13596475577881948265e-11)))))));
     const __m512d hz = mul(constant(0.5), z), one_minus_hz = sub(constant(1.0), hz);
     const __m512d cos_y =
         add(one_minus_hz, add(sub(sub(constant(1.0), one_minus_hz), hz), sub(mul(z, cr), mul(y0, y1))));
     // __kernel_sin(y0, y1, 1)
-    const __m512d sr = add(add(constant(8.33333333332248946124e-03),
-                               mul(z, add(constant(-1.98412698298579493134e-04),
-                                          mul(z, constant(2.75573137070700676789e-06))))),
-                           mul(mul(z, zz), add(constant(-2.50507602534068634195e-08),
-                                               mul(z, constant(1.58969099521155010221e-10)))));
+    const __m512d sr =
+        add(add(constant(8.33333333332248946124e-03),
+                mul(z, add(constant(-1.98412698298579493134e-04), mul(z, constant(2.75573137070700676789e-06))))),
+            mul(mul(z, zz), add(constant(-2.50507602534068634195e-08), mul(z, constant(1.58969099521155010221e-10)))));
     const __m512d v = mul(z, y0);
     const __m512d sin_y = sub(y0, sub(sub(mul(z, sub(mul(constant(0.5), y1), mul(v, sr))), y1),
                                       mul(v, constant(-1.66666666666666324348e-01))));
@@ -130,7 +142,7 @@ PISSA_AVX512_TARGET void fill_normals(std::uint64_t seed, Index first, Index cou
                                      _mm512_maskz_mullo_epi64(kAll8, lane, constant64(2 * gamma)));
     const __m512d two_pi = constant(6.283185307179586476925286766559);
     for (Index i = 0; i < count; i += 8) {
-        const __m512d u1 = mul(add(top53(splitmix_mix(state)), constant(1.0)), constant(0x1.0p-53));  // (0, 1]
+        const __m512d u1 = mul(add(top53(splitmix_mix(state)), constant(1.0)), constant(0x1.0p-53));      // (0, 1]
         const __m512d u2 = mul(top53(splitmix_mix(_mm512_add_epi64(state, next))), constant(0x1.0p-53));  // [0, 1)
         state = _mm512_add_epi64(state, step);
         const __m512d radius = _mm512_maskz_sqrt_round_pd(kAll8, mul(constant(-2.0), log_unit(u1)), kNearest);
@@ -138,8 +150,7 @@ PISSA_AVX512_TARGET void fill_normals(std::uint64_t seed, Index first, Index cou
         const __mmask8 live = count - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << unsigned(count - i)) - 1u);
         if constexpr (std::is_same_v<Scalar, float>)
             _mm256_mask_storeu_ps(out + i, live, _mm512_maskz_cvt_roundpd_ps(kAll8, normal, kNearest));
-        else
-            _mm512_mask_storeu_pd(out + i, live, normal);
+        else _mm512_mask_storeu_pd(out + i, live, normal);
     }
 }
 

@@ -81,7 +81,7 @@ void multiply_portable(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, 
             const Index r0 = b * kRowBlock, nr = std::min(kRowBlock, W.rows - r0);
             if constexpr (std::is_same_v<Storage, Scalar>) {
                 Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>> block(W.row(r0), nr, W.cols,
-                                                                                  Eigen::OuterStride<>(W.stride));
+                                                                                   Eigen::OuterStride<>(W.stride));
                 Y.middleRows(r0, nr).noalias() = block * X;
             } else {
                 load_block(W, r0, nr, 0, W.cols, tile);

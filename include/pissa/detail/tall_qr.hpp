@@ -49,9 +49,7 @@ public:
     }
 
     /// The upper-triangular `R [q, q]` of `X = Q R`.
-    Matrix<Scalar> r() const {
-        return m_whole.matrixQR().topRows(m_cols).template triangularView<Eigen::Upper>();
-    }
+    Matrix<Scalar> r() const { return m_whole.matrixQR().topRows(m_cols).template triangularView<Eigen::Upper>(); }
 
     /// `out [k, c] = Q C` for `C [q, c]` (C = I gives the orthonormal columns of Q).
     template <class Small>

@@ -15,8 +15,9 @@ namespace pissa::detail {
 /// Throws unless `1 <= rank <= min(rows, cols)`; `what` names the caller in the message.
 inline void check_rank(Index rows, Index cols, Index rank, const char* what) {
     require(rows > 0 && cols > 0, what, ": the weight matrix is empty (", rows, " x ", cols, ")");
-    require(rank >= 1 && rank <= std::min(rows, cols), what, ": rank must satisfy 1 <= r <= min(m, n) = ",
-            std::min(rows, cols), " for a ", rows, " x ", cols, " matrix, got r = ", rank);
+    require(rank >= 1 && rank <= std::min(rows, cols), what,
+            ": rank must satisfy 1 <= r <= min(m, n) = ", std::min(rows, cols), " for a ", rows, " x ", cols,
+            " matrix, got r = ", rank);
 }
 
 /// Throws pissa::invalid_argument naming the first NaN/Inf of `W` (in W's own orientation).
@@ -26,8 +27,8 @@ void check_finite(const PreparedWeight<Storage>& W, const char* what) {
         const Index i = W.transposed ? bad->second : bad->first;
         const Index j = W.transposed ? bad->first : bad->second;
         const double value = static_cast<double>(W.view.row(bad->first)[bad->second]);
-        throw invalid_argument(concat(what, ": the weight matrix contains a non-finite value (", value,
-                                      ") at row ", i, ", column ", j));
+        throw invalid_argument(
+            concat(what, ": the weight matrix contains a non-finite value (", value, ") at row ", i, ", column ", j));
     }
 }
 

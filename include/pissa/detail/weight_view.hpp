@@ -39,7 +39,7 @@ struct PreparedWeight {
     std::optional<RowMatrix<Storage>> owned;
 
     PreparedWeight() = default;
-    PreparedWeight(const PreparedWeight&) = delete;             // view may point into `owned`
+    PreparedWeight(const PreparedWeight&) = delete;  // view may point into `owned`
     PreparedWeight& operator=(const PreparedWeight&) = delete;
 };
 

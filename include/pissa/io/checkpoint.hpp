@@ -61,8 +61,8 @@ inline std::string read_text_file(const std::filesystem::path& path, std::uint64
     if (::fstat(fd, &st) != 0) throw io_error(path.string() + ": cannot stat: " + errno_text());
     const auto size = static_cast<std::uint64_t>(st.st_size);
     if (size > max_size)
-        throw format_error(pissa::detail::concat(path.string(), ": ", size, " bytes, over the ", max_size,
-                                                 "-byte limit for ", what));
+        throw format_error(
+            pissa::detail::concat(path.string(), ": ", size, " bytes, over the ", max_size, "-byte limit for ", what));
     std::string text(static_cast<std::size_t>(size), '\0');
     if (pread_full(fd, text.data(), text.size(), 0, path.string()) < text.size())
         throw io_error(path.string() + ": the file got shorter while being read");
@@ -162,7 +162,8 @@ public:
             std::error_code ec;
             for (const auto& entry : fs::directory_iterator(path)) {
                 // Only regular files (after symlinks) are candidates; a FIFO or a broken link is not.
-                if (entry.path().extension() == ".safetensors" && entry.is_regular_file(ec)) files.push_back(entry.path());
+                if (entry.path().extension() == ".safetensors" && entry.is_regular_file(ec))
+                    files.push_back(entry.path());
             }
             std::sort(files.begin(), files.end());
             if (detail::path_exists(path / "model.safetensors")) files = {path / "model.safetensors"};
@@ -297,8 +298,7 @@ private:
 /// Replaces a tensor: fills `bytes` with its new bytes (same dtype and shape) and returns true, or
 /// returns false to copy it unchanged. `bytes` is one buffer reused from tensor to tensor (see
 /// copy_matrix_into), so a rewrite that works in it allocates once for the whole checkpoint.
-using TensorRewrite =
-    std::function<bool(const SafetensorsFile&, const TensorInfo&, std::vector<unsigned char>& bytes)>;
+using TensorRewrite = std::function<bool(const SafetensorsFile&, const TensorInfo&, std::vector<unsigned char>& bytes)>;
 /// Called before each tensor: index (0-based) and count over the whole checkpoint, the tensor.
 using RewriteProgress = std::function<void(std::size_t, std::size_t, const TensorInfo&)>;
 
@@ -351,13 +351,15 @@ inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path
     }
     if (in.is_sharded()) {
         nlohmann::ordered_json index = in.index();
-        if (!index.contains("metadata") || !index["metadata"].is_object()) index["metadata"] = nlohmann::ordered_json::object();
+        if (!index.contains("metadata") || !index["metadata"].is_object())
+            index["metadata"] = nlohmann::ordered_json::object();
         index["metadata"]["total_size"] = in.total_size();
         detail::write_text_file(out_dir / index_file_name, index.dump(2) + "\n");
     }
     if (copy_other_files)
         for (const auto& file : in.other_files())
-            std::filesystem::copy_file(file, out_dir / file.filename(), std::filesystem::copy_options::overwrite_existing);
+            std::filesystem::copy_file(file, out_dir / file.filename(),
+                                       std::filesystem::copy_options::overwrite_existing);
 }
 
 }  // namespace pissa::io

@@ -55,7 +55,7 @@ struct InitCheckpointOptions {
     /// null (peft's default, what a bare encoder such as BertModel needs); empty: inferred from the
     /// model's config.json (infer_task_type).
     std::string task_type;
-    bool force = false;                      ///< replace an existing output folder
+    bool force = false;                         ///< replace an existing output folder
     std::string adapter_folder = "pissa_init";  ///< the adapter's folder inside the output
 
     static PissaConfig default_pissa() {
@@ -68,11 +68,11 @@ struct InitCheckpointOptions {
 
 /// One decomposed module.
 struct ModuleReport {
-    std::string name;                    ///< module name, e.g. model.layers.0.self_attn.q_proj
-    std::vector<std::uint64_t> shape;    ///< the weight's stored shape
+    std::string name;                  ///< module name, e.g. model.layers.0.self_attn.q_proj
+    std::vector<std::uint64_t> shape;  ///< the weight's stored shape
     Index rank = 0;
-    std::uint64_t seed = 0;              ///< the randomized SVD's seed (module_seed(seed, i))
-    QualityReport quality;               ///< of the PiSSA split (without quantisation)
+    std::uint64_t seed = 0;  ///< the randomized SVD's seed (module_seed(seed, i))
+    QualityReport quality;   ///< of the PiSSA split (without quantisation)
     /// With quantisation: ||W - deq(Q) - s B A||_F of QLoRA, LoftQ and QPiSSA on this weight.
     std::optional<QuantErrorComparison> quant;
     double seconds = 0;
@@ -85,7 +85,7 @@ struct InitCheckpointReport {
     Adapter written;                ///< the adapter as written (config, A and B, metadata)
     std::vector<ModuleReport> modules;
     double seconds = 0;
-    std::string warning;            ///< a non-fatal problem to report (see OutputFolder::warning)
+    std::string warning;  ///< a non-fatal problem to report (see OutputFolder::warning)
 };
 
 /// Observers of a running job. Both may throw to abort it (the output is then not written).
@@ -102,18 +102,23 @@ struct InitCheckpointCallbacks {
 /// layer types; embeddings are recognised by their conventional names.
 /// \throws pissa::invalid_argument naming the first embedding among `targets` (tensor names).
 inline void refuse_embedding_targets(const std::vector<std::string>& targets) {
-    static const std::set<std::string> embeddings = {"embed_tokens",       "wte",
-                                                     "wpe",                "word_embeddings",
-                                                     "position_embeddings", "token_type_embeddings",
-                                                     "embed_in",           "embed_positions",
+    static const std::set<std::string> embeddings = {"embed_tokens",
+                                                     "wte",
+                                                     "wpe",
+                                                     "word_embeddings",
+                                                     "position_embeddings",
+                                                     "token_type_embeddings",
+                                                     "embed_in",
+                                                     "embed_positions",
                                                      "shared"};
     for (const auto& name : targets) {
         const std::string module = module_of_weight(name);
         const std::string last = module.substr(module.rfind('.') + 1);
         if (embeddings.count(last))
-            throw pissa::invalid_argument(name + " is an embedding: peft initialises embedding targets as plain "
-                                          "LoRA (lora_embedding_A/B), not PiSSA; leave '" + last +
-                                          "' out of the targets");
+            throw pissa::invalid_argument(name +
+                                          " is an embedding: peft initialises embedding targets as plain "
+                                          "LoRA (lora_embedding_A/B), not PiSSA; leave '" +
+                                          last + "' out of the targets");
     }
 }
 
@@ -124,11 +129,12 @@ inline void refuse_embedding_targets(const std::vector<std::string>& targets) {
 /// (null) for anything else, a bare model class or no config.json. A wrong task_type is not
 /// harmless: peft wraps the model by it, and e.g. a causal-LM wrapper fails on a BertModel.
 inline std::string infer_task_type(const std::filesystem::path& model) {
-    const auto config = std::filesystem::is_directory(model) ? model / "config.json" : model.parent_path() / "config.json";
+    const auto config =
+        std::filesystem::is_directory(model) ? model / "config.json" : model.parent_path() / "config.json";
     if (!detail::path_exists(config)) return "";
     const std::string text = detail::read_text_file(config, max_adapter_config_size, "a model config");
-    const auto doc = detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(),
-                                                                      config.string());
+    const auto doc =
+        detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), config.string());
     const auto it = doc.is_object() ? doc.find("architectures") : doc.end();
     if (it == doc.end() || !it->is_array() || it->empty() || !(*it)[0].is_string()) return "";
     const std::string name = (*it)[0].get<std::string>();
@@ -154,8 +160,9 @@ inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, co
     c.base_model_name_or_path = std::filesystem::absolute(model).lexically_normal().string();
     c.target_modules = options.target_modules;
     c.target_regex = options.target_regex;
-    c.task_type = options.task_type.empty() ? infer_task_type(model)
-                                            : options.task_type == "none" ? std::string() : options.task_type;
+    c.task_type = options.task_type.empty()     ? infer_task_type(model)
+                  : options.task_type == "none" ? std::string()
+                                                : options.task_type;
     return c;
 }
 
@@ -198,11 +205,10 @@ namespace detail {
 inline void require_finite_split(const std::string& module, const std::string& file, const QualityReport& q,
                                  bool adapter_finite) {
     if (std::isfinite(q.residual_norm) && std::isfinite(q.weight_norm) && adapter_finite) return;
-    throw pissa::invalid_argument(file + ": module '" + module +
-                                  "': the split is not finite (||W||_F = " + std::to_string(q.weight_norm) +
-                                  ", ||W_res||_F = " + std::to_string(q.residual_norm) +
-                                  (adapter_finite ? "" : ", A or B non-finite") +
-                                  "): lora_alpha or the weight's magnitude is outside what the dtype can represent");
+    throw pissa::invalid_argument(
+        file + ": module '" + module + "': the split is not finite (||W||_F = " + std::to_string(q.weight_norm) +
+        ", ||W_res||_F = " + std::to_string(q.residual_norm) + (adapter_finite ? "" : ", A or B non-finite") +
+        "): lora_alpha or the weight's magnitude is outside what the dtype can represent");
 }
 
 }  // namespace detail
@@ -275,8 +281,8 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
                         q.weight_norm = W.template cast<double>().norm();
                         q.residual_norm = row.quant->qpissa_frobenius;
                         detail::require_finite_split(row.name, file.path().string(), q, finite);
-                        report.written.modules.push_back(
-                            {row.name, qpissa.adapter.A.template cast<float>(), qpissa.adapter.B.template cast<float>()});
+                        report.written.modules.push_back({row.name, qpissa.adapter.A.template cast<float>(),
+                                                          qpissa.adapter.B.template cast<float>()});
                         W = dequantize_nf4<float>(qpissa.base).template cast<Storage>();
                         return;
                     }

@@ -40,7 +40,7 @@ struct MergeCheckpointReport {
     std::vector<MergedModule> modules;  ///< in checkpoint order
     std::vector<std::string> skipped;   ///< adapter modules that target_modules does not select
     double seconds = 0;
-    std::string warning;                ///< see OutputFolder::warning
+    std::string warning;  ///< see OutputFolder::warning
 };
 
 /// Before each tensor of the checkpoint: its index, the count, the tensor. May throw to abort.
@@ -50,7 +50,7 @@ using MergeProgress = std::function<void(std::size_t index, std::size_t count, c
 /// tensor of the right shape, A, B and s are finite) and returns them by weight name.
 /// \throws pissa::invalid_argument naming the module and the model.
 inline std::map<std::string, const LoraModule*> merge_plan(const Checkpoint& model, const Adapter& adapter,
-                                                          std::vector<std::string>* skipped = nullptr) {
+                                                           std::vector<std::string>* skipped = nullptr) {
     const auto& config = adapter.config;
     const ModuleMatcher matcher(config);
     std::map<std::string, const LoraModule*> by_weight;
@@ -63,22 +63,22 @@ inline std::map<std::string, const LoraModule*> merge_plan(const Checkpoint& mod
         const std::string weight = m.name + ".weight";
         const TensorInfo* t = model.find(weight);
         if (!t)
-            throw pissa::invalid_argument(where + ": the adapter adapts '" + m.name + "' but the model has no tensor '" +
-                                          weight + "'");
+            throw pissa::invalid_argument(where + ": the adapter adapts '" + m.name +
+                                          "' but the model has no tensor '" + weight + "'");
         if (!is_float_matrix(*t)) throw pissa::invalid_argument(where + ": '" + weight + "' is not a 2-D float weight");
         const auto out_dim = static_cast<Index>(config.fan_in_fan_out ? t->shape[1] : t->shape[0]);
         const auto in_dim = static_cast<Index>(config.fan_in_fan_out ? t->shape[0] : t->shape[1]);
         if (m.A.cols() != in_dim || m.B.rows() != out_dim)
-            throw pissa::invalid_argument(
-                where + ": '" + weight + "' [" + std::to_string(t->shape[0]) + ", " + std::to_string(t->shape[1]) +
-                "] does not fit A [" + std::to_string(m.A.rows()) + ", " + std::to_string(m.A.cols()) + "] and B [" +
-                std::to_string(m.B.rows()) + ", " + std::to_string(m.B.cols()) + "]" +
-                (config.fan_in_fan_out ? " (fan_in_fan_out: stored [in, out])" : ""));
+            throw pissa::invalid_argument(where + ": '" + weight + "' [" + std::to_string(t->shape[0]) + ", " +
+                                          std::to_string(t->shape[1]) + "] does not fit A [" +
+                                          std::to_string(m.A.rows()) + ", " + std::to_string(m.A.cols()) + "] and B [" +
+                                          std::to_string(m.B.rows()) + ", " + std::to_string(m.B.cols()) + "]" +
+                                          (config.fan_in_fan_out ? " (fan_in_fan_out: stored [in, out])" : ""));
         const double s = matcher.scaling_for(m.name);
         if (!std::isfinite(s) || !m.A.allFinite() || !m.B.allFinite())
-            throw pissa::invalid_argument(where + ": module '" + m.name + "': " +
-                                          (std::isfinite(s) ? "A or B holds non-finite values"
-                                                            : "the scaling alpha / r is not finite"));
+            throw pissa::invalid_argument(
+                where + ": module '" + m.name +
+                "': " + (std::isfinite(s) ? "A or B holds non-finite values" : "the scaling alpha / r is not finite"));
         by_weight[weight] = &m;
     }
     return by_weight;
@@ -89,7 +89,8 @@ inline std::map<std::string, const LoraModule*> merge_plan(const Checkpoint& mod
 ///         a non-finite merged weight (naming the module), a refused output (io/output_folder.hpp);
 ///         format_error for malformed files; io_error when reading or writing fails; whatever
 ///         `progress` throws. Nothing is left at `out` unless the merge succeeds.
-inline MergeCheckpointReport merge_checkpoint(const std::filesystem::path& model, const std::filesystem::path& adapter_dir,
+inline MergeCheckpointReport merge_checkpoint(const std::filesystem::path& model,
+                                              const std::filesystem::path& adapter_dir,
                                               const std::filesystem::path& out, bool force,
                                               const MergeProgress& progress = {}) {
     const auto start = std::chrono::steady_clock::now();

@@ -77,8 +77,8 @@ inline std::string shortened(const std::string& s) { return s.size() <= 80 ? s :
 
 /// Checks a pattern's length and group nesting. \throws pissa::invalid_argument naming `what`.
 inline void check_pattern(const std::string& pattern, const std::string& what) {
-    pissa::detail::require(pattern.size() <= max_pattern_length, what, " '", shortened(pattern), "' has ", pattern.size(),
-                           " characters, over the limit of ", max_pattern_length);
+    pissa::detail::require(pattern.size() <= max_pattern_length, what, " '", shortened(pattern), "' has ",
+                           pattern.size(), " characters, over the limit of ", max_pattern_length);
     std::size_t depth = 0, deepest = 0;
     bool in_class = false;
     for (std::size_t i = 0; i < pattern.size(); ++i) {
@@ -155,14 +155,14 @@ struct AdapterConfig {
     Index r = 8;
     double lora_alpha = 8;
     double lora_dropout = 0.0;
-    std::vector<std::string> target_modules;  ///< suffix list (used when target_regex is empty)
-    std::string target_regex;                 ///< target_modules given as a string: a full-match regex
+    std::vector<std::string> target_modules;          ///< suffix list (used when target_regex is empty)
+    std::string target_regex;                         ///< target_modules given as a string: a full-match regex
     nlohmann::ordered_json init_lora_weights = true;  ///< true, false, "pissa", "pissa_niter_4", ...
     bool use_rslora = false;
     bool fan_in_fan_out = false;
     std::string bias = "none";
-    std::vector<std::pair<std::string, Index>> rank_pattern;   ///< in file order
-    std::vector<std::pair<std::string, double>> alpha_pattern;  ///< in file order
+    std::vector<std::pair<std::string, Index>> rank_pattern;          ///< in file order
+    std::vector<std::pair<std::string, double>> alpha_pattern;        ///< in file order
     nlohmann::ordered_json extra = nlohmann::ordered_json::object();  ///< other fields, kept as read
 
     /// True when peft would put a LoRA layer on the module (see the file comment).
@@ -204,9 +204,12 @@ public:
     explicit ModuleMatcher(const AdapterConfig& config)
         : m_suffixes(config.target_modules), m_r(config.r), m_alpha(config.lora_alpha), m_rslora(config.use_rslora) {
         if (!config.target_regex.empty())
-            m_target = std::make_unique<std::regex>(detail::compile_pattern(config.target_regex, "target_modules regex"));
-        for (const auto& [key, value] : config.rank_pattern) m_ranks.emplace_back(detail::compile_pattern_key(key), value);
-        for (const auto& [key, value] : config.alpha_pattern) m_alphas.emplace_back(detail::compile_pattern_key(key), value);
+            m_target =
+                std::make_unique<std::regex>(detail::compile_pattern(config.target_regex, "target_modules regex"));
+        for (const auto& [key, value] : config.rank_pattern)
+            m_ranks.emplace_back(detail::compile_pattern_key(key), value);
+        for (const auto& [key, value] : config.alpha_pattern)
+            m_alphas.emplace_back(detail::compile_pattern_key(key), value);
     }
     /// AdapterConfig::targets.
     bool targets(const std::string& module) const {
@@ -342,8 +345,9 @@ inline nlohmann::ordered_json to_json(const AdapterConfig& c) {
             j["alpha_pattern"][k] = v;
         }
     }
-    j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? nlohmann::ordered_json(nullptr)
-                                                                     : nlohmann::ordered_json(c.base_model_name_or_path);
+    j["base_model_name_or_path"] = c.base_model_name_or_path.empty()
+                                       ? nlohmann::ordered_json(nullptr)
+                                       : nlohmann::ordered_json(c.base_model_name_or_path);
     j["bias"] = c.bias;
     j["fan_in_fan_out"] = c.fan_in_fan_out;
     j["inference_mode"] = true;
@@ -449,8 +453,10 @@ inline Adapter read_adapter(const std::filesystem::path& dir) {
         (is_a ? m.A : m.B) = read_matrix<float>(file, t);
     }
     for (const auto& m : adapter.modules) {
-        if (m.A.size() == 0 && m.A.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'A'));
-        if (m.B.size() == 0 && m.B.rows() == 0) throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'B'));
+        if (m.A.size() == 0 && m.A.rows() == 0)
+            throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'A'));
+        if (m.B.size() == 0 && m.B.rows() == 0)
+            throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'B'));
         Index rank = 0;
         try {
             rank = matcher.rank_for(m.name);
@@ -498,7 +504,8 @@ inline std::vector<std::string> select_targets(const Checkpoint& model, const Ad
         }
     if (out.empty()) {
         std::string list;
-        for (const auto& [name, count] : available) list += (list.empty() ? "" : ", ") + name + " (" + std::to_string(count) + ")";
+        for (const auto& [name, count] : available)
+            list += (list.empty() ? "" : ", ") + name + " (" + std::to_string(count) + ")";
         std::string wanted;
         if (!config.target_regex.empty()) {
             wanted = "regex '" + config.target_regex + "'";
@@ -506,9 +513,9 @@ inline std::vector<std::string> select_targets(const Checkpoint& model, const Ad
             for (const auto& t : config.target_modules) wanted += (wanted.empty() ? "" : ",") + t;
             wanted = "target modules '" + wanted + "'";
         }
-        throw pissa::invalid_argument(model.root().string() + ": " + wanted +
-                                      " match no 2-D float weight; the model's weight modules are: " +
-                                      (list.empty() ? "(none)" : list));
+        throw pissa::invalid_argument(
+            model.root().string() + ": " + wanted +
+            " match no 2-D float weight; the model's weight modules are: " + (list.empty() ? "(none)" : list));
     }
     return out;
 }

@@ -163,7 +163,8 @@ public:
         const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
         const std::uint64_t first = (offset + page - 1) / page * page, last = (offset + length) / page * page;
         if (m_data && last > first)
-            ::madvise(const_cast<unsigned char*>(m_data) + first, static_cast<std::size_t>(last - first), MADV_DONTNEED);
+            ::madvise(const_cast<unsigned char*>(m_data) + first, static_cast<std::size_t>(last - first),
+                      MADV_DONTNEED);
     }
 
     /// Asks the kernel to start reading [offset, offset + length) into the page cache now
@@ -265,7 +266,8 @@ private:
         const std::uint64_t size = m_map.size();
         unsigned char length[8] = {};
         const auto first = static_cast<std::size_t>(std::min<std::uint64_t>(size, 8));
-        if (m_map.read(0, length, first, file) < first) throw io_error(file + ": the file got shorter while being opened");
+        if (m_map.read(0, length, first, file) < first)
+            throw io_error(file + ": the file got shorter while being opened");
         if (size < 8) return parse_safetensors_header(length, first, size, file);  // throws "truncated"
         std::uint64_t n = 0;
         for (int i = 7; i >= 0; --i) n = (n << 8) | length[i];
@@ -306,8 +308,9 @@ public:
                                    ": tensor name '", spec.name, "' is duplicated or reserved");
             TensorInfo info{spec.name, spec.dtype, spec.shape, offset, 0};
             std::uint64_t n = 1;
-            for (auto d : spec.shape) pissa::detail::require(detail::mul_overflow(n, d, n), m_path.string(), ": tensor '",
-                                                             spec.name, "': shape overflows");
+            for (auto d : spec.shape)
+                pissa::detail::require(detail::mul_overflow(n, d, n), m_path.string(), ": tensor '", spec.name,
+                                       "': shape overflows");
             pissa::detail::require(detail::mul_overflow(n, dtype_size(spec.dtype), n), m_path.string(), ": tensor '",
                                    spec.name, "': size overflows");
             info.end = offset + n;

@@ -168,8 +168,8 @@ struct has_container<T, std::void_t<typename T::Container>> : std::true_type {};
 
 /// What parse_json_strict() learnt about a document besides its content.
 struct JsonStats {
-    std::size_t depth = 0;             ///< deepest nesting of objects/arrays (0 for a scalar)
-    std::uint64_t indented_size = 0;   ///< upper bound on the size of doc.dump(2)
+    std::size_t depth = 0;            ///< deepest nesting of objects/arrays (0 for a scalar)
+    std::uint64_t indented_size = 0;  ///< upper bound on the size of doc.dump(2)
 };
 
 /// A SAX handler that builds the document itself (instead of nlohmann's callback parser, whose
@@ -321,8 +321,7 @@ inline SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, st
     for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];
     if (n > max_header_size)
         fail(file, "header length ", n, " exceeds the 100,000,000-byte limit of the safetensors format");
-    if (n > file_size - 8)
-        fail(file, "header length ", n, " runs past the end of the file (", file_size, " bytes)");
+    if (n > file_size - 8) fail(file, "header length ", n, " runs past the end of the file (", file_size, " bytes)");
     if (available - 8 < n) fail(file, "header not fully available (", available, " of ", 8 + n, " bytes)");
     const unsigned char* text = bytes + 8;
     std::size_t bad_at = 0;
@@ -336,8 +335,8 @@ inline SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, st
         fail(file, "header has a NUL byte at header offset ", static_cast<const unsigned char*>(nul) - text,
              "; the JSON may only be followed by whitespace (padding is spaces, 0x20)");
 
-    const auto doc = detail::parse_json_strict(reinterpret_cast<const char*>(text),
-                                               reinterpret_cast<const char*>(text + n), file);
+    const auto doc =
+        detail::parse_json_strict(reinterpret_cast<const char*>(text), reinterpret_cast<const char*>(text + n), file);
     if (!doc.is_object()) fail(file, "header is not a JSON object");
 
     SafetensorsHeader header;
@@ -361,8 +360,7 @@ inline SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, st
         if (!parse_dtype(dtype->get_ref<const std::string&>(), info.dtype))
             fail(file, "tensor '", name, "': unknown dtype '", dtype->get_ref<const std::string&>(), "'");
         const auto shape = entry.find("shape");
-        if (shape == entry.end() || !shape->is_array())
-            fail(file, "tensor '", name, "': missing 'shape' array");
+        if (shape == entry.end() || !shape->is_array()) fail(file, "tensor '", name, "': missing 'shape' array");
         for (const auto& d : *shape) {
             std::uint64_t dim = 0;
             if (!detail::json_u64(d, dim))

@@ -40,10 +40,14 @@ constexpr Dtype dtype_of() {
 template <class F>
 decltype(auto) visit_float_dtype(Dtype dtype, const std::string& what, F&& f) {
     switch (dtype) {
-        case Dtype::F32: return f(float{});
-        case Dtype::F64: return f(double{});
-        case Dtype::F16: return f(Eigen::half{});
-        case Dtype::BF16: return f(Eigen::bfloat16{});
+        case Dtype::F32:
+            return f(float{});
+        case Dtype::F64:
+            return f(double{});
+        case Dtype::F16:
+            return f(Eigen::half{});
+        case Dtype::BF16:
+            return f(Eigen::bfloat16{});
         default:
             throw pissa::invalid_argument(what + ": dtype " + std::string(dtype_name(dtype)) +
                                           " is not a float type (F32, F64, F16 or BF16)");
@@ -67,8 +71,8 @@ inline std::pair<Index, Index> matrix_shape(const TensorInfo& t, const std::stri
 template <class Storage>
 std::pair<Index, Index> stored_matrix_shape(const SafetensorsFile& file, const TensorInfo& t) {
     const auto shape = matrix_shape(t, file.path().string());
-    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name,
-                           "': stored as ", dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
+    pissa::detail::require(t.dtype == dtype_of<Storage>(), file.path().string(), ": tensor '", t.name, "': stored as ",
+                           dtype_name(t.dtype), ", not ", dtype_name(dtype_of<Storage>()));
     return shape;
 }
 
