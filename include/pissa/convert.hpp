@@ -15,6 +15,7 @@
 #pragma once
 
 #include <pissa/errors.hpp>
+#include <pissa/lora.hpp>
 #include <pissa/types.hpp>
 
 #include <Eigen/Core>
@@ -24,34 +25,37 @@
 
 namespace pissa {
 
-/// A plain LoRA pair, `A` `[r, in]` and `B` `[out, r]`.
-template <class Scalar>
-struct LoraPair {
-    Matrix<Scalar> A;  ///< [r, in]
-    Matrix<Scalar> B;  ///< [out, r]
-};
-
 /// The rank-2r LoRA `A' = [A; A0]`, `B' = [B, -B0]` of a trained PiSSA adapter (see the file
 /// comment); scaling unchanged when the hyper-parameters are converted by convert_lora_alpha().
 /// \param A   trained A `[r, in]`        \param B   trained B `[out, r]`
 /// \param A0  initial A `[r0, in]`       \param B0  initial B `[out, r0]` (r0 == r for peft adapters)
+/// The result's `scaling` is left 0: this form does not know `s` (the adapter overload keeps it).
 /// \throws pissa::invalid_argument when the shapes do not fit together (the message gives them all).
 template <class DA, class DB, class DA0, class DB0>
-LoraPair<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, const Eigen::MatrixBase<DB>& B,
-                                            const Eigen::MatrixBase<DA0>& A0, const Eigen::MatrixBase<DB0>& B0) {
+LoraAdapter<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, const Eigen::MatrixBase<DB>& B,
+                                               const Eigen::MatrixBase<DA0>& A0, const Eigen::MatrixBase<DB0>& B0) {
     using Scalar = typename DA::Scalar;
     static_assert(std::is_floating_point_v<Scalar>, "pissa_to_lora: adapters are float or double");
     detail::require(B.cols() == A.rows() && B0.cols() == A0.rows() && A.cols() == A0.cols() && B.rows() == B0.rows(),
                     "pissa_to_lora: shapes must be A [r, in], B [out, r], A0 [r0, in], B0 [out, r0]; got A [", A.rows(),
                     ", ", A.cols(), "], B [", B.rows(), ", ", B.cols(), "], A0 [", A0.rows(), ", ", A0.cols(),
                     "], B0 [", B0.rows(), ", ", B0.cols(), "]");
-    LoraPair<Scalar> out;
+    LoraAdapter<Scalar> out;
     out.A.resize(A.rows() + A0.rows(), A.cols());
     out.A.topRows(A.rows()) = A.template cast<Scalar>();
     out.A.bottomRows(A0.rows()) = A0.template cast<Scalar>();
     out.B.resize(B.rows(), B.cols() + B0.cols());
     out.B.leftCols(B.cols()) = B.template cast<Scalar>();
     out.B.rightCols(B0.cols()) = -B0.template cast<Scalar>();
+    return out;
+}
+
+/// The rank-2r LoRA of a trained adapter and its initial state, with the trained adapter's scaling
+/// (which the converted adapter keeps when its lora_alpha comes from convert_lora_alpha()).
+template <class Scalar>
+LoraAdapter<Scalar> pissa_to_lora(const LoraAdapter<Scalar>& trained, const LoraAdapter<Scalar>& initial) {
+    LoraAdapter<Scalar> out = pissa_to_lora(trained.A, trained.B, initial.A, initial.B);
+    out.scaling = trained.scaling;
     return out;
 }
 

@@ -5,7 +5,11 @@
 ///    pissa::invalid_argument, a std::invalid_argument, with a message naming the sizes.
 /// 2. A numerical failure (an Eigen decomposition that did not succeed) throws pissa::numerical_error.
 /// 3. A computation stopped on request (cancel.hpp) throws pissa::cancelled.
-/// 4. Internal invariants use PISSA_ASSERT, which defaults to assert() and may be redefined before
+/// 4. A malformed or unsupported file (safetensors, index, adapter config) throws
+///    pissa::io::format_error, a pissa::invalid_argument: bad input that happens to live in a file.
+/// 5. The operating system refusing a file operation (open, map, write, rename) throws
+///    pissa::io::io_error.
+/// 6. Internal invariants use PISSA_ASSERT, which defaults to assert() and may be redefined before
 ///    including any pissa header (the tests redefine it to throw).
 #pragma once
 
@@ -37,6 +41,23 @@ class cancelled : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
 };
+
+namespace io {
+
+/// A malformed or unsupported file (safetensors, index, adapter config). The message names the file
+/// and, where there is one, the tensor.
+class format_error : public pissa::invalid_argument {
+public:
+    using pissa::invalid_argument::invalid_argument;
+};
+
+/// Thrown when the operating system refuses a file operation (open, map, write, rename).
+class io_error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+}  // namespace io
 
 namespace detail {
 

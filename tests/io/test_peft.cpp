@@ -17,8 +17,8 @@ TEST_CASE("adapter folders use peft's key names, shapes and config fields") {
     adapter.config.target_modules = {"q_proj", "v_proj"};
     adapter.config.init_lora_weights = true;
     adapter.config.base_model_name_or_path = "tiny-llama";
-    adapter.modules.push_back({"model.layers.0.self_attn.q_proj", pissa_test::gaussian<float>(4, 12, 1),
-                               pissa_test::gaussian<float>(10, 4, 2)});
+    adapter.modules.push_back({{pissa_test::gaussian<float>(4, 12, 1), pissa_test::gaussian<float>(10, 4, 2)},
+                               "model.layers.0.self_attn.q_proj"});
     write_adapter(dir / "a", adapter);
 
     SafetensorsFile weights(dir / "a" / adapter_weights_name);
@@ -50,6 +50,7 @@ TEST_CASE("adapter folders use peft's key names, shapes and config fields") {
     CHECK(back.modules[0].B == adapter.modules[0].B);
     CHECK(back.config.r == 4);
     CHECK(back.config.scaling_for("model.layers.0.self_attn.q_proj") == doctest::Approx(4.0));
+    CHECK(back.modules[0].scaling == 4.0f);  // read_adapter fills each module's scaling from the config
 }
 
 TEST_CASE("unknown config fields are ignored on read and kept on rewrite; wrong types are refused") {
@@ -122,7 +123,7 @@ TEST_CASE("adapter files with foreign keys or wrong ranks are refused") {
     ScratchDir dir("peft-bad");
     Adapter a;
     a.config.r = 2;
-    a.modules.push_back({"m.q_proj", pissa_test::gaussian<float>(2, 5, 1), pissa_test::gaussian<float>(3, 2, 2)});
+    a.modules.push_back({{pissa_test::gaussian<float>(2, 5, 1), pissa_test::gaussian<float>(3, 2, 2)}, "m.q_proj"});
     write_adapter(dir / "a", a);
     // rank mismatch against the config
     detail::write_text_file(dir / "a" / adapter_config_name,
@@ -164,6 +165,12 @@ TEST_CASE_TEMPLATE("pissa_to_lora: merging the converted LoRA into W equals merg
     const pissa::Matrix<Scalar> wrong = W + static_cast<Scalar>(s) * (B * A + B0 * A0);
     CHECK(pissa_test::relative_error(wrong, via_pissa) > 0.1);
     CHECK_THROWS_AS(pissa::pissa_to_lora(A, B, A0.leftCols(3), B0), pissa::invalid_argument);
+    // The adapter form gives the same factors and keeps the trained adapter's scaling.
+    const pissa::LoraAdapter<Scalar> trained{A, B, static_cast<Scalar>(s)}, initial{A0, B0, static_cast<Scalar>(s)};
+    const auto kept = pissa::pissa_to_lora(trained, initial);
+    CHECK(kept.scaling == static_cast<Scalar>(s));
+    CHECK(kept.A == lora.A);
+    CHECK(kept.B == lora.B);
     CHECK(pissa::convert_lora_alpha(8.0, true) == doctest::Approx(8.0 * std::sqrt(2.0)));
 }
 
@@ -242,7 +249,8 @@ TEST_CASE("FIFOs as adapter files are refused, not waited on") {
     pissa_test::Watchdog watchdog(60);
     ScratchDir dir("peft-fifo");
     Adapter adapter;
-    adapter.modules.push_back({"m.q_proj", pissa_test::gaussian<float>(8, 6, 1), pissa_test::gaussian<float>(5, 8, 2)});
+    adapter.modules.push_back(
+        {{pissa_test::gaussian<float>(8, 6, 1), pissa_test::gaussian<float>(5, 8, 2)}, "m.q_proj"});
     write_adapter(dir / "a", adapter);
     write_adapter(dir / "b", adapter);
     std::filesystem::remove(dir / "a" / adapter_config_name);

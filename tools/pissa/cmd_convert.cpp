@@ -54,8 +54,7 @@ int cmd_convert(int argc, char** argv) {
         if (!m0) throw pissa::invalid_argument(initial_path.string() + ": no module '" + m.name + "'");
         if (m0->A.rows() != m.A.rows() || m0->A.cols() != m.A.cols() || m0->B.rows() != m.B.rows())
             throw pissa::invalid_argument("module '" + m.name + "': trained and initial A, B shapes differ");
-        auto lora = pissa::pissa_to_lora(m.A, m.B, m0->A, m0->B);
-        converted.modules.push_back({m.name, std::move(lora.A), std::move(lora.B)});
+        converted.modules.push_back({pissa::pissa_to_lora(m, *m0), m.name});
     }
     pissa::io::OutputFolder out(args.get("out"), args.has("force"), {initial_path, trained_path});
     pissa::io::write_adapter(out.path(), converted);

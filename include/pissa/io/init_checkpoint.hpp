@@ -281,8 +281,10 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
                         q.weight_norm = W.template cast<double>().norm();
                         q.residual_norm = row.quant->qpissa_frobenius;
                         detail::require_finite_split(row.name, file.path().string(), q, finite);
-                        report.written.modules.push_back({row.name, qpissa.adapter.A.template cast<float>(),
-                                                          qpissa.adapter.B.template cast<float>()});
+                        report.written.modules.push_back(
+                            {{qpissa.adapter.A.template cast<float>(), qpissa.adapter.B.template cast<float>(),
+                              static_cast<float>(qpissa.adapter.scaling)},
+                             row.name});
                         W = dequantize_nf4<float>(qpissa.base).template cast<Storage>();
                         return;
                     }
@@ -291,7 +293,8 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
                     detail::require_finite_split(row.name, file.path().string(), result.quality,
                                                  A.allFinite() && B.allFinite());
                     row.quality = result.quality;
-                    report.written.modules.push_back({row.name, std::move(A), std::move(B)});
+                    report.written.modules.push_back(
+                        {{std::move(A), std::move(B), static_cast<float>(result.scaling)}, row.name});
                 } catch (const pissa::io::format_error&) {
                     throw;
                 } catch (const pissa::invalid_argument& e) {

@@ -375,11 +375,10 @@ inline nlohmann::ordered_json to_json(const AdapterConfig& c) {
     return j;
 }
 
-/// One adapted module: its name (`model.layers.0.self_attn.q_proj`), A `[r, in]`, B `[out, r]`.
-struct LoraModule {
+/// One adapted module of an adapter file: a float32 LoraAdapter (`A [r, in]`, `B [out, r]`, the
+/// module's `scaling` from the config) and the module's name (`model.layers.0.self_attn.q_proj`).
+struct LoraModule : LoraAdapter<float> {
     std::string name;
-    Matrix<float> A;
-    Matrix<float> B;
 };
 
 /// An adapter folder in memory: config, modules (in file order) and the weights file's metadata.
@@ -448,11 +447,11 @@ inline Adapter read_adapter(const std::filesystem::path& dir) {
             throw format_error(weights_path.string() + ": tensor '" + key + "' must be a 2-D float tensor");
         const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - 14);
         auto [it, fresh] = index.emplace(module, adapter.modules.size());
-        if (fresh) adapter.modules.push_back({module, {}, {}});
+        if (fresh) adapter.modules.push_back({{}, module});
         LoraModule& m = adapter.modules[it->second];
         (is_a ? m.A : m.B) = read_matrix<float>(file, t);
     }
-    for (const auto& m : adapter.modules) {
+    for (auto& m : adapter.modules) {
         if (m.A.size() == 0 && m.A.rows() == 0)
             throw format_error(weights_path.string() + ": no " + lora_key(m.name, 'A'));
         if (m.B.size() == 0 && m.B.rows() == 0)
@@ -460,6 +459,7 @@ inline Adapter read_adapter(const std::filesystem::path& dir) {
         Index rank = 0;
         try {
             rank = matcher.rank_for(m.name);
+            m.scaling = static_cast<float>(matcher.scaling_for(m.name));
         } catch (const pissa::invalid_argument& e) {
             throw format_error(weights_path.string() + ": " + e.what());
         }

@@ -46,12 +46,6 @@ namespace pissa::io {
 
 static_assert(sizeof(void*) == 8, "pissa::io needs a 64-bit host");
 
-/// Thrown when the operating system refuses a file operation (open, map, write, rename).
-class io_error : public std::runtime_error {
-public:
-    using std::runtime_error::runtime_error;
-};
-
 namespace detail {
 
 inline std::string errno_text() { return std::strerror(errno); }

@@ -41,13 +41,6 @@
 
 namespace pissa::io {
 
-/// A malformed or unsupported file (safetensors, index, adapter config). The message names the file
-/// and, where there is one, the tensor.
-class format_error : public pissa::invalid_argument {
-public:
-    using pissa::invalid_argument::invalid_argument;
-};
-
 /// The reference implementation's cap on the header length (100 MB).
 inline constexpr std::uint64_t max_header_size = 100'000'000;
 
