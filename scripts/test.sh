@@ -2,8 +2,9 @@
 # Builds pissa and runs the whole test suite: the C++ tests (CTest), the benchmarks once on a tiny
 # filter, and the Python tests (pytest: the package, and peft / transformers / torch as the oracle).
 # Usage: scripts/test.sh              everything, Release build in build/release
-#        scripts/test.sh --sanitize   the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
-#                                     (build/sanitize: tests and the tool only)
+#        scripts/test.sh --sanitize   the C++ tests of the library (core, formats, experiment) under
+#                                     AddressSanitizer + UndefinedBehaviorSanitizer in build/sanitize; the
+#                                     tool and its end-to-end tests are built and run by the Release suite
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-deps.sh"
@@ -19,7 +20,8 @@ export OMP_WAIT_POLICY=PASSIVE
 if [[ "${1:-}" == "--sanitize" ]]; then
   build="$root/build/sanitize"
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DPISSA_SANITIZE=ON -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
-    -DPISSA_BUILD_EXAMPLES=OFF -DPISSA_BUILD_EXPERIMENTS=OFF -DPISSA_BUILD_BENCH=OFF "${launcher[@]}" >/dev/null
+    -DPISSA_BUILD_TOOLS=OFF -DPISSA_BUILD_EXAMPLES=OFF -DPISSA_BUILD_EXPERIMENTS=OFF -DPISSA_BUILD_BENCH=OFF \
+    "${launcher[@]}" >/dev/null
   cmake --build "$build" -j "$jobs"
   # The consumer projects are separate builds without sanitizers; the release run covers them.
   cd "$build" && exec ctest --output-on-failure -j "$jobs" --timeout 1200 -E "^consumer_"

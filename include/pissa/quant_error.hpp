@@ -13,12 +13,12 @@
 /// (float for float and 16-bit weights) and is summed in double.
 #pragma once
 
+#include <pissa/detail/bdcsvd.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/qpissa.hpp>
 #include <pissa/types.hpp>
 
 #include <Eigen/Core>
-#include <Eigen/SVD>
 
 #include <utility>
 

@@ -12,6 +12,7 @@
 /// iteration stalls above its tolerance), full otherwise.
 #pragma once
 
+#include <pissa/detail/bdcsvd.hpp>
 #include <pissa/detail/block_krylov.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
 #include <pissa/detail/validate.hpp>
@@ -19,8 +20,6 @@
 #include <pissa/errors.hpp>
 #include <pissa/svd_result.hpp>
 #include <pissa/types.hpp>
-
-#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>

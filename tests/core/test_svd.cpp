@@ -13,7 +13,7 @@ namespace {
 struct Shape {
     Index m, n;
 };
-const Shape kShapes[] = {{40, 40}, {60, 24}, {24, 60}};
+const Shape kSvdShapes[] = {{40, 40}, {60, 24}, {24, 60}};
 
 /// The singular values of a test matrix with a clear gap everywhere: 10, 9.5, 9, ...
 Vector<double> stepped_spectrum(Index k) {
@@ -59,7 +59,7 @@ void check_against_exact(const Matrix<S>& W, const pissa::SvdResult<S>& svd, con
 }  // namespace
 
 TEST_CASE_TEMPLATE("truncated_svd matches the exact decomposition on square, tall and wide shapes", S, float, double) {
-    for (const Shape shape : kShapes) {
+    for (const Shape shape : kSvdShapes) {
         const Index k = std::min(shape.m, shape.n);
         const Vector<double> sigma = stepped_spectrum(k);
         const Matrix<S> W = with_spectrum<S>(shape.m, shape.n, sigma, 7);

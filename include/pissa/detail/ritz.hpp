@@ -9,6 +9,7 @@
 /// the skinny-product kernels.
 #pragma once
 
+#include <pissa/detail/bdcsvd.hpp>
 #include <pissa/detail/cholesky_qr.hpp>
 #include <pissa/detail/serial_eigen.hpp>
 #include <pissa/detail/skinny_gemm.hpp>
@@ -16,8 +17,6 @@
 #include <pissa/detail/validate.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/types.hpp>
-
-#include <Eigen/SVD>
 
 namespace pissa::detail {
 
