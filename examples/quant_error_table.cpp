@@ -9,6 +9,7 @@
 //
 // Without arguments it runs a small smoke configuration (256 x 256, rank 16, T = 1 and 2).
 // Error = ||W - deq(Q) - s B A|| (Frobenius and nuclear), reduction = 1 - error / QLoRA error.
+// Exits 1 when a row breaks the paper's ordering of the Frobenius errors, QPiSSA < LoftQ < QLoRA.
 // The synthetic weights are NOT real LLM weights: a Gaussian bulk (std 0.02), six strong
 // directions (sigma_i = 3 * bulk edge / i), two outlier input channels (x6) and a few large entries.
 #include <pissa/quant.hpp>
@@ -107,6 +108,7 @@ int main(int argc, char** argv) {
         "| shape | rank | T | QLoRA F | LoftQ F (red.) | QPiSSA F (red.) | QLoRA nuc | LoftQ nuc (red.) | "
         "QPiSSA nuc (red.) |\n|---|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
+    bool ordered = true;
     for (const std::string& size : split(sizes, ',')) {
         const auto dims = split(size, 'x');
         if (dims.size() != 2) {
@@ -143,6 +145,11 @@ int main(int argc, char** argv) {
                 const Matrix<float> qpissa_error = pissa::quantization_error_matrix(w, qpissa);
                 const double loftq_f = loftq_error.cast<double>().norm();
                 const double qpissa_f = qpissa_error.cast<double>().norm();
+                if (!(qpissa_f < loftq_f && loftq_f < qlora_f)) {
+                    std::fprintf(stderr, "quant_error_table: %s rank %s T %s breaks QPiSSA < LoftQ < QLoRA\n",
+                                 size.c_str(), rank_text.c_str(), iter_text.c_str());
+                    ordered = false;
+                }
                 std::printf("| %s | %s | %s | %.4g | %.4g (%.1f%%) | %.4g (%.1f%%) |", size.c_str(), rank_text.c_str(),
                             iter_text.c_str(), qlora_f, loftq_f, 100 * pissa::error_reduction(loftq_f, qlora_f),
                             qpissa_f, 100 * pissa::error_reduction(qpissa_f, qlora_f));
@@ -161,5 +168,5 @@ int main(int argc, char** argv) {
             }
         }
     }
-    return 0;
+    return ordered ? 0 : 1;
 }

@@ -1,9 +1,9 @@
-#include <cstdio>
 #include <pissa/pissa.hpp>
+#include <cstdio>
 
 int main() {
     pissa::RowMatrix<float> W = pissa::RowMatrix<float>::Random(1024, 768);  // [out, in], e.g. a q_proj
-    pissa::PissaConfig config;                                               // peft's LoraConfig names
+    pissa::PissaConfig config;           // peft's LoraConfig names
     config.rank = 16;
     config.lora_alpha = 16;
     config.method = pissa::SvdMethod::randomized;  // "pissa_niter_4"; SvdMethod::exact is "pissa"

@@ -26,6 +26,15 @@
 
 namespace pissa_test {
 
+/// Whether this test program was compiled with OpenMP: the tests that compare thread counts are
+/// skipped without it (doctest reports them as skipped), and test_kernels checks that it was
+/// compiled with OpenMP wherever CMake found it.
+#ifdef _OPENMP
+inline constexpr bool built_with_openmp = true;
+#else
+inline constexpr bool built_with_openmp = false;
+#endif
+
 using pissa::Index;
 template <class S>
 using Matrix = pissa::Matrix<S>;

@@ -99,6 +99,48 @@ TEST_CASE_TEMPLATE("QPiSSA and LoftQ: more iterations never increase the error",
     }
 }
 
+TEST_CASE("QPiSSA and LoftQ with T = 3: the alternation recomputed independently") {
+    // The file comment's alternations, from Eigen's SVD and the NF4 round trip only, in double:
+    //   QPiSSA: target = W; per step: W_res = W - top_r(target), Q = nf4(W_res), target = W - deq(Q)
+    //   LoftQ:  res = W;    per step: Q = nf4(res), sBA = top_r(W - deq(Q)), res = W - sBA
+    // with error_t = ||W - deq(Q_t) - (sBA)_t||_F. NF4 codes could differ only for values within
+    // rounding of a bucket midpoint, which these seeds do not hit: the histories agree to rounding.
+    const Index rank = 5;
+    const Matrix<double> w = llm_like<double>(72, 56, 21);
+    auto top_r = [&](const Matrix<double>& x) {
+        Eigen::BDCSVD<Matrix<double>> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
+        return Matrix<double>(svd.matrixU().leftCols(rank) * svd.singularValues().head(rank).asDiagonal() *
+                              svd.matrixV().leftCols(rank).transpose());
+    };
+    auto round_trip = [](const Matrix<double>& x) { return pissa::dequantize_nf4<double>(pissa::quantize_nf4(x)); };
+    const QuantInitConfig config = config_with(rank, 3);
+    const auto qpissa = pissa::qpissa_init(w, config);
+    const auto loftq = pissa::loftq_init(w, config);
+    REQUIRE(qpissa.error_history.size() == 3);
+    REQUIRE(loftq.error_history.size() == 3);
+
+    Matrix<double> target = w, low_rank;
+    for (std::size_t t = 0; t < 3; ++t) {
+        low_rank = top_r(target);
+        const Matrix<double> deq = round_trip(w - low_rank);
+        CHECK(qpissa.error_history[t] == doctest::Approx((w - deq - low_rank).norm()).epsilon(1e-10));
+        target = w - deq;
+    }
+    const double s = config.pissa.scaling();
+    CHECK(pissa_test::relative_error(Matrix<double>(s * qpissa.adapter.B * qpissa.adapter.A), low_rank) < 1e-10);
+    CHECK(pissa_test::relative_error(pissa::dequantize_nf4<double>(qpissa.base), round_trip(w - low_rank)) < 1e-10);
+
+    Matrix<double> residual = w, deq;
+    for (std::size_t t = 0; t < 3; ++t) {
+        deq = round_trip(residual);
+        low_rank = top_r(w - deq);
+        CHECK(loftq.error_history[t] == doctest::Approx((w - deq - low_rank).norm()).epsilon(1e-10));
+        residual = w - low_rank;
+    }
+    CHECK(pissa_test::relative_error(Matrix<double>(s * loftq.adapter.B * loftq.adapter.A), low_rank) < 1e-10);
+    CHECK(pissa_test::relative_error(pissa::dequantize_nf4<double>(loftq.base), deq) < 1e-10);
+}
+
 TEST_CASE_TEMPLATE("QPiSSA beats QLoRA on every LLM-like test matrix, in both norms", T, float, double) {
     struct Case {
         Index m, n, rank;

@@ -6,6 +6,8 @@
 
 #include <Eigen/SVD>
 
+#include <cmath>
+
 using namespace pissa_test;
 
 namespace {
@@ -105,6 +107,39 @@ TEST_CASE("automatic picks block Krylov for small ranks of large matrices, full 
     CHECK_FALSE(pissa::detail::prefer_block_krylov(1024, 1024, 64));
     CHECK_FALSE(pissa::detail::prefer_block_krylov(4096, 4096, 1024));
     CHECK_FALSE(pissa::detail::prefer_block_krylov(100, 100, 2));
+}
+
+TEST_CASE("automatic on min(m, n) >= 256: the Krylov path, and the full SVD where Krylov stalls") {
+    // A spectrum with a gap after the kept rank: automatic takes block Krylov (a residual bound is
+    // measured, which the full SVD never reports) and lands on the full SVD's triplets.
+    Vector<double> sigma(280);
+    for (Index i = 0; i < sigma.size(); ++i) sigma(i) = i < 4 ? 10.0 - double(i) : std::pow(0.99, double(i));
+    const Matrix<double> W = with_spectrum<double>(300, 280, sigma, 17);
+    REQUIRE(pissa::detail::prefer_block_krylov(300, 280, 4));
+    pissa::ExactSvdOptions full_options;
+    full_options.algorithm = pissa::ExactSvdAlgorithm::full;
+    const auto full = pissa::truncated_svd(W, 4, full_options);
+    const auto krylov = pissa::truncated_svd(W, 4);
+    CHECK(krylov.report.converged);
+    CHECK(krylov.report.residual_bound > 0);
+    CHECK(relative_error(krylov.S, full.S) < 1e-12);
+    CHECK(relative_error(Matrix<double>(krylov.U * krylov.S.asDiagonal() * krylov.V.transpose()),
+                         Matrix<double>(full.U * full.S.asDiagonal() * full.V.transpose())) < 1e-10);
+    // Gaussian noise has no gap: two restarts do not reach the tolerance, and automatic (which
+    // promises the exact triplets) falls back to the full SVD, reporting the restarts it made.
+    const Matrix<double> noise = pissa_test::gaussian<double>(300, 280, 18);
+    pissa::ExactSvdOptions stalled;
+    stalled.max_iterations = 2;
+    const auto fallback = pissa::truncated_svd(noise, 4, stalled);
+    const auto direct = pissa::truncated_svd(noise, 4, full_options);
+    CHECK(fallback.report.converged);
+    CHECK(fallback.report.iterations == 2);
+    CHECK(fallback.S == direct.S);
+    CHECK(fallback.U == direct.U);
+    CHECK(fallback.V == direct.V);
+    // block_krylov itself, asked for the same, reports that it did not converge.
+    stalled.algorithm = pissa::ExactSvdAlgorithm::block_krylov;
+    CHECK_FALSE(pissa::truncated_svd(noise, 4, stalled).report.converged);
 }
 
 TEST_CASE_TEMPLATE("row-major maps, column-major matrices and expressions give the same triplets", S, float, double) {
