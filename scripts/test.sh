@@ -2,9 +2,10 @@
 # Builds pissa and runs the whole test suite: the C++ tests (CTest), the benchmarks once on a tiny
 # filter, and the Python tests (pytest: the package, and peft / transformers / torch as the oracle).
 # Usage: scripts/test.sh              everything, Release build in build/release
-#        scripts/test.sh --sanitize   the C++ tests of the library (core, formats, experiment) under
+#        scripts/test.sh --sanitize   the C++ tests of the library (core and formats) under
 #                                     AddressSanitizer + UndefinedBehaviorSanitizer in build/sanitize; the
-#                                     tool and its end-to-end tests are built and run by the Release suite
+#                                     tool, its end-to-end tests and the experiment's tests are built and
+#                                     run by the Release suite
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-deps.sh"
