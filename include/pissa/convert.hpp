@@ -29,11 +29,12 @@ namespace pissa {
 /// comment); scaling unchanged when the hyper-parameters are converted by convert_lora_alpha().
 /// \param A   trained A `[r, in]`        \param B   trained B `[out, r]`
 /// \param A0  initial A `[r0, in]`       \param B0  initial B `[out, r0]` (r0 == r for peft adapters)
-/// The result's `scaling` is left 0: this form does not know `s` (the adapter overload keeps it).
+/// \param scaling  the trained adapter's `s`, which the converted adapter keeps
 /// \throws pissa::invalid_argument when the shapes do not fit together (the message gives them all).
 template <class DA, class DB, class DA0, class DB0>
 LoraAdapter<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, const Eigen::MatrixBase<DB>& B,
-                                               const Eigen::MatrixBase<DA0>& A0, const Eigen::MatrixBase<DB0>& B0) {
+                                               const Eigen::MatrixBase<DA0>& A0, const Eigen::MatrixBase<DB0>& B0,
+                                               double scaling) {
     using Scalar = typename DA::Scalar;
     static_assert(std::is_floating_point_v<Scalar>, "pissa_to_lora: adapters are float or double");
     detail::require(B.cols() == A.rows() && B0.cols() == A0.rows() && A.cols() == A0.cols() && B.rows() == B0.rows(),
@@ -41,6 +42,7 @@ LoraAdapter<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, c
                     ", ", A.cols(), "], B [", B.rows(), ", ", B.cols(), "], A0 [", A0.rows(), ", ", A0.cols(),
                     "], B0 [", B0.rows(), ", ", B0.cols(), "]");
     LoraAdapter<Scalar> out;
+    out.scaling = static_cast<Scalar>(scaling);
     out.A.resize(A.rows() + A0.rows(), A.cols());
     out.A.topRows(A.rows()) = A.template cast<Scalar>();
     out.A.bottomRows(A0.rows()) = A0.template cast<Scalar>();
@@ -54,9 +56,7 @@ LoraAdapter<typename DA::Scalar> pissa_to_lora(const Eigen::MatrixBase<DA>& A, c
 /// (which the converted adapter keeps when its lora_alpha comes from convert_lora_alpha()).
 template <class Scalar>
 LoraAdapter<Scalar> pissa_to_lora(const LoraAdapter<Scalar>& trained, const LoraAdapter<Scalar>& initial) {
-    LoraAdapter<Scalar> out = pissa_to_lora(trained.A, trained.B, initial.A, initial.B);
-    out.scaling = trained.scaling;
-    return out;
+    return pissa_to_lora(trained.A, trained.B, initial.A, initial.B, trained.scaling);
 }
 
 /// lora_alpha for the rank-2r converted adapter: `2 a`, or `sqrt(2) a` with rsLoRA, so that the

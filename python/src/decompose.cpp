@@ -150,7 +150,8 @@ nb::tuple pissa_to_lora(const InArray& A, const InArray& B, const InArray& A0, c
         require_array<Scalar>(B, 2, "pissa_to_lora: B");
         require_array<Scalar>(A0, 2, "pissa_to_lora: A0");
         require_array<Scalar>(B0, 2, "pissa_to_lora: B0");
-        auto pair = pissa::pissa_to_lora(view<Scalar>(A), view<Scalar>(B), view<Scalar>(A0), view<Scalar>(B0));
+        // Python gets A and B only (its lora_alpha comes from convert_lora_alpha): any scaling will do.
+        auto pair = pissa::pissa_to_lora(view<Scalar>(A), view<Scalar>(B), view<Scalar>(A0), view<Scalar>(B0), 1.0);
         return nb::make_tuple(matrix_to_numpy(pair.A), matrix_to_numpy(pair.B));
     });
 }

@@ -151,7 +151,8 @@ TEST_CASE_TEMPLATE("pissa_to_lora: merging the converted LoRA into W equals merg
     const pissa::Matrix<Scalar> W_res = W - static_cast<Scalar>(s) * B0 * A0;
     const pissa::Matrix<Scalar> A = A0 + pissa_test::gaussian<Scalar>(r, in, 8) * Scalar(0.1);
     const pissa::Matrix<Scalar> B = B0 + pissa_test::gaussian<Scalar>(out, r, 9) * Scalar(0.1);
-    const auto lora = pissa::pissa_to_lora(A, B, A0, B0);
+    const auto lora = pissa::pissa_to_lora(A, B, A0, B0, s);
+    CHECK(lora.scaling == static_cast<Scalar>(s));
     CHECK(lora.A.rows() == 2 * r);
     CHECK(lora.B.cols() == 2 * r);
     const double s2 = pissa::convert_lora_alpha(16.0, false) / (2 * r);
@@ -164,7 +165,7 @@ TEST_CASE_TEMPLATE("pissa_to_lora: merging the converted LoRA into W equals merg
     // A wrong sign on B0 would leave the initial product in: the error is then O(1).
     const pissa::Matrix<Scalar> wrong = W + static_cast<Scalar>(s) * (B * A + B0 * A0);
     CHECK(pissa_test::relative_error(wrong, via_pissa) > 0.1);
-    CHECK_THROWS_AS(pissa::pissa_to_lora(A, B, A0.leftCols(3), B0), pissa::invalid_argument);
+    CHECK_THROWS_AS(pissa::pissa_to_lora(A, B, A0.leftCols(3), B0, s), pissa::invalid_argument);
     // The adapter form gives the same factors and keeps the trained adapter's scaling.
     const pissa::LoraAdapter<Scalar> trained{A, B, static_cast<Scalar>(s)}, initial{A0, B0, static_cast<Scalar>(s)};
     const auto kept = pissa::pissa_to_lora(trained, initial);
