@@ -3,7 +3,7 @@
 # Usage: scripts/install-deps.sh [--peers]   (--peers adds the peers of the benchmarks: torch, sklearn, Spectra)
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev zlib1g-dev
-          clang libclang-rt-14-dev clang-format dataset-fashion-mnist ccache doxygen)
+          clang libclang-rt-14-dev clang-format dataset-fashion-mnist ccache doxygen openmpi-bin)
 if [[ "${1:-}" == "--peers" ]]; then packages+=(python3-torch python3-sklearn python3-numpy libopenblas0-pthread libspectra-dev); fi
 missing=()
 for p in "${packages[@]}"; do

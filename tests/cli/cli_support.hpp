@@ -41,6 +41,14 @@ inline Run pissa_run(const ScratchDir& dir, const std::string& args) {
     return r;
 }
 
+/// Runs `sh -c` with `script` in `dir` (PISSA is the tool's path); returns the exit code.
+inline int shell(const ScratchDir& dir, const std::string& script) {
+    const std::string command = "cd '" + dir.path().string() + "' && PISSA='" + PISSA_TOOL + "' PISSA_CACHE_DIR='" +
+                                (dir / ".cache").string() + "' sh -c '" + script + "'";
+    const int status = std::system(command.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 inline const std::string small_llama = "--layers 2 --hidden 64 --intermediate 96 --vocab 128 --heads 4";
 
 inline std::string bytes_of(const Checkpoint& c, const std::string& name) {

@@ -7,18 +7,6 @@
 
 using namespace pissa_cli_test;
 
-namespace {
-
-/// Runs `sh -c` with `script` in `dir` (PISSA is the tool's path); returns the exit code.
-int shell(const ScratchDir& dir, const std::string& script) {
-    const std::string command = "cd '" + dir.path().string() + "' && PISSA='" + PISSA_TOOL + "' PISSA_CACHE_DIR='" +
-                                (dir / ".cache").string() + "' sh -c '" + script + "'";
-    const int status = std::system(command.c_str());
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-}  // namespace
-
 TEST_CASE("numbers are parsed strictly: no space, sign, hexadecimal, inf or trailing text") {
     ScratchDir dir("cli-numbers");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);

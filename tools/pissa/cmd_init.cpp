@@ -1,5 +1,6 @@
 // pissa init: split each target weight W into a PiSSA adapter (A, B) and the residual W - s B A
 // (pissa::io::init_checkpoint): OUT/ is the residual model, OUT/pissa_init/ the peft adapter.
+// pissa join: finish a job run in shards (pissa::io::join_init_checkpoint).
 #include "quant_report.hpp"
 #include "tool.hpp"
 
@@ -9,6 +10,119 @@
 #include <set>
 
 namespace pissa_tool {
+
+namespace {
+
+/// The summary of a job (or of this shard's part of it): a table or JSON on stdout.
+int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) {
+    const auto& meta = report.metadata;
+    auto meta_of = [&](const char* key) {
+        const auto it = meta.find(key);
+        return it == meta.end() ? std::string() : it->second;
+    };
+    const bool exact = meta_of("pissa.method") == "exact";
+    const bool fused = meta_of("pissa.fused_power_iteration") == "true";
+    const bool quantize = meta.count("pissa.quantize") > 0;
+    const std::string niter = meta_of("pissa.niter");
+    const double scaling = pissa::lora_scaling(report.config.lora_alpha, report.config.r, report.config.use_rslora);
+    std::vector<ModuleQuantErrors> errors;
+    for (const auto& m : report.modules)
+        if (m.quant)
+            errors.push_back({m.name, m.shape, m.quant->qlora_frobenius, m.quant->loftq_frobenius,
+                              m.quant->qpissa_frobenius, m.seconds});
+    const bool sharded = report.shard.count > 1 && report.shard.source != "join";
+    if (!report.warning.empty()) std::fprintf(stderr, "pissa init: warning: %s\n", report.warning.c_str());
+
+    if (json) {
+        nlohmann::ordered_json j;
+        j["command"] = report.shard.source == "join" ? "join" : "init";
+        j["model"] = report.model.string();
+        j["out"] = report.out.string();
+        j["adapter"] = report.adapter.string();
+        j["complete"] = report.complete;
+        j["already_complete"] = report.already_complete;
+        j["shard"] = {{"index", report.shard.index}, {"count", report.shard.count}, {"source", report.shard.source}};
+        j["waiting_for"] = report.waiting_for;
+        j["resumed_tensors"] = report.resumed_items;
+        j["method"] = exact ? "exact" : "randomized";
+        j["niter"] =
+            exact || niter.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(std::stoi(niter));
+        j["fused_power_iteration"] = fused;
+        j["seed"] = std::stoull(meta_of("pissa.seed").empty() ? "0" : meta_of("pissa.seed"));
+        j["rank"] = report.config.r;
+        j["lora_alpha"] = report.config.lora_alpha;
+        j["scaling"] = scaling;
+        j["use_rslora"] = report.config.use_rslora;
+        j["fan_in_fan_out"] = report.config.fan_in_fan_out;
+        j["seconds"] = report.seconds;
+        if (quantize) {
+            j["quantize"] = {{"format", "nf4"},
+                             {"quant_iters", std::stoi(meta_of("pissa.quant_iters"))},
+                             {"quant_block", std::stoll(meta_of("pissa.quant_block"))},
+                             {"norm", "fro"}};
+            add_quant_report(j, errors);
+            for (std::size_t i = 0; i < report.modules.size(); ++i) {
+                j["modules"][i]["rank"] = report.modules[i].rank;
+                j["modules"][i]["seed"] = report.modules[i].seed;
+            }
+        } else {
+            j["modules"] = nlohmann::ordered_json::array();
+            for (const auto& m : report.modules)
+                j["modules"].push_back({{"name", m.name},
+                                        {"shape", m.shape},
+                                        {"rank", m.rank},
+                                        {"energy_fraction", m.quality.adapter_energy_fraction},
+                                        {"weight_norm", m.quality.weight_norm},
+                                        {"residual_norm", m.quality.residual_norm},
+                                        {"seconds", m.seconds},
+                                        {"seed", m.seed}});
+        }
+        std::cout << j.dump(2) << std::endl;
+        return 0;
+    }
+    if (report.already_complete) {
+        std::printf("%s is complete with these options; nothing to do\n", report.out.string().c_str());
+        return 0;
+    }
+    if (quantize && !errors.empty()) {
+        print_quant_report(errors, "Frobenius");
+        std::printf(
+            "\nresidual written as dequantised NF4 (blocks of %s) after T = %s alternations; QLoRA and "
+            "LoftQ are the baselines on the same weights\n",
+            meta_of("pissa.quant_block").c_str(), meta_of("pissa.quant_iters").c_str());
+    } else if (!report.modules.empty()) {
+        std::vector<std::vector<std::string>> rows;
+        for (const auto& m : report.modules)
+            rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank),
+                            format("%.2f%%", 100 * m.quality.adapter_energy_fraction),
+                            format("%.4g", m.quality.residual_norm), format("%.4g", m.quality.weight_norm),
+                            format("%.3f s", m.seconds)});
+        print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
+    }
+    std::printf(
+        "\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %s, %.2f s\n", report.modules.size(),
+        static_cast<long long>(report.config.r), report.config.lora_alpha, scaling,
+        exact ? "exact SVD" : format("randomized SVD niter %s%s", niter.c_str(), fused ? " (fused)" : "").c_str(),
+        meta_of("pissa.seed").c_str(), report.seconds);
+    if (report.resumed_items > 0)
+        std::printf("resumed: %zu tensors were already done and verified\n", report.resumed_items);
+    if (sharded) {
+        std::printf("shard %llu of %llu (from %s) done\n", static_cast<unsigned long long>(report.shard.index),
+                    static_cast<unsigned long long>(report.shard.count), report.shard.source.c_str());
+        if (!report.complete) {
+            std::string waiting;
+            for (auto s : report.waiting_for) waiting += (waiting.empty() ? "" : ", ") + std::to_string(s);
+            std::printf("waiting for shards %s; the last to finish writes %s (or run: pissa join %s)\n",
+                        waiting.c_str(), report.out.string().c_str(), report.out.string().c_str());
+            return 0;
+        }
+    }
+    std::printf("residual model: %s\nadapter:        %s\n", report.out.string().c_str(),
+                report.adapter.string().c_str());
+    return 0;
+}
+
+}  // namespace
 
 int cmd_init(int argc, char** argv) {
     Args args("init", "[MODEL] --out DIR [options]",
@@ -38,6 +152,14 @@ int cmd_init(int argc, char** argv) {
         .option("threads", "N", "threads (0: all cores)", "0")
         .flag("force", "replace DIR if it exists")
         .flag("json", "print the summary as JSON on stdout instead of a table")
+        .option("shard", "K/N",
+                "do shard K of N (0 .. N-1) of the job: several processes or machines share one output\n"
+                "                           folder; the last to finish writes the output (or run pissa join DIR).\n"
+                "                           auto: K and N from the launcher (Slurm, Open MPI, PMI); auto/N: K from\n"
+                "                           JOB_COMPLETION_INDEX (Kubernetes Indexed Job) with N given")
+        .flag("resume",
+              "continue the job from its journal (after a crash or kill) instead of starting over; a\n"
+              "                           finished output with the same options is left alone (exit 0)")
         .option("quantize", "nf4",
                 "QPiSSA: the residual is written as deq(NF4(W - s B A)) in the model's dtype; the summary\n"
                 "                           compares the error ||W - deq(Q) - s B A||_F with QLoRA's and LoftQ's");
@@ -86,6 +208,9 @@ int cmd_init(int argc, char** argv) {
     if (model_path.empty()) model_path = builtin_model();
     if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");
 
+    if (args.has("shard")) options.shard = pissa::io::parse_shard(args.get("shard"));
+    options.resume = args.has("resume");
+
     Progress progress(stderr_is_tty() && !args.has("json"));
     std::uint64_t bytes_done = 0;
     pissa::io::InitCheckpointCallbacks callbacks;
@@ -93,83 +218,25 @@ int cmd_init(int argc, char** argv) {
         progress.update(i, n, t.name, bytes_done);
         bytes_done += t.nbytes();
     };
+    if (options.resume || options.shard.count > 1)
+        kept_work = pissa::io::WorkFolder(pissa::io::detail::resolved_path(args.get("out"))).path().string();
     const auto report = pissa::io::init_checkpoint(model_path, args.get("out"), options, callbacks);
     progress.finish();
-    if (!report.warning.empty()) std::fprintf(stderr, "pissa init: warning: %s\n", report.warning.c_str());
-    const double total = report.seconds;
-    std::vector<ModuleQuantErrors> errors;
-    for (const auto& m : report.modules)
-        if (m.quant)
-            errors.push_back({m.name, m.shape, m.quant->qlora_frobenius, m.quant->loftq_frobenius,
-                              m.quant->qpissa_frobenius, m.seconds});
+    return print_init_report(report, args.has("json"));
+}
 
-    if (args.has("json")) {
-        nlohmann::ordered_json j;
-        j["command"] = "init";
-        j["model"] = model_path.string();
-        j["out"] = report.out.string();
-        j["adapter"] = report.adapter.string();
-        j["method"] = exact ? "exact" : "randomized";
-        j["niter"] = exact ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(config.randomized.niter);
-        j["fused_power_iteration"] = config.randomized.fused_power_iteration;
-        j["seed"] = seed;
-        j["rank"] = config.rank;
-        j["lora_alpha"] = config.lora_alpha;
-        j["scaling"] = config.scaling();
-        j["use_rslora"] = config.use_rslora;
-        j["fan_in_fan_out"] = config.fan_in_fan_out;
-        j["seconds"] = total;
-        if (quantize) {
-            j["quantize"] = {{"format", "nf4"},
-                             {"quant_iters", quant_config.iterations},
-                             {"quant_block", quant_config.nf4.block_size},
-                             {"norm", "fro"}};
-            add_quant_report(j, errors);
-            for (std::size_t i = 0; i < report.modules.size(); ++i) {
-                j["modules"][i]["rank"] = report.modules[i].rank;
-                j["modules"][i]["seed"] = report.modules[i].seed;
-            }
-            std::cout << j.dump(2) << std::endl;
-            return 0;
-        }
-        j["modules"] = nlohmann::ordered_json::array();
-        for (const auto& m : report.modules)
-            j["modules"].push_back({{"name", m.name},
-                                    {"shape", m.shape},
-                                    {"rank", m.rank},
-                                    {"energy_fraction", m.quality.adapter_energy_fraction},
-                                    {"weight_norm", m.quality.weight_norm},
-                                    {"residual_norm", m.quality.residual_norm},
-                                    {"seconds", m.seconds},
-                                    {"seed", m.seed}});
-        std::cout << j.dump(2) << std::endl;
-        return 0;
-    }
-    if (quantize) {
-        print_quant_report(errors, "Frobenius");
-        std::printf(
-            "\nresidual written as dequantised NF4 (blocks of %lld) after T = %d alternations; QLoRA and "
-            "LoftQ are the baselines on the same weights\n",
-            static_cast<long long>(quant_config.nf4.block_size), quant_config.iterations);
-    } else {
-        std::vector<std::vector<std::string>> rows;
-        for (const auto& m : report.modules)
-            rows.push_back({m.name, shape_text(m.shape), std::to_string(m.rank),
-                            format("%.2f%%", 100 * m.quality.adapter_energy_fraction),
-                            format("%.4g", m.quality.residual_norm), format("%.4g", m.quality.weight_norm),
-                            format("%.3f s", m.seconds)});
-        print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
-    }
-    std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %llu, %.2f s\n", report.modules.size(),
-                static_cast<long long>(config.rank), config.lora_alpha, config.scaling(),
-                exact ? "exact SVD"
-                      : format("randomized SVD niter %d%s", config.randomized.niter,
-                               config.randomized.fused_power_iteration ? " (fused)" : "")
-                            .c_str(),
-                static_cast<unsigned long long>(seed), total);
-    std::printf("residual model: %s\nadapter:        %s\n", report.out.string().c_str(),
-                report.adapter.string().c_str());
-    return 0;
+int cmd_join(int argc, char** argv) {
+    Args args("join", "DIR [--json]",
+              "Finishes a pissa init job run in shards (--shard K/N) whose shards have all finished: joins\n"
+              "their parts into DIR, writes the index, the adapter DIR/pissa_init and the summary. The last\n"
+              "shard to finish does this itself; run it when that shard could not (it was killed while\n"
+              "joining). Safe to run again.");
+    args.positional("DIR", "the job's output folder (its work folder .DIR.pissa-work lies beside it)", true)
+        .flag("json", "print the summary as JSON on stdout instead of a table");
+    if (!args.parse(argc, argv)) return 0;
+    kept_work = pissa::io::WorkFolder(pissa::io::detail::resolved_path(args.pos(0))).path().string();
+    const auto report = pissa::io::join_init_checkpoint(args.pos(0));
+    return print_init_report(report, args.has("json"));
 }
 
 }  // namespace pissa_tool

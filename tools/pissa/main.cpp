@@ -1,5 +1,6 @@
 // pissa: the whole PiSSA lifecycle on safetensors checkpoints, without Python.
 //   pissa init [MODEL] --out DIR      residual model + peft adapter (DIR/pissa_init)
+//   pissa join DIR                                      finish a job run in shards (init --shard K/N)
 //   pissa convert --initial I --trained T --out OUT    trained PiSSA adapter -> rank-2r LoRA
 //   pissa merge MODEL ADAPTER --out OUT                 W + s B A for every adapted weight
 //   pissa inspect PATH                                  tensors of a checkpoint, or an adapter
@@ -37,6 +38,7 @@
 namespace pissa_tool {
 
 std::atomic<bool> interrupted{false};
+std::string kept_work;
 
 bool Args::parse(int argc, char** argv) {
     for (int i = 0; i < argc; ++i) {
@@ -308,6 +310,7 @@ void print_usage(std::FILE* out) {
                  "commands:\n"
                  "  init         split a model into a residual model and a PiSSA adapter (DIR/pissa_init);\n"
                  "               --quantize nf4 writes the NF4-quantised residual (QPiSSA)\n"
+                 "  join         finish a job run in shards (pissa init --shard K/N)\n"
                  "  convert      turn a trained PiSSA adapter into a rank-2r LoRA for the original model\n"
                  "  merge        write W + s B A for every weight an adapter adapts\n"
                  "  inspect      list a checkpoint's tensors, or an adapter's rank, alpha and norms\n"
@@ -338,7 +341,8 @@ int main(int argc, char** argv) {
     const std::pair<const char*, Command> commands[] = {
         {"init", pissa_tool::cmd_init},         {"convert", pissa_tool::cmd_convert},
         {"merge", pissa_tool::cmd_merge},       {"inspect", pissa_tool::cmd_inspect},
-        {"generate", pissa_tool::cmd_generate}, {"quant-error", pissa_tool::cmd_quant_error}};
+        {"generate", pissa_tool::cmd_generate}, {"quant-error", pissa_tool::cmd_quant_error},
+        {"join", pissa_tool::cmd_join}};
     for (const auto& [name, run] : commands) {
         if (command != name) continue;
         try {
@@ -350,11 +354,17 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "pissa %s: error: %s\n", name, e.what());
             return 2;
         } catch (const std::exception& e) {
+            const std::string kept =
+                pissa_tool::kept_work.empty() || !std::filesystem::exists(pissa_tool::kept_work)
+                    ? std::string()
+                    : "the work done so far is kept in " + pissa_tool::kept_work + "; rerun with --resume to continue";
             if (pissa_tool::interrupted) {
-                std::fprintf(stderr, "\npissa %s: interrupted; nothing written\n", name);
+                std::fprintf(stderr, "\npissa %s: interrupted; %s\n", name,
+                             kept.empty() ? "nothing written" : kept.c_str());
                 return 128 + (received_signal ? received_signal.load() : SIGINT);
             }
             std::fprintf(stderr, "pissa %s: internal error: %s\n", name, e.what());
+            if (!kept.empty()) std::fprintf(stderr, "pissa %s: %s\n", name, kept.c_str());
             return 1;
         }
     }

@@ -31,6 +31,10 @@ public:
 /// Set by SIGINT/SIGTERM; long loops check it and stop (the output guard then cleans up).
 extern std::atomic<bool> interrupted;
 
+/// Set by a command whose work folder outlives a failure (a resumable or sharded job): the error
+/// report then says where the work is kept instead of "nothing written".
+extern std::string kept_work;
+
 /// A small declarative argument parser: options (`--name VALUE` or `--name=VALUE`), flags, positionals.
 class Args {
 public:
@@ -130,6 +134,7 @@ fs::path builtin_model();
 
 // Subcommands: each takes argv after the subcommand name and returns the exit code.
 int cmd_init(int argc, char** argv);
+int cmd_join(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
 int cmd_merge(int argc, char** argv);
 int cmd_inspect(int argc, char** argv);

@@ -102,63 +102,131 @@ inline void remove_stale_temporaries(const std::filesystem::path& out) {
 
 }  // namespace detail
 
-/// The guard of one output folder; see the file comment.
-class OutputFolder {
-public:
-    /// Checks `out` against the rules of the file comment and creates the temporary folder (and
-    /// any missing parent folders, removed again if the run fails).
-    /// \param out the output folder (relative to the working directory, or absolute)
-    /// \param force replace `out` if it exists (only if it is a folder)
+/// An output folder checked against the rules of the file comment, before anything is written,
+/// and what its commit needs to know: whether it replaces a folder that was there, which one.
+struct OutputTarget {
+    std::filesystem::path out;  ///< absolute, symlinks resolved
+    bool force = false;         ///< may replace an existing folder
+    bool replaces = false;      ///< a folder was there when checked
+    dev_t old_device = 0;       ///< that folder's identity
+    ino_t old_inode = 0;
+    std::filesystem::path created_parent;  ///< the outermost parent folder created for it, if any
+
+    /// Checks `out` (see the file comment) and creates its missing parent folders.
     /// \param inputs files or folders the run reads (they must not overlap the output)
     /// \throws pissa::invalid_argument for a refused output, io_error when a folder cannot be created.
-    OutputFolder(const std::filesystem::path& out, bool force, const std::vector<std::filesystem::path>& inputs) {
+    OutputTarget(const std::filesystem::path& path, bool force_replace,
+                 const std::vector<std::filesystem::path>& inputs)
+        : force(force_replace) {
         namespace fs = std::filesystem;
-        if (out.empty()) throw pissa::invalid_argument("no output folder given");
-        m_out = detail::resolved_path(out);
+        if (path.empty()) throw pissa::invalid_argument("no output folder given");
+        out = detail::resolved_path(path);
         for (const auto& input : inputs) {
             const fs::path in = detail::resolved_path(input);
-            if (detail::path_within(m_out, in))
-                throw pissa::invalid_argument("refusing to write " + m_out.string() + " into the input " + in.string());
-            if (detail::path_within(in, m_out))
-                throw pissa::invalid_argument("refusing to replace " + m_out.string() + ": it contains the input " +
+            if (detail::path_within(out, in))
+                throw pissa::invalid_argument("refusing to write " + out.string() + " into the input " + in.string());
+            if (detail::path_within(in, out))
+                throw pissa::invalid_argument("refusing to replace " + out.string() + ": it contains the input " +
                                               in.string());
         }
         std::error_code ec;
         const fs::path cwd = fs::current_path(ec);
-        if (!ec && detail::path_within(detail::resolved_path(cwd), m_out))
-            throw pissa::invalid_argument("refusing to write " + m_out.string() +
+        if (!ec && detail::path_within(detail::resolved_path(cwd), out))
+            throw pissa::invalid_argument("refusing to write " + out.string() +
                                           ": it is the working directory or one of its parents");
         struct stat st {};
-        if (::lstat(m_out.c_str(), &st) == 0) {
-            if (!force) throw pissa::invalid_argument(m_out.string() + " already exists; pass --force to replace it");
+        if (::lstat(out.c_str(), &st) == 0) {
+            if (!force) throw pissa::invalid_argument(out.string() + " already exists; pass --force to replace it");
             if (!S_ISDIR(st.st_mode))
-                throw pissa::invalid_argument(m_out.string() + " exists and is not a folder; not replacing it");
-            m_replaces = true;
-            m_old_device = st.st_dev;
-            m_old_inode = st.st_ino;
+                throw pissa::invalid_argument(out.string() + " exists and is not a folder; not replacing it");
+            replaces = true;
+            old_device = st.st_dev;
+            old_inode = st.st_ino;
         }
-        m_force = force;
         // Parent folders: find the first missing one (to remove on failure), refuse a file on the way.
-        fs::path existing = m_out.parent_path();
+        fs::path existing = out.parent_path();
         std::vector<fs::path> missing;
         while (::stat(existing.c_str(), &st) != 0) {
             missing.push_back(existing);
             existing = existing.parent_path();
         }
         if (!S_ISDIR(st.st_mode))
-            throw pissa::invalid_argument("cannot create " + m_out.string() + ": " + existing.string() +
+            throw pissa::invalid_argument("cannot create " + out.string() + ": " + existing.string() +
                                           " is not a folder");
         if (!missing.empty()) {
-            fs::create_directories(m_out.parent_path(), ec);
-            if (ec) throw io_error(m_out.parent_path().string() + ": cannot create the folder: " + ec.message());
-            m_created_parent = missing.back();
+            fs::create_directories(out.parent_path(), ec);
+            if (ec) throw io_error(out.parent_path().string() + ": cannot create the folder: " + ec.message());
+            created_parent = missing.back();
         }
-        detail::remove_stale_temporaries(m_out);
-        std::random_device random;
-        m_tmp = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-tmp-" + detail::host_name() + "-" +
+    }
+
+    /// Moves the finished folder `from` into place as `out`; see the file comment for what it
+    /// refuses to replace. Returns a problem to report after success (the old output's leftovers), or "".
+    /// \throws pissa::invalid_argument when the output appeared or changed meanwhile (the other
+    ///         output is kept); io_error when a rename fails.
+    std::string commit(const std::filesystem::path& from) const {
+        namespace fs = std::filesystem;
+        fs::path old;
+        struct stat st {};
+        if (::lstat(out.c_str(), &st) == 0) {
+            const bool ours = replaces && st.st_dev == old_device && st.st_ino == old_inode;
+            if (!ours && !force)
+                throw pissa::invalid_argument(out.string() +
+                                              " appeared while this run was writing; leaving it as it is");
+            if (!S_ISDIR(st.st_mode))
+                throw pissa::invalid_argument(out.string() + " is no longer a folder; not replacing it");
+            std::random_device random;
+            old = out.parent_path() / ("." + out.filename().string() + ".pissa-old-" + detail::host_name() + "-" +
                                        std::to_string(::getpid()) + "-" + std::to_string(random() % 1000000));
+            if (::rename(out.c_str(), old.c_str()) != 0)
+                throw io_error(out.string() + ": cannot move the old output aside: " + std::strerror(errno));
+        }
+        if (detail::rename_no_replace(from, out) != 0) {
+            const int error = errno;
+            if (!old.empty()) ::rename(old.c_str(), out.c_str());
+            if (error == EEXIST || error == ENOTEMPTY)
+                throw pissa::invalid_argument(out.string() +
+                                              " appeared while this run was writing; leaving it as it is");
+            throw io_error(out.string() + ": cannot move the output into place: " + std::strerror(error));
+        }
+        if (old.empty()) return "";
+        std::error_code ec;
+        fs::remove_all(old, ec);
+        return ec ? "the new output is in place, but the old one could not be removed completely from " + old.string() +
+                        ": " + ec.message()
+                  : "";
+    }
+
+    /// Removes the parent folders created for the output, deepest first, while they are empty.
+    void remove_created_parents() const {
+        if (created_parent.empty()) return;
+        for (auto p = out.parent_path(); detail::path_within(p, created_parent); p = p.parent_path()) {
+            std::error_code ec;
+            if (!std::filesystem::remove(p, ec) || ec) break;
+            if (p == created_parent) break;
+        }
+    }
+};
+
+/// The guard of one output folder written in one go; see the file comment.
+class OutputFolder {
+public:
+    /// Checks `out` (OutputTarget) and creates the temporary folder beside it.
+    /// \param out the output folder (relative to the working directory, or absolute)
+    /// \param force replace `out` if it exists (only if it is a folder)
+    /// \param inputs files or folders the run reads (they must not overlap the output)
+    /// \throws pissa::invalid_argument for a refused output, io_error when a folder cannot be created.
+    OutputFolder(const std::filesystem::path& out, bool force, const std::vector<std::filesystem::path>& inputs)
+        : m_target(out, force, inputs) {
+        namespace fs = std::filesystem;
+        const fs::path& final_out = m_target.out;
+        detail::remove_stale_temporaries(final_out);
+        std::random_device random;
+        m_tmp = final_out.parent_path() / ("." + final_out.filename().string() + ".pissa-tmp-" + detail::host_name() +
+                                           "-" + std::to_string(::getpid()) + "-" + std::to_string(random() % 1000000));
+        std::error_code ec;
         if (!fs::create_directory(m_tmp, ec) || ec) {
-            remove_created_parents();
+            m_target.remove_created_parents();
             throw io_error(m_tmp.string() + ": cannot create the temporary output folder: " +
                            (ec ? ec.message() : std::string("it exists")));
         }
@@ -168,7 +236,7 @@ public:
         if (m_committed || m_tmp.empty()) return;
         std::error_code ec;
         std::filesystem::remove_all(m_tmp, ec);
-        remove_created_parents();
+        m_target.remove_created_parents();
     }
     OutputFolder(const OutputFolder&) = delete;
     OutputFolder& operator=(const OutputFolder&) = delete;
@@ -176,66 +244,20 @@ public:
     /// The temporary folder to write into.
     const std::filesystem::path& path() const { return m_tmp; }
     /// Where the output appears after commit() (absolute).
-    const std::filesystem::path& final_path() const { return m_out; }
+    const std::filesystem::path& final_path() const { return m_target.out; }
 
-    /// Moves the temporary folder into place; see the file comment for what it refuses to replace.
-    /// \throws pissa::invalid_argument when the output appeared or changed during the run (the
-    ///         temporary folder is removed, the other output kept); io_error when a rename fails.
+    /// Moves the temporary folder into place (OutputTarget::commit).
     void commit() {
-        namespace fs = std::filesystem;
-        fs::path old;
-        struct stat st {};
-        const bool exists_now = ::lstat(m_out.c_str(), &st) == 0;
-        if (exists_now) {
-            const bool ours = m_replaces && st.st_dev == m_old_device && st.st_ino == m_old_inode;
-            if (!ours && !m_force)
-                throw pissa::invalid_argument(m_out.string() +
-                                              " appeared while this run was writing; leaving it as it is");
-            if (!S_ISDIR(st.st_mode))
-                throw pissa::invalid_argument(m_out.string() + " is no longer a folder; not replacing it");
-            std::random_device random;
-            old = m_out.parent_path() / ("." + m_out.filename().string() + ".pissa-old-" + detail::host_name() + "-" +
-                                         std::to_string(::getpid()) + "-" + std::to_string(random() % 1000000));
-            if (::rename(m_out.c_str(), old.c_str()) != 0)
-                throw io_error(m_out.string() + ": cannot move the old output aside: " + std::strerror(errno));
-        }
-        if (detail::rename_no_replace(m_tmp, m_out) != 0) {
-            const int error = errno;
-            if (!old.empty()) ::rename(old.c_str(), m_out.c_str());
-            if (error == EEXIST || error == ENOTEMPTY)
-                throw pissa::invalid_argument(m_out.string() +
-                                              " appeared while this run was writing; leaving it as it is");
-            throw io_error(m_out.string() + ": cannot move the output into place: " + std::strerror(error));
-        }
+        m_warning = m_target.commit(m_tmp);
         m_committed = true;
-        if (!old.empty()) {
-            std::error_code ec;
-            fs::remove_all(old, ec);
-            if (ec)
-                m_warning = "the new output is in place, but the old one could not be removed completely from " +
-                            old.string() + ": " + ec.message();
-        }
     }
 
     /// After a successful commit: a problem the caller may report (the old output's leftovers), or "".
     const std::string& warning() const { return m_warning; }
 
 private:
-    void remove_created_parents() {
-        if (m_created_parent.empty()) return;
-        // Remove the folders this guard created, deepest first, only while they are empty.
-        for (auto p = m_out.parent_path(); detail::path_within(p, m_created_parent); p = p.parent_path()) {
-            std::error_code ec;
-            if (!std::filesystem::remove(p, ec) || ec) break;
-            if (p == m_created_parent) break;
-        }
-    }
-
-    std::filesystem::path m_out, m_tmp, m_created_parent;
-    bool m_force = false;
-    bool m_replaces = false;
-    dev_t m_old_device = 0;
-    ino_t m_old_inode = 0;
+    OutputTarget m_target;
+    std::filesystem::path m_tmp;
     bool m_committed = false;
     std::string m_warning;
 };

@@ -285,6 +285,29 @@ struct TensorSpec {
     std::vector<std::uint64_t> shape;
 };
 
+/// The tensors of a file written from `tensors` in order, packed without gaps from offset 0: what
+/// every writer of this library lays out, so that the same tensors always give the same bytes.
+/// \throws pissa::invalid_argument for a duplicate or reserved name or a size that overflows (naming `file`).
+inline std::vector<TensorInfo> packed_layout(const std::vector<TensorSpec>& tensors, const std::string& file) {
+    std::vector<TensorInfo> out;
+    std::uint64_t offset = 0;
+    std::map<std::string, int> seen;
+    for (const auto& spec : tensors) {
+        pissa::detail::require(spec.name != "__metadata__" && seen.emplace(spec.name, 0).second, file,
+                               ": tensor name '", spec.name, "' is duplicated or reserved");
+        TensorInfo info{spec.name, spec.dtype, spec.shape, offset, 0};
+        std::uint64_t n = 1;
+        for (auto d : spec.shape)
+            pissa::detail::require(detail::mul_overflow(n, d, n), file, ": tensor '", spec.name, "': shape overflows");
+        pissa::detail::require(detail::mul_overflow(n, dtype_size(spec.dtype), n), file, ": tensor '", spec.name,
+                               "': size overflows");
+        info.end = offset + n;
+        offset = info.end;
+        out.push_back(std::move(info));
+    }
+    return out;
+}
+
 /// Streams a safetensors file: header first, then each tensor's bytes in the declared order, into a
 /// temporary file beside `path` that commit() renames into place.
 class SafetensorsWriter {
@@ -294,23 +317,7 @@ public:
     ///         pissa::io::io_error when the file cannot be created.
     SafetensorsWriter(std::filesystem::path path, const std::vector<TensorSpec>& tensors,
                       const std::map<std::string, std::string>& metadata = {})
-        : m_path(std::move(path)) {
-        std::uint64_t offset = 0;
-        std::map<std::string, int> seen;
-        for (const auto& spec : tensors) {
-            pissa::detail::require(spec.name != "__metadata__" && seen.emplace(spec.name, 0).second, m_path.string(),
-                                   ": tensor name '", spec.name, "' is duplicated or reserved");
-            TensorInfo info{spec.name, spec.dtype, spec.shape, offset, 0};
-            std::uint64_t n = 1;
-            for (auto d : spec.shape)
-                pissa::detail::require(detail::mul_overflow(n, d, n), m_path.string(), ": tensor '", spec.name,
-                                       "': shape overflows");
-            pissa::detail::require(detail::mul_overflow(n, dtype_size(spec.dtype), n), m_path.string(), ": tensor '",
-                                   spec.name, "': size overflows");
-            info.end = offset + n;
-            offset = info.end;
-            m_tensors.push_back(std::move(info));
-        }
+        : m_path(std::move(path)), m_tensors(packed_layout(tensors, m_path.string())) {
         const std::string header = serialize_safetensors_header(m_tensors, metadata);
         std::string templ = (m_path.parent_path() / ("." + m_path.filename().string() + ".tmp-XXXXXX")).string();
         if (m_path.parent_path().empty()) templ = "." + m_path.filename().string() + ".tmp-XXXXXX";
