@@ -32,7 +32,7 @@ Nf4Tensor = _core.Nf4Tensor
 __all__ = [
     "__version__", "init", "randomized_svd", "truncated_svd", "lora_forward", "lora_scaling", "pissa_to_lora",
     "convert_lora_alpha", "module_seed", "quantize_nf4", "qlora_init", "loftq_init", "qpissa_init",
-    "init_checkpoint", "merge_checkpoint", "get_peft_model", "threads", "set_threads", "PissaSplit", "Svd",
+    "init_checkpoint", "join_checkpoint", "merge_checkpoint", "get_peft_model", "threads", "set_threads", "PissaSplit", "Svd",
     "Quality", "Convergence", "QuantizedInit", "Nf4Tensor", "CheckpointReport", "ModuleReport", "MergeReport",
     "MergedModule",
 ]
@@ -113,9 +113,13 @@ class CheckpointReport:
 
     out: str                 #: the residual model (absolute path)
     adapter: str             #: the adapter folder inside it
-    modules: Tuple[ModuleReport, ...]
+    modules: Tuple[ModuleReport, ...]  #: the whole job's when complete, else this shard's
     seconds: float
     warning: str             #: a non-fatal problem ("" when none)
+    complete: bool = True    #: the output is in place (False: a shard whose job is not finished)
+    waiting_for: Tuple[int, ...] = ()  #: shards not finished yet
+    resumed_tensors: int = 0  #: tensors a resume found done and verified
+    already_complete: bool = False  #: ``resume`` found the output complete; nothing was done
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,7 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
                     use_rslora: bool = False, fan_in_fan_out: bool = False, quantize: Optional[str] = None,
                     quant_iterations: int = 1, quant_block_size: int = 64, task_type: Optional[str] = None,
                     force: bool = False, adapter_folder: str = "pissa_init",
+                    shard: Union[None, str, Tuple[int, int]] = None, resume: bool = False,
                     progress: Optional[Callable[[int, int, str], None]] = None,
                     module_done: Optional[Callable[[ModuleReport], None]] = None) -> CheckpointReport:
     """PiSSA on every target weight of a checkpoint: what ``pissa init MODEL --out OUT`` does, by the
@@ -326,7 +331,13 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
             from the model's config.json (a bare encoder gets null).
         progress: called as ``progress(index, count, tensor_name)`` before each tensor.
         module_done: called with each decomposed module's ModuleReport.
+        shard: ``(k, n)`` or ``"k/n"``: do shard k of n of the job (several processes or machines
+            sharing ``out``; the last to finish writes it, or :func:`join_checkpoint`); ``"auto"``
+            / ``"auto/n"``: from the launcher's environment (Slurm, Open MPI, PMI, Kubernetes).
+        resume: continue the job from its journal after a crash instead of starting over; the work
+            folder ``.<out>.pissa-work`` beside ``out`` is then kept when the call fails.
         The other arguments are those of :func:`init`; module i uses seed ``module_seed(seed, i)``.
+        The result does not depend on the sharding or on resumes: the same bits as one run.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
@@ -335,12 +346,26 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
     method, niter = _method(method, niter)
     alpha = float(rank if lora_alpha is None else lora_alpha)
     done = None if module_done is None else (lambda d: module_done(_module_report(d)))
+    if isinstance(shard, tuple):
+        shard = f"{int(shard[0])}/{int(shard[1])}"
     d = _core.init_checkpoint(str(model), str(out), rank, alpha, use_rslora, method, niter, seed,
                               list(target_modules), target_regex or "", fan_in_fan_out, quantize is not None,
-                              quant_iterations, quant_block_size, task_type or "", force, adapter_folder, progress,
-                              done)
+                              quant_iterations, quant_block_size, task_type or "", force, adapter_folder, shard or "",
+                              resume, progress, done)
+    return _checkpoint_report(d)
+
+
+def join_checkpoint(out: PathType) -> CheckpointReport:
+    """Finishes a job run in shards (``init_checkpoint(..., shard=...)``) whose shards have all
+    finished but whose last shard could not join (it was killed while joining): what
+    ``pissa join OUT`` does. Raises ValueError naming the shards that have not finished."""
+    return _checkpoint_report(_core.join_checkpoint(str(out)))
+
+
+def _checkpoint_report(d: dict) -> CheckpointReport:
     return CheckpointReport(d["out"], d["adapter"], tuple(_module_report(m) for m in d["modules"]), d["seconds"],
-                            d["warning"])
+                            d["warning"], d["complete"], tuple(d["waiting_for"]), d["resumed_tensors"],
+                            d["already_complete"])
 
 
 def merge_checkpoint(model: PathType, adapter: PathType, out: PathType, *, force: bool = False,

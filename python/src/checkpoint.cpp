@@ -54,12 +54,30 @@ void call_back(const nb::object& callback, Args&&... args) {
     if (!callback.is_none()) callback(std::forward<Args>(args)...);
 }
 
+nb::dict init_report_dict(const pissa::io::InitCheckpointReport& report) {
+    nb::dict d;
+    d["out"] = report.out.string();
+    d["adapter"] = report.adapter.string();
+    nb::list modules;
+    for (const auto& m : report.modules) modules.append(module_dict(m));
+    d["modules"] = modules;
+    d["seconds"] = report.seconds;
+    d["warning"] = report.warning;
+    d["complete"] = report.complete;
+    d["already_complete"] = report.already_complete;
+    d["resumed_tensors"] = report.resumed_items;
+    nb::list waiting;
+    for (auto s : report.waiting_for) waiting.append(s);
+    d["waiting_for"] = waiting;
+    return d;
+}
+
 nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen::Index rank, double lora_alpha,
                          bool use_rslora, const std::string& method, int niter, std::uint64_t seed,
                          const std::vector<std::string>& target_modules, const std::string& target_regex,
                          bool fan_in_fan_out, bool quantize, int quant_iterations, Eigen::Index quant_block_size,
                          const std::string& task_type, bool force, const std::string& adapter_folder,
-                         nb::object progress, nb::object module_done) {
+                         const std::string& shard, bool resume, nb::object progress, nb::object module_done) {
     pissa::io::InitCheckpointOptions options;
     options.pissa.rank = rank;
     options.pissa.lora_alpha = lora_alpha;
@@ -81,6 +99,8 @@ nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen
     options.task_type = task_type;
     options.force = force;
     options.adapter_folder = adapter_folder;
+    if (!shard.empty()) options.shard = pissa::io::parse_shard(shard);
+    options.resume = resume;
 
     pissa::io::InitCheckpointCallbacks callbacks;
     callbacks.progress = [&](std::size_t i, std::size_t n, const pissa::io::TensorInfo& t) {
@@ -95,15 +115,16 @@ nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen
         nb::gil_scoped_release release;
         report = pissa::io::init_checkpoint(model, out, options, callbacks);
     }
-    nb::dict d;
-    d["out"] = report.out.string();
-    d["adapter"] = report.adapter.string();
-    nb::list modules;
-    for (const auto& m : report.modules) modules.append(module_dict(m));
-    d["modules"] = modules;
-    d["seconds"] = report.seconds;
-    d["warning"] = report.warning;
-    return d;
+    return init_report_dict(report);
+}
+
+nb::dict join_checkpoint(const std::string& out) {
+    pissa::io::InitCheckpointReport report;
+    {
+        nb::gil_scoped_release release;
+        report = pissa::io::join_init_checkpoint(out);
+    }
+    return init_report_dict(report);
 }
 
 nb::dict merge_checkpoint(const std::string& model, const std::string& adapter, const std::string& out, bool force,
@@ -139,8 +160,9 @@ void bind_checkpoint(nb::module_& m) {
     using namespace nb::literals;
     m.def("init_checkpoint", &init_checkpoint, "model"_a, "out"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a, "method"_a,
           "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "fan_in_fan_out"_a, "quantize"_a,
-          "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a, "adapter_folder"_a, "progress"_a.none(),
-          "module_done"_a.none());
+          "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a, "adapter_folder"_a, "shard"_a,
+          "resume"_a, "progress"_a.none(), "module_done"_a.none());
+    m.def("join_checkpoint", &join_checkpoint, "out"_a);
     m.def("merge_checkpoint", &merge_checkpoint, "model"_a, "adapter"_a, "out"_a, "force"_a, "progress"_a.none());
 }
 

@@ -81,8 +81,10 @@ TEST_CASE("init --shard auto under mpirun and from launcher variables") {
     // Slurm array tasks, ranks and Kubernetes Indexed Jobs, one process after another
     const std::vector<std::string> launchers = {"SLURM_ARRAY_TASK_ID=1 SLURM_ARRAY_TASK_MIN=1 SLURM_ARRAY_TASK_COUNT=2",
                                                 "SLURM_ARRAY_TASK_ID=2 SLURM_ARRAY_TASK_MIN=1 SLURM_ARRAY_TASK_COUNT=2",
-                                                "PMI_RANK=0 PMI_SIZE=2", "PMI_RANK=1 PMI_SIZE=2",
-                                                "SLURM_PROCID=1 SLURM_NTASKS=2", "SLURM_PROCID=0 SLURM_NTASKS=2"};
+                                                "PMI_RANK=0 PMI_SIZE=2",
+                                                "PMI_RANK=1 PMI_SIZE=2",
+                                                "SLURM_PROCID=1 SLURM_NTASKS=2",
+                                                "SLURM_PROCID=0 SLURM_NTASKS=2"};
     for (std::size_t i = 0; i < launchers.size(); i += 2) {
         const std::string out = "env" + std::to_string(i);
         CHECK(shell(dir, launchers[i] + " \"$PISSA\" init m --out " + out + " --rank 4 --shard auto > log 2>&1") == 0);
@@ -101,10 +103,39 @@ TEST_CASE("init --shard auto under mpirun and from launcher variables") {
     CHECK_FALSE(fs::exists(dir / ".none.pissa-work"));
 }
 
+TEST_CASE("the scale-out examples run: the Slurm array script, the mpirun script, the Indexed Job's command") {
+    ScratchDir dir("cli-examples");
+    REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
+    REQUIRE(pissa_run(dir, "init m --out single --rank 4 --targets q_proj,o_proj").code == 0);
+    const auto expected = files_under(dir / "single");
+    const std::string examples = PISSA_EXAMPLES "/scale-out/";
+    const std::string env = "MODEL=m PISSA=\"$PISSA\" OPTIONS=\"--rank 4 --targets q_proj,o_proj\" ";
+    // two array tasks, one after the other (the script's #SBATCH lines are comments to bash)
+    for (const char* task : {"4", "3"})
+        CHECK(shell(dir, env + "OUT=slurm SLURM_ARRAY_TASK_ID=" + task +
+                             " SLURM_ARRAY_TASK_MIN=3 SLURM_ARRAY_TASK_COUNT=2 SLURM_CPUS_PER_TASK=1 bash " + examples +
+                             "slurm-array.sbatch > log 2>&1") == 0);
+    CHECK(files_under(dir / "slurm") == expected);
+    CHECK(shell(dir, env + "OUT=mpi NP=3 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 bash " + examples +
+                         "mpirun.sh > log 2>&1") == 0);
+    CHECK(files_under(dir / "mpi") == expected);
+    // the Indexed Job's pods run `pissa init ... --shard auto/8 --resume` with JOB_COMPLETION_INDEX set
+    const std::string manifest = pissa_test::read_bytes(examples + "kubernetes-indexed-job.yaml");
+    CHECK(manifest.find("completionMode: Indexed") != std::string::npos);
+    CHECK(manifest.find("completions: 8") != std::string::npos);
+    CHECK(manifest.find("- auto/8") != std::string::npos);
+    for (int index = 7; index >= 0; --index)
+        CHECK(shell(dir, "JOB_COMPLETION_INDEX=" + std::to_string(index) +
+                             " \"$PISSA\" init m --out k8s --rank 4 --targets q_proj,o_proj --shard auto/8 --resume "
+                             "> log") == 0);
+    CHECK(files_under(dir / "k8s") == expected);
+}
+
 TEST_CASE("init --resume after SIGKILL at any moment: the bytes of an uninterrupted run") {
     ScratchDir dir("cli-kill");
-    REQUIRE(pissa_run(dir, "generate --out m --shards 2 --layers 2 --hidden 512 --intermediate 1024 --vocab 64 --heads 8")
-                .code == 0);
+    REQUIRE(
+        pissa_run(dir, "generate --out m --shards 2 --layers 2 --hidden 512 --intermediate 1024 --vocab 64 --heads 8")
+            .code == 0);
     const std::string options = "--rank 32 --exact --threads 1 --targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj";
     REQUIRE(pissa_run(dir, "init m --out single " + options).code == 0);
     const auto expected = files_under(dir / "single");

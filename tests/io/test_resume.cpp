@@ -19,23 +19,25 @@ namespace {
 /// layer an attention block of q/k/v (BF16), an MLP down projection and a norm; a config.json.
 void make_resume_model(const fs::path& dir, int files) {
     fs::create_directories(dir);
-    nlohmann::ordered_json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::ordered_json::object()}};
+    nlohmann::ordered_json index = {{"metadata", {{"total_size", 0}}},
+                                    {"weight_map", nlohmann::ordered_json::object()}};
     const int layers = 4;
     for (int f = 0; f < files; ++f) {
         std::vector<OwnedTensor> tensors;
         for (int layer = f * layers / files; layer < (f + 1) * layers / files; ++layer) {
             const std::string prefix = "model.layers." + std::to_string(layer) + ".";
             for (const char* proj : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"}) {
-                pissa::Matrix<float> W = pissa_test::gaussian<float>(40, 24 + 8 * (proj[0] == 'm'), 100 * layer + proj[10]);
+                pissa::Matrix<float> W =
+                    pissa_test::gaussian<float>(40, 24 + 8 * (proj[0] == 'm'), 100 * layer + proj[10]);
                 for (pissa::Index j = 0; j < W.cols(); ++j) W.col(j) *= std::pow(0.85f, static_cast<float>(j));
                 tensors.push_back(matrix_tensor(prefix + proj + ".weight", W, Dtype::BF16));
             }
             tensors.push_back({{prefix + "input_layernorm.weight", Dtype::F32, {24}},
                                pissa_test::random_bytes(96, static_cast<std::uint32_t>(layer))});
         }
-        const std::string name = files == 1 ? "model.safetensors"
-                                            : "model-0000" + std::to_string(f + 1) + "-of-0000" +
-                                                  std::to_string(files) + ".safetensors";
+        const std::string name =
+            files == 1 ? "model.safetensors"
+                       : "model-0000" + std::to_string(f + 1) + "-of-0000" + std::to_string(files) + ".safetensors";
         for (const auto& t : tensors) index["weight_map"][t.spec.name] = name;
         write_safetensors(dir / name, tensors, {{"format", "pt"}});
     }
@@ -113,7 +115,11 @@ TEST_CASE("init_checkpoint --resume: stopped anywhere, resumed, the same bytes; 
     };
     int modules_seen = 0;
     const std::vector<Stop> stops = {
-        {"before the first module", [](InitCheckpointCallbacks& c) { c.progress = [](std::size_t, std::size_t, const TensorInfo&) { throw Killed(); }; }, false},
+        {"before the first module",
+         [](InitCheckpointCallbacks& c) {
+             c.progress = [](std::size_t, std::size_t, const TensorInfo&) { throw Killed(); };
+         },
+         false},
         {"mid-module (split and adapter saved, residual not written)",
          [&](InitCheckpointCallbacks& c) {
              c.module_done = [&](const ModuleReport&) {
@@ -167,6 +173,25 @@ TEST_CASE("init_checkpoint --resume: stopped anywhere, resumed, the same bytes; 
         CHECK(again.already_complete);
         CHECK(tree(out) == expected);
     }
+}
+
+TEST_CASE("init_checkpoint --resume: killed between the final rename and the clean-up") {
+    ScratchDir dir("resume-renamed");
+    make_resume_model(dir / "model", 1);
+    auto o = resume_options();
+    o.resume = true;
+    const fs::path out = dir / "out", work = work_of(out);
+    InitCheckpointCallbacks stop;
+    stop.joining = [](std::size_t i, std::size_t n, const std::string&) {
+        if (i == n) throw Killed();
+    };
+    CHECK_THROWS_AS(init_checkpoint(dir / "model", out, o, stop), Killed);
+    fs::rename(work / "out", out);  // the rename happened, the work folder's removal did not
+    const auto expected = tree(out);
+    const auto report = init_checkpoint(dir / "model", out, o);
+    CHECK(report.already_complete);
+    CHECK_FALSE(fs::exists(work));
+    CHECK(tree(out) == expected);
 }
 
 TEST_CASE("init_checkpoint --resume: a damaged journal record, part or piece is found and redone") {
@@ -270,8 +295,8 @@ TEST_CASE("init_checkpoint: resumes and shards with other options are refused; a
     CHECK(init_checkpoint(dir / "model", out, o).already_complete);
     other = o;
     other.pissa.lora_alpha = 16;
-    CHECK_THROWS_WITH_AS(init_checkpoint(dir / "model", out, other), doctest::Contains("complete output of other options"),
-                         pissa::invalid_argument);
+    CHECK_THROWS_WITH_AS(init_checkpoint(dir / "model", out, other),
+                         doctest::Contains("complete output of other options"), pissa::invalid_argument);
     CHECK(tree(out) == expected);
     CHECK_THROWS_WITH_AS(join_init_checkpoint(out), doctest::Contains("no job to join"), pissa::invalid_argument);
 
@@ -302,10 +327,8 @@ TEST_CASE("join_init_checkpoint: finishes a job whose last shard did not join, a
             callbacks.joining = [](std::size_t i, std::size_t, const std::string&) {
                 if (i == 1) throw Killed();
             };
-        if (k < 2)
-            init_checkpoint(dir / "model", out, o);
-        else
-            CHECK_THROWS_AS(init_checkpoint(dir / "model", out, o, callbacks), Killed);
+        if (k < 2) init_checkpoint(dir / "model", out, o);
+        else CHECK_THROWS_AS(init_checkpoint(dir / "model", out, o, callbacks), Killed);
     }
     // simulate a half-extended part: bytes appended past its recorded size are cut back
     const fs::path work = work_of(out);

@@ -43,15 +43,15 @@ TEST_CASE("parse_shard: K/N, and refusals that name the value") {
 
 TEST_CASE("parse_shard auto: the launchers' variables") {
     // Slurm job array (ids need not start at 0)
-    CHECK(shard_of("auto", {{"SLURM_ARRAY_TASK_ID", "5"}, {"SLURM_ARRAY_TASK_MIN", "3"}, {"SLURM_ARRAY_TASK_COUNT", "4"}}) ==
+    CHECK(shard_of("auto",
+                   {{"SLURM_ARRAY_TASK_ID", "5"}, {"SLURM_ARRAY_TASK_MIN", "3"}, {"SLURM_ARRAY_TASK_COUNT", "4"}}) ==
           ShardSpec{2, 4, ""});
     CHECK(shard_of("auto", {{"SLURM_ARRAY_TASK_ID", "1"}, {"SLURM_ARRAY_TASK_COUNT", "2"}}).source ==
           "SLURM_ARRAY_TASK_ID");
     // an array whose tasks each run several ranks: array index x ranks + rank
-    const auto both = shard_of("auto", {{"SLURM_ARRAY_TASK_ID", "1"},
-                                        {"SLURM_ARRAY_TASK_COUNT", "3"},
-                                        {"SLURM_PROCID", "1"},
-                                        {"SLURM_NTASKS", "2"}});
+    const auto both = shard_of(
+        "auto",
+        {{"SLURM_ARRAY_TASK_ID", "1"}, {"SLURM_ARRAY_TASK_COUNT", "3"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}});
     CHECK(both == ShardSpec{3, 6, ""});
     CHECK(both.source == "SLURM_ARRAY_TASK_ID x SLURM_PROCID");
     // MPI ranks win over Slurm's task id (mpirun inside an allocation)
@@ -114,7 +114,8 @@ TEST_CASE("Checksum: independent of how the bytes are split, sensitive to every 
     whole.update(bytes.data(), bytes.size());
     for (std::size_t step : {1, 3, 31, 32, 33, 500}) {
         Checksum pieces;
-        for (std::size_t at = 0; at < bytes.size(); at += step) pieces.update(bytes.data() + at, std::min(step, bytes.size() - at));
+        for (std::size_t at = 0; at < bytes.size(); at += step)
+            pieces.update(bytes.data() + at, std::min(step, bytes.size() - at));
         CHECK(pieces.value() == whole.value());
     }
     for (std::size_t i : {0, 31, 32, 500, 999}) {

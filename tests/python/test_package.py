@@ -260,6 +260,46 @@ def test_checkpoint_job_reports_and_aborts_cleanly(tiny_llama, tmp_path):
         pissa.init_checkpoint(tmp_path / "missing.safetensors", tmp_path / "x")
 
 
+def test_checkpoint_job_in_shards_and_resumed_is_the_single_run(tiny_llama, tmp_path):
+    """A transformers-saved sharded checkpoint: shards (in any order) and a run interrupted and
+    resumed give the bytes of one run; the work folder is kept for the resume, removed at the end."""
+    model = tiny_llama(max_shard_size="40KB")
+    single = pissa.init_checkpoint(model, tmp_path / "single", rank=4, target_modules=LLAMA_TARGETS, seed=5)
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+    first = pissa.init_checkpoint(model, tmp_path / "sharded", rank=4, target_modules=LLAMA_TARGETS, seed=5,
+                                  shard=(2, 3))
+    assert not first.complete and first.waiting_for == (0, 1)
+    assert pissa.init_checkpoint(model, tmp_path / "sharded", rank=4, target_modules=LLAMA_TARGETS, seed=5,
+                                 shard="0/3").waiting_for == (1,)
+    with pytest.raises(ValueError, match="shards 1 of 3 have not finished"):
+        pissa.join_checkpoint(tmp_path / "sharded")
+    last = pissa.init_checkpoint(model, tmp_path / "sharded", rank=4, target_modules=LLAMA_TARGETS, seed=5,
+                                 shard=(1, 3))
+    assert last.complete and len(last.modules) == len(single.modules)
+    assert files(tmp_path / "sharded") == files(tmp_path / "single")
+
+    def interrupt(i, n, name):
+        if i == n // 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        pissa.init_checkpoint(model, tmp_path / "resumed", rank=4, target_modules=LLAMA_TARGETS, seed=5, resume=True,
+                              progress=interrupt)
+    assert (tmp_path / ".resumed.pissa-work").is_dir()
+    resumed = pissa.init_checkpoint(model, tmp_path / "resumed", rank=4, target_modules=LLAMA_TARGETS, seed=5,
+                                    resume=True)
+    assert resumed.complete and resumed.resumed_tensors > 0
+    assert files(tmp_path / "resumed") == files(tmp_path / "single")
+    assert not (tmp_path / ".resumed.pissa-work").exists()
+    again = pissa.init_checkpoint(model, tmp_path / "resumed", rank=4, target_modules=LLAMA_TARGETS, seed=5,
+                                  resume=True)
+    assert again.already_complete
+    with pytest.raises(ValueError, match="other options"):
+        pissa.init_checkpoint(model, tmp_path / "resumed", rank=4, target_modules=LLAMA_TARGETS, seed=6, resume=True)
+
+
 def test_merge_is_the_cli_bit_for_bit(pissa_tool, tiny_llama, tmp_path):
     model = tiny_llama()
     init = pissa.init_checkpoint(model, tmp_path / "init", rank=4, method="exact")

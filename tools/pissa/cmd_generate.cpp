@@ -62,8 +62,10 @@ std::vector<Planned> plan(const GenerateOptions& o, Dtype dtype) {
     for (int l = 0; l < o.layers; ++l) {
         const std::string b = "model.layers." + std::to_string(l) + ".";
         add(b + "input_layernorm.weight", {H}, Planned::norm);
+        const std::uint64_t kv =
+            o.kv_heads > 0 ? H / static_cast<std::uint64_t>(o.heads) * static_cast<std::uint64_t>(o.kv_heads) : H;
         for (const char* m : {"q_proj", "k_proj", "v_proj", "o_proj"})
-            add(b + "self_attn." + m + ".weight", {H, H}, Planned::projection);
+            add(b + "self_attn." + m + ".weight", {m[0] == 'k' || m[0] == 'v' ? kv : H, H}, Planned::projection);
         add(b + "post_attention_layernorm.weight", {H}, Planned::norm);
         add(b + "mlp.gate_proj.weight", {I, H}, Planned::projection);
         add(b + "mlp.up_proj.weight", {I, H}, Planned::projection);
@@ -166,7 +168,7 @@ void generate_model(const fs::path& dir, const GenerateOptions& o, bool show_pro
                   {"intermediate_size", o.intermediate},
                   {"num_hidden_layers", o.layers},
                   {"num_attention_heads", o.heads},
-                  {"num_key_value_heads", o.heads},
+                  {"num_key_value_heads", o.kv_heads > 0 ? o.kv_heads : o.heads},
                   {"vocab_size", o.vocab},
                   {"max_position_embeddings", 2048},
                   {"rms_norm_eps", 1e-5},
@@ -206,6 +208,10 @@ int cmd_generate(int argc, char** argv) {
         .option("hidden", "N", "hidden size", "512")
         .option("intermediate", "N", "MLP size (llama)", "1376")
         .option("heads", "N", "attention heads", "8")
+        .option("kv-heads", "N",
+                "key/value heads (grouped-query attention, llama: k_proj and v_proj are\n"
+                "                           [hidden / heads x N, hidden])",
+                "heads")
         .option("vocab", "N", "vocabulary size", "2048")
         .option("dtype", "T", "BF16, F16, F32 or F64", "BF16")
         .option("shards", "N", "number of shard files (>1 writes model.safetensors.index.json)", "1")
@@ -218,6 +224,11 @@ int cmd_generate(int argc, char** argv) {
     o.hidden = static_cast<int>(args.get_int("hidden", 8, 65536));
     o.intermediate = static_cast<int>(args.get_int("intermediate", 8, 262144));
     o.heads = static_cast<int>(args.get_int("heads", 1, 1024));
+    if (args.has("kv-heads")) {
+        o.kv_heads = static_cast<int>(args.get_int("kv-heads", 1, 1024));
+        if (o.hidden % o.heads != 0 || o.heads % o.kv_heads != 0)
+            throw UsageError("--kv-heads needs --heads dividing --hidden and --kv-heads dividing --heads");
+    }
     o.vocab = static_cast<int>(args.get_int("vocab", 8, 1 << 20));
     o.shards = static_cast<int>(args.get_int("shards", 1, 1000));
     o.dtype = args.get("dtype");

@@ -148,6 +148,7 @@ struct GenerateOptions {
     int hidden = 512;
     int intermediate = 1376;
     int heads = 8;
+    int kv_heads = 0;  ///< key/value heads (grouped-query attention, llama); 0: as many as heads
     int vocab = 2048;
     int shards = 1;
     std::string dtype = "BF16";

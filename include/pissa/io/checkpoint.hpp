@@ -53,10 +53,7 @@ namespace detail {
 /// \throws pissa::io::format_error for a non-regular or oversized file, io_error when reading fails.
 inline std::string read_text_file(const std::filesystem::path& path, std::uint64_t max_size, const char* what) {
     const int fd = open_regular_file(path);
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{fd};
+    const detail::FdCloser closer{fd};
     struct stat st {};
     if (::fstat(fd, &st) != 0) throw io_error(path.string() + ": cannot stat: " + errno_text());
     const auto size = static_cast<std::uint64_t>(st.st_size);

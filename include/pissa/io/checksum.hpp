@@ -106,4 +106,14 @@ inline Checksum checksum_of_range(int fd, std::uint64_t offset, std::uint64_t si
     return sum;
 }
 
+/// The checksum of a whole regular file, as 16 hex digits (Checksum::hex).
+/// \throws format_error when it is not a readable regular file; io_error when reading fails.
+inline std::string checksum_of_file(const std::filesystem::path& path) {
+    const int fd = detail::open_regular_file(path);
+    const detail::FdCloser closer{fd};
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) throw io_error(path.string() + ": cannot stat: " + detail::errno_text());
+    return checksum_of_range(fd, 0, static_cast<std::uint64_t>(st.st_size), path.string()).hex();
+}
+
 }  // namespace pissa::io

@@ -372,17 +372,6 @@ inline std::filesystem::path piece_path(const WorkFolder& work, std::size_t i) {
     return work.pieces() / name;
 }
 
-inline std::string file_checksum(const std::filesystem::path& path) {
-    const int fd = open_regular_file(path);
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{fd};
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) throw io_error(path.string() + ": cannot stat: " + errno_text());
-    return checksum_of_range(fd, 0, static_cast<std::uint64_t>(st.st_size), path.string()).hex();
-}
-
 /// The modules' reports of pieces [from, to) of a job, read back from their files.
 inline std::vector<ModuleReport> read_piece_reports(const WorkFolder& work, std::size_t from, std::size_t to) {
     std::vector<ModuleReport> out;
@@ -552,17 +541,6 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
     report.adapter = report.out / options.adapter_folder;
     const WorkFolder work(report.out);
     report.work = work.path();
-    if (options.resume && !work.exists() &&
-        detail::output_matches(report.out, options.adapter_folder, config, metadata)) {
-        report.complete = report.already_complete = true;
-        report.seconds = seconds_since(start);
-        return report;
-    }
-    if (options.resume && !work.exists() && detail::path_exists(report.out))
-        throw pissa::invalid_argument(report.out.string() +
-                                      " is a complete output of other options (or not an output of pissa init); "
-                                      "--resume does not change it");
-
     // The plan: what every process of the job derives identically.
     job.layout = rewrite_layout(checkpoint);
     std::vector<std::uint64_t> costs;
@@ -597,6 +575,26 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
                 {"bounds", job.bounds}};
     job.digest = plan_digest(job.plan);
 
+    if (options.resume && detail::output_matches(report.out, options.adapter_folder, config, metadata)) {
+        // Done already. A work folder of this job left beside it (killed between the final rename
+        // and the clean-up) goes now.
+        if (work.exists() && !work.in_use() && detail::path_exists(work.plan_file())) {
+            bool ours = false;
+            try {
+                ours = plan_digest(work.read_plan()) == job.digest;
+            } catch (const format_error&) {  // a damaged plan: not provably ours, left alone
+            }
+            if (ours) work.remove();
+        }
+        report.complete = report.already_complete = true;
+        report.seconds = seconds_since(start);
+        return report;
+    }
+    if (options.resume && !work.exists() && detail::path_exists(report.out))
+        throw pissa::invalid_argument(report.out.string() +
+                                      " is a complete output of other options (or not an output of pissa init); "
+                                      "--resume does not change it");
+
     // The output is checked before any work (refused outputs exit before the first byte).
     const OutputTarget target(out, options.force, {model});
     // A plain run starts over from a work folder a killed run left, never from a live one. (Each
@@ -626,12 +624,9 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
 
     // This shard's segment.
     const std::size_t first = job.bounds[options.shard.index], last = job.bounds[options.shard.index + 1];
-    auto number_range = [&](std::size_t lo, std::size_t hi) {  // target numbers of items [lo, hi)
-        return std::make_pair(
-            job.target_number.lower_bound(lo) == job.target_number.end() ? job.target_number.size()
-                                                                         : job.target_number.lower_bound(lo)->second,
-            job.target_number.lower_bound(hi) == job.target_number.end() ? job.target_number.size()
-                                                                         : job.target_number.lower_bound(hi)->second);
+    auto targets_before = [&](std::size_t item) {  // how many targets precede tensor `item`
+        const auto it = job.target_number.lower_bound(item);
+        return it == job.target_number.end() ? job.target_number.size() : it->second;
     };
     const ItemRewrite rewrite = [&](std::size_t item, const SafetensorsFile& file, const TensorInfo& t,
                                     std::vector<unsigned char>& bytes, std::string& note) {
@@ -652,24 +647,22 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
                           {matrix_tensor(lora_key(module.name, 'A'), module.A, Dtype::F32),
                            matrix_tensor(lora_key(module.name, 'B'), module.B, Dtype::F32)},
                           {{"report", to_json(row).dump()}});
-        note = detail::file_checksum(piece);
+        note = checksum_of_file(piece);
         report.modules.push_back(row);
         if (callbacks.module_done) callbacks.module_done(report.modules.back());
         return true;
     };
     const NoteCheck check_note = [&](std::size_t item, const std::string& note) {
         const auto path = detail::piece_path(work, job.target_number.at(item));
-        return detail::path_exists(path) && detail::file_checksum(path) == note;
+        return detail::path_exists(path) && checksum_of_file(path) == note;
     };
     const auto segment = run_segment(
         checkpoint, job.layout, first, last, work.parts(), journal, nlohmann::json(job.digest), options.resume, rewrite,
         check_note, callbacks.progress ? RewriteProgress(callbacks.progress) : RewriteProgress(), work.out());
     report.resumed_items = segment.resumed_items;
-    {
-        const auto [lo, hi] = number_range(first, first + segment.resumed_items);
-        auto resumed = detail::read_piece_reports(work, lo, hi);
-        report.modules.insert(report.modules.begin(), resumed.begin(), resumed.end());
-    }
+    auto resumed =
+        detail::read_piece_reports(work, targets_before(first), targets_before(first + segment.resumed_items));
+    report.modules.insert(report.modules.begin(), resumed.begin(), resumed.end());
 
     // Join when every shard is done (the last shard to finish does it).
     detail::join_job(job, work, target, report, callbacks.joining);

@@ -79,8 +79,8 @@ public:
             const int error = errno;
             ::close(m_fd);
             m_fd = -1;
-            if (error == EWOULDBLOCK) throw pissa::invalid_argument(what + " is in use by another process (" +
-                                                                    path.string() + " is locked)");
+            if (error == EWOULDBLOCK)
+                throw pissa::invalid_argument(what + " is in use by another process (" + path.string() + " is locked)");
             throw io_error(path.string() + ": cannot lock: " + std::strerror(error));
         }
     }
@@ -183,10 +183,7 @@ private:
 inline std::vector<nlohmann::json> read_journal(const std::filesystem::path& path) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return {};
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{fd};
+    const detail::FdCloser closer{fd};
     std::uint64_t intact = 0;
     return detail::parse_journal(detail::read_all(fd, path), intact);
 }

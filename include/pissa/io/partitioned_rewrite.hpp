@@ -96,7 +96,7 @@ using NoteCheck = std::function<bool(std::size_t item, const std::string& note)>
 
 /// What run_segment did.
 struct SegmentReport {
-    std::size_t resumed_items = 0;                ///< items found complete and verified in the journal
+    std::size_t resumed_items = 0;               ///< items found complete and verified in the journal
     std::map<std::string, std::uint64_t> parts;  ///< part file name -> size
 };
 
@@ -145,10 +145,7 @@ inline std::optional<std::string> range_checksum(const std::filesystem::path& pa
                                                  std::uint64_t end) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return std::nullopt;
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{fd};
+    const detail::FdCloser closer{fd};
     struct stat st {};
     if (::fstat(fd, &st) != 0 || static_cast<std::uint64_t>(st.st_size) < end) return std::nullopt;
     return checksum_of_range(fd, begin, end - begin, path.string()).hex();
@@ -179,7 +176,7 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
 
     // Where to go on from: the verified records.
     std::size_t next = first;
-    std::string part;          // part of the last verified record
+    std::string part;            // part of the last verified record
     std::uint64_t part_end = 0;  // its size there
     const auto records = resume ? journal.read() : std::vector<nlohmann::json>{};
     std::size_t kept = 0;
@@ -229,7 +226,7 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
     std::size_t record_from = next;
     auto record = [&](std::size_t to, const std::string& note) {
         out->flush();
-        nlohmann::json rec = {{"from", record_from}, {"to", to},           {"part", out_name},
+        nlohmann::json rec = {{"from", record_from},   {"to", to},           {"part", out_name},
                               {"begin", record_begin}, {"end", out->size()}, {"sum", sum.hex()}};
         if (!note.empty()) rec["note"] = note;
         journal.append(rec);
@@ -297,7 +294,8 @@ inline std::vector<std::pair<std::string, std::uint64_t>> parts_of_file(
     std::vector<std::pair<std::string, std::uint64_t>> out;
     const auto& file = layout.files[f];
     for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
-        const std::size_t lo = std::max(bounds[s], file.first_item), hi = std::min(bounds[s + 1], file.first_item + file.items);
+        const std::size_t lo = std::max(bounds[s], file.first_item),
+                          hi = std::min(bounds[s + 1], file.first_item + file.items);
         if (lo >= hi) continue;
         const std::string name = layout.part_name(f, layout.items[lo].tensor);
         const auto it = done_parts[s].find(name);
@@ -368,10 +366,7 @@ inline void join_parts(const RewriteLayout& layout, const std::vector<std::size_
         for (std::size_t k = 1; k < parts.size(); ++k) {
             const fs::path p = parts_dir / parts[k].first;
             const int fd = detail::open_regular_file(p);
-            struct Closer {
-                int fd;
-                ~Closer() { ::close(fd); }
-            } closer{fd};
+            const detail::FdCloser closer{fd};
             constexpr std::size_t piece = std::size_t{16} << 20;
             buffer.resize(static_cast<std::size_t>(std::min<std::uint64_t>(parts[k].second, piece)));
             for (std::uint64_t at = 0; at < parts[k].second;) {

@@ -50,6 +50,17 @@ namespace detail {
 
 inline std::string errno_text() { return std::strerror(errno); }
 
+/// Closes a file descriptor at scope exit.
+struct FdCloser {
+    int fd;
+    explicit FdCloser(int descriptor) : fd(descriptor) {}
+    FdCloser(const FdCloser&) = delete;
+    FdCloser& operator=(const FdCloser&) = delete;
+    ~FdCloser() {
+        if (fd >= 0) ::close(fd);
+    }
+};
+
 /// What kind of non-regular file `mode` is, for messages.
 inline const char* file_kind(mode_t mode) {
     if (S_ISDIR(mode)) return "a folder";

@@ -52,9 +52,8 @@ using EnvironmentLookup = std::function<const char*(const char* name)>;
 /// environment, see shard_from_environment) or `auto/N` (index from the environment, count N: what a
 /// Kubernetes Indexed Job needs, whose pods see only `JOB_COMPLETION_INDEX`).
 /// \throws pissa::invalid_argument naming the value and what is wrong with it.
-inline ShardSpec parse_shard(const std::string& text, const EnvironmentLookup& env = [](const char* name) {
-    return std::getenv(name);
-});
+inline ShardSpec parse_shard(
+    const std::string& text, const EnvironmentLookup& env = [](const char* name) { return std::getenv(name); });
 
 /// The shard of this process from its launcher's environment, checked in this order:
 /// - Slurm job arrays: `SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`
@@ -90,7 +89,8 @@ inline ShardSpec shard_from_environment(std::uint64_t count, const EnvironmentLo
     ShardSpec spec = rank;
     std::uint64_t array_id = 0, array_min = 0, array_count = 0;
     if (number("SLURM_ARRAY_TASK_ID", array_id)) {
-        pissa::detail::require(number("SLURM_ARRAY_TASK_COUNT", array_count), "--shard auto: SLURM_ARRAY_TASK_ID is set "
+        pissa::detail::require(number("SLURM_ARRAY_TASK_COUNT", array_count),
+                               "--shard auto: SLURM_ARRAY_TASK_ID is set "
                                "but SLURM_ARRAY_TASK_COUNT is not");
         if (!number("SLURM_ARRAY_TASK_MIN", array_min)) array_min = 0;
         pissa::detail::require(array_id >= array_min && array_id - array_min < array_count,
@@ -100,11 +100,13 @@ inline ShardSpec shard_from_environment(std::uint64_t count, const EnvironmentLo
         spec = {(array_id - array_min) * rank.count + rank.index, array_count * rank.count,
                 rank.source.empty() ? "SLURM_ARRAY_TASK_ID" : "SLURM_ARRAY_TASK_ID x " + rank.source};
     } else if (rank.source.empty() && number("JOB_COMPLETION_INDEX", i)) {
-        pissa::detail::require(count > 0, "--shard auto: JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) gives no "
+        pissa::detail::require(count > 0,
+                               "--shard auto: JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) gives no "
                                "count; pass it as --shard auto/N with N = the Job's completions");
         spec = {i, count, "JOB_COMPLETION_INDEX"};
     }
-    pissa::detail::require(!spec.source.empty(), "--shard auto: no launcher found in the environment (Slurm "
+    pissa::detail::require(!spec.source.empty(),
+                           "--shard auto: no launcher found in the environment (Slurm "
                            "SLURM_ARRAY_TASK_ID or SLURM_PROCID, Open MPI OMPI_COMM_WORLD_RANK, PMI_RANK, Kubernetes "
                            "JOB_COMPLETION_INDEX); pass --shard K/N");
     pissa::detail::require(count == 0 || count == spec.count, "--shard auto/", count, ": the environment (",

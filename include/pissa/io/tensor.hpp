@@ -113,6 +113,9 @@ Eigen::Map<RowMatrix<Storage>> copy_matrix_into(const SafetensorsFile& file, con
                                                 std::vector<unsigned char>& buffer) {
     const auto [rows, cols] = stored_matrix_shape<Storage>(file, t);
     const auto size = static_cast<std::size_t>(t.nbytes());
+    // Growing: drop the old allocation first, so that the old and the new one (the largest tensor)
+    // never coexist, and its bytes are not copied for nothing.
+    if (buffer.capacity() < size) std::vector<unsigned char>().swap(buffer);
     buffer.resize(size);
     file.read(t, 0, buffer.data(), size);
     return {reinterpret_cast<Storage*>(buffer.data()), rows, cols};
