@@ -34,10 +34,13 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
     REQUIRE(pissa_run(dir, "generate --out m --dtype F32 --shards 2 " + small_llama).code == 0);
     // alpha 16, r 4: s = 4, so a merge that forgot the scaling would show
     const auto init = json_of(dir, "init m --out o --rank 4 --alpha 16 --targets q_proj,down_proj --json");
-    CHECK(keys_of(init) == std::set<std::string>{"command", "model", "out", "adapter", "complete", "already_complete",
-                                                 "shard", "waiting_for", "resumed_tensors", "method", "niter",
-                                                 "fused_power_iteration", "seed", "rank", "lora_alpha", "scaling",
-                                                 "use_rslora", "fan_in_fan_out", "seconds", "modules"});
+    CHECK(keys_of(init) == std::set<std::string>{"command", "model",       "out",
+                                                 "adapter", "complete",    "already_complete",
+                                                 "shard",   "waiting_for", "resumed_tensors",
+                                                 "method",  "niter",       "fused_power_iteration",
+                                                 "seed",    "rank",        "lora_alpha",
+                                                 "scaling", "use_rslora",  "fan_in_fan_out",
+                                                 "seconds", "modules"});
     CHECK(init["scaling"] == 4.0);
     CHECK(init["complete"] == true);
     CHECK(keys_of(init["shard"]) == std::set<std::string>{"index", "count", "source"});
@@ -55,8 +58,7 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
         const pissa::Matrix<double> sBA = 4.0 * (lora->B * lora->A).cast<double>();
         CHECK(m["weight_norm"].get<double>() == doctest::Approx(W.norm()).epsilon(1e-6));
         CHECK(m["residual_norm"].get<double>() == doctest::Approx(R.norm()).epsilon(1e-5));
-        CHECK(m["energy_fraction"].get<double>() ==
-              doctest::Approx(sBA.squaredNorm() / W.squaredNorm()).epsilon(1e-4));
+        CHECK(m["energy_fraction"].get<double>() == doctest::Approx(sBA.squaredNorm() / W.squaredNorm()).epsilon(1e-4));
     }
 
     // inspect an adapter: norms and scalings from the file
@@ -81,8 +83,7 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
 
     // inspect a checkpoint
     const auto ic = json_of(dir, "inspect m --json");
-    CHECK(keys_of(ic) ==
-          std::set<std::string>{"kind", "path", "sharded", "total_size", "tensors", "metadata"});
+    CHECK(keys_of(ic) == std::set<std::string>{"kind", "path", "sharded", "total_size", "tensors", "metadata"});
     CHECK(ic["sharded"] == true);
     CHECK(ic["total_size"] == model.total_size());
     REQUIRE(ic["tensors"].size() == model.size());
@@ -96,7 +97,8 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
 
     // merge with s = 4: W_res + 4 B A is W
     const auto merged = json_of(dir, "merge o o/pissa_init --out merged --json");
-    CHECK(keys_of(merged) == std::set<std::string>{"command", "model", "adapter", "out", "seconds", "modules", "skipped"});
+    CHECK(keys_of(merged) ==
+          std::set<std::string>{"command", "model", "adapter", "out", "seconds", "modules", "skipped"});
     REQUIRE(merged["modules"].size() == 4);
     for (const auto& m : merged["modules"]) {
         CHECK(keys_of(m) == std::set<std::string>{"name", "shape", "scaling", "seconds"});
