@@ -101,6 +101,7 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     else ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);
     out.S.conservativeResize(rank);
     out.report = {options.niter, -1.0, true};
+    canonicalize_signs(out);
 }
 
 /// Checks the arguments of randomized_svd (public forms).

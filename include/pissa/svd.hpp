@@ -71,6 +71,7 @@ SvdResult<Scalar> full_truncated_svd(const Eigen::MatrixBase<Derived>& W, Index 
     out.S = svd.singularValues().head(rank);
     out.V = svd.matrixV().leftCols(rank);
     out.report = {1, 0.0, true};
+    canonicalize_signs(out);
     return out;
 }
 
@@ -112,6 +113,7 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> truncated_svd(const Eigen:
     detail::KernelWorkspace kernels;
     SvdResult<Scalar> result = detail::block_krylov_svd<Scalar>(detail::WeightOperator<Storage>{prepared, kernels},
                                                                 rank, tolerance, options.max_iterations, options.seed);
+    canonicalize_signs(result);
     if (result.report.converged || options.algorithm == ExactSvdAlgorithm::block_krylov) return result;
     // automatic promises the exact triplets: when the iteration stalls above the tolerance (a very
     // flat spectrum), fall back to the full decomposition and say how far Krylov had got.

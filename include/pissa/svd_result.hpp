@@ -6,6 +6,8 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
+
 #include <stdexcept>
 #include <string>
 
@@ -18,8 +20,7 @@ struct ConvergenceReport {
     bool converged = false;     ///< the stopping test passed (always true for direct and randomized SVD)
 };
 
-/// Top-r singular triplets `W ≈ U diag(S) V^T`, S descending. Signs of (u_i, v_i) pairs are
-/// arbitrary: compare products such as `U diag(S) V^T`, never raw vectors.
+/// Top-r singular triplets `W ≈ U diag(S) V^T`, S descending, signs canonical (canonicalize_signs).
 template <class Scalar>
 struct SvdResult {
     Matrix<Scalar> U;  ///< [m, r], orthonormal columns
@@ -27,6 +28,29 @@ struct SvdResult {
     Matrix<Scalar> V;  ///< [n, r], orthonormal columns
     ConvergenceReport report;
 };
+
+/// The sign convention every decomposition of pissa applies to its result: each pair (u_i, v_i)
+/// is negated, if needed, so that the entry of largest magnitude of u_i (the first one on a tie)
+/// is positive. Negating both keeps `U diag(S) V^T`; fixing the sign makes the factors themselves
+/// (PiSSA's A and B, not only B A) agree, up to rounding, whichever algorithm, orientation or
+/// package computed them. A tie between two entries of nearly equal magnitude can still resolve
+/// differently under different rounding; products are the safe thing to compare.
+template <class Scalar>
+void canonicalize_signs(SvdResult<Scalar>& svd) {
+    for (Index i = 0; i < svd.U.cols(); ++i) {
+        Index at = 0;
+        Scalar largest = -1;
+        for (Index k = 0; k < svd.U.rows(); ++k)
+            if (std::abs(svd.U(k, i)) > largest) {
+                largest = std::abs(svd.U(k, i));
+                at = k;
+            }
+        if (svd.U(at, i) < 0) {
+            svd.U.col(i) = -svd.U.col(i);
+            svd.V.col(i) = -svd.V.col(i);
+        }
+    }
+}
 
 /// What TruncatedSvd and RandomizedSvd share, as Eigen's SVDBase is shared by its SVDs: the same
 /// accessors after compute(), each throwing std::logic_error before it.

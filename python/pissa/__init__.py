@@ -75,7 +75,7 @@ class PissaSplit:
 
 @dataclass(frozen=True)
 class Svd:
-    """Top-r singular triplets ``W ~= U diag(S) V^T`` (signs of (u_i, v_i) pairs are arbitrary)."""
+    """Top-r singular triplets ``W ~= U diag(S) V^T``; each u_i's entry of largest magnitude is positive."""
 
     U: Array  #: [m, r], orthonormal columns
     S: Array  #: [r], descending

@@ -143,20 +143,23 @@ TEST_CASE("init --resume after SIGKILL at any moment: the bytes of an uninterrup
     for (const char* delay : {"0.02", "0.3", "0.6", "1.0", "1.5"}) {
         CAPTURE(delay);
         fs::remove_all(dir / "out");
-        // killed outright: no handler runs, whatever was flushed is all there is
-        shell(dir, std::string("timeout -s KILL ") + delay + " \"$PISSA\" init m --out out --resume " + options +
-                       " > /dev/null 2>&1");
+        // killed outright: no handler runs, whatever was flushed is all there is (waited for, so
+        // that its locks are gone before the resume starts)
+        shell(dir, "\"$PISSA\" init m --out out --resume " + options + " > /dev/null 2>&1 & pid=$!; sleep " + delay +
+                       "; kill -KILL $pid; wait $pid");
         const Run r = pissa_run(dir, "init m --out out --resume " + options);
-        CHECK(r.code == 0);
+        CHECK_MESSAGE(r.code == 0, r.err);
         if (r.out.find("resumed: ") != std::string::npos) ++resumed_with_work;
         CHECK(files_under(dir / "out") == expected);
-        CHECK_FALSE(fs::exists(dir / ".out.pissa-work"));
+        CHECK_MESSAGE(!fs::exists(dir / ".out.pissa-work"), r.out);
     }
     CHECK(resumed_with_work >= 1);  // at least one kill landed after some modules were done
 
     // a shard killed outright, resumed; the last shard joins
     fs::remove_all(dir / "out");
-    shell(dir, "timeout -s KILL 0.5 \"$PISSA\" init m --out out --shard 0/2 " + options + " > /dev/null 2>&1");
+    shell(dir, "\"$PISSA\" init m --out out --shard 0/2 " + options +
+                   " > /dev/null 2>&1 & pid=$!; sleep 0.5; "
+                   "kill -KILL $pid; wait $pid");
     CHECK(pissa_run(dir, "init m --out out --shard 1/2 " + options).code == 0);
     CHECK(pissa_run(dir, "init m --out out --shard 0/2 --resume " + options).code == 0);
     CHECK(files_under(dir / "out") == expected);

@@ -122,6 +122,9 @@ TEST_CASE_TEMPLATE("fan_in_fan_out: a [in, out] Conv1D weight gives the adapter 
     REQUIRE(conv.residual.rows() == 20);  // stored layout [in, out]
     REQUIRE(conv.residual.cols() == 30);
     CHECK(relative_error(Matrix<S>(conv.B * conv.A), Matrix<S>(plain.B * plain.A)) < 100 * eps<S>());
+    // canonical signs: the factors themselves, not only their product
+    CHECK(relative_error(conv.A, plain.A) < 1000 * eps<S>());
+    CHECK(relative_error(conv.B, plain.B) < 1000 * eps<S>());
     CHECK(relative_error(conv.residual, Matrix<S>(plain.residual.transpose()), 1.0) < 100 * eps<S>());
     CHECK(relative_error(Matrix<S>(conv.residual + conv.scaling * (conv.B * conv.A).transpose()), stored) <
           20 * eps<S>());

@@ -464,6 +464,12 @@ inline void join_job(const InitJob& job, const WorkFolder& work, const OutputTar
     if (count > 1 || report.modules.empty()) report.modules = read_piece_reports(work, 0, job.target_number.size());
     std::filesystem::create_directories(work.out());
     join_parts(job.layout, job.bounds, done_parts, records, work.parts(), work.out(), progress);
+    // Everything else in out/ is written anew: a join killed while writing it may have left
+    // temporary files there, which would otherwise end up in the output.
+    std::set<std::string> joined;
+    for (const auto& file : job.layout.files) joined.insert(file.name);
+    for (const auto& entry : std::filesystem::directory_iterator(work.out()))
+        if (!joined.count(entry.path().filename().string())) std::filesystem::remove_all(entry.path());
     if (checkpoint.is_sharded()) {
         nlohmann::ordered_json index = checkpoint.index();
         if (!index.contains("metadata") || !index["metadata"].is_object())
@@ -479,8 +485,8 @@ inline void join_job(const InitJob& job, const WorkFolder& work, const OutputTar
                               job.plan.at("adapter_metadata").get<std::map<std::string, std::string>>());
     if (progress) progress(job.layout.files.size(), job.layout.files.size(), "");
     report.warning = target.commit(work.out());
+    work.remove();  // still holding the lock: a shard waiting for it must find the plan gone, not join again
     lock.reset();
-    work.remove();
     report.complete = true;
     if (const std::string note = checkpoint.not_copied_note(); !note.empty())
         report.warning += (report.warning.empty() ? "" : "; ") + note;
@@ -577,11 +583,11 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
 
     if (options.resume && detail::output_matches(report.out, options.adapter_folder, config, metadata)) {
         // Done already. A work folder of this job left beside it (killed between the final rename
-        // and the clean-up) goes now.
-        if (work.exists() && !work.in_use() && detail::path_exists(work.plan_file())) {
-            bool ours = false;
+        // and the end of the clean-up, which removes the plan first) goes now.
+        if (work.exists() && !work.in_use()) {
+            bool ours = !detail::path_exists(work.plan_file());
             try {
-                ours = plan_digest(work.read_plan()) == job.digest;
+                ours = ours || plan_digest(work.read_plan()) == job.digest;
             } catch (const format_error&) {  // a damaged plan: not provably ours, left alone
             }
             if (ours) work.remove();

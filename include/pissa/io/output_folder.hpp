@@ -112,7 +112,9 @@ struct OutputTarget {
     ino_t old_inode = 0;
     std::filesystem::path created_parent;  ///< the outermost parent folder created for it, if any
 
-    /// Checks `out` (see the file comment) and creates its missing parent folders.
+    /// Checks the output folder (see the file comment) and creates its missing parent folders.
+    /// \param path the output folder (relative to the working directory, or absolute)
+    /// \param force_replace replace it if it exists (only if it is a folder)
     /// \param inputs files or folders the run reads (they must not overlap the output)
     /// \throws pissa::invalid_argument for a refused output, io_error when a folder cannot be created.
     OutputTarget(const std::filesystem::path& path, bool force_replace,

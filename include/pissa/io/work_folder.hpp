@@ -67,9 +67,11 @@ public:
         return false;
     }
 
-    /// Removes the folder. \throws io_error when that fails.
+    /// Removes the folder, its plan first: a removal cut short leaves a folder without a plan,
+    /// which no run trusts. \throws io_error when that fails.
     void remove() const {
         std::error_code ec;
+        std::filesystem::remove(plan_file(), ec);
         std::filesystem::remove_all(m_path, ec);
         if (ec) throw io_error(m_path.string() + ": cannot remove: " + ec.message());
     }
