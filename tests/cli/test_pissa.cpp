@@ -310,6 +310,13 @@ TEST_CASE("usage errors, overwrite protection, --help everywhere") {
     CHECK(pissa_run(dir, "").code == 2);
     CHECK(pissa_run(dir, "frobnicate").code == 2);
     CHECK(pissa_run(dir, "init m --out o --bogus").code == 2);
+    // grouped-query shapes: heads must divide hidden, key/value heads must divide heads
+    for (const char* bad : {"--hidden 64 --heads 5 --kv-heads 1", "--hidden 64 --heads 8 --kv-heads 3"}) {
+        const Run r = pissa_run(dir, std::string("generate --out gqa ") + bad);
+        CHECK_MESSAGE(r.code == 2, bad);
+        CHECK_MESSAGE(r.err.find("--kv-heads needs --heads dividing --hidden") != std::string::npos, bad, r.err);
+    }
+    CHECK_FALSE(fs::exists(dir / "gqa"));
     CHECK(pissa_run(dir, "init m").code == 2);  // no --out
     CHECK(pissa_run(dir, "init m --out o --rank 0").code == 2);
     CHECK(pissa_run(dir, "init m --out o --rank 65").code == 2);  // > min(out, in) = 64

@@ -292,6 +292,24 @@ private:
     std::map<std::string, std::size_t> m_where;  // tensor -> shard
 };
 
+/// What a rewrite of `in` writes besides the tensor files, into the folder `out_dir`: the index (if
+/// any) with the same weight_map and metadata.total_size updated, and, when `copy_other_files` is
+/// set, the other files of a model folder (config.json, ...).
+inline void write_checkpoint_companions(const Checkpoint& in, const std::filesystem::path& out_dir,
+                                        bool copy_other_files = true) {
+    if (in.is_sharded()) {
+        nlohmann::ordered_json index = in.index();
+        if (!index.contains("metadata") || !index["metadata"].is_object())
+            index["metadata"] = nlohmann::ordered_json::object();
+        index["metadata"]["total_size"] = in.total_size();
+        detail::write_text_file(out_dir / index_file_name, index.dump(2) + "\n");
+    }
+    if (copy_other_files)
+        for (const auto& file : in.other_files())
+            std::filesystem::copy_file(file, out_dir / file.filename(),
+                                       std::filesystem::copy_options::overwrite_existing);
+}
+
 /// Replaces a tensor: fills `bytes` with its new bytes (same dtype and shape) and returns true, or
 /// returns false to copy it unchanged. `bytes` is one buffer reused from tensor to tensor (see
 /// copy_matrix_into), so a rewrite that works in it allocates once for the whole checkpoint.
@@ -346,17 +364,7 @@ inline void rewrite_checkpoint(const Checkpoint& in, const std::filesystem::path
         }
         writer.commit();
     }
-    if (in.is_sharded()) {
-        nlohmann::ordered_json index = in.index();
-        if (!index.contains("metadata") || !index["metadata"].is_object())
-            index["metadata"] = nlohmann::ordered_json::object();
-        index["metadata"]["total_size"] = in.total_size();
-        detail::write_text_file(out_dir / index_file_name, index.dump(2) + "\n");
-    }
-    if (copy_other_files)
-        for (const auto& file : in.other_files())
-            std::filesystem::copy_file(file, out_dir / file.filename(),
-                                       std::filesystem::copy_options::overwrite_existing);
+    write_checkpoint_companions(in, out_dir, copy_other_files);
 }
 
 }  // namespace pissa::io

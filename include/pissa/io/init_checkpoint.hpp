@@ -396,12 +396,10 @@ inline void write_adapter_from_pieces(const WorkFolder& work, std::size_t count,
                                       const nlohmann::ordered_json& config,
                                       const std::map<std::string, std::string>& metadata) {
     std::filesystem::create_directories(dir);
-    std::vector<std::unique_ptr<SafetensorsFile>> pieces;
-    std::vector<TensorSpec> specs;
+    std::vector<TensorSpec> specs;  // the header first: one pass over the pieces' headers
     for (std::size_t i = 0; i < count; ++i) {
-        pieces.push_back(std::make_unique<SafetensorsFile>(piece_path(work, i)));
-        for (const auto& t : pieces.back()->tensors()) specs.push_back({t.name, t.dtype, t.shape});
-        pieces.back().reset();  // reopened below: at most one piece is mapped at a time
+        const SafetensorsFile piece(piece_path(work, i));
+        for (const auto& t : piece.tensors()) specs.push_back({t.name, t.dtype, t.shape});
     }
     SafetensorsWriter writer(dir / adapter_weights_name, specs, metadata);
     std::vector<unsigned char> buffer;
@@ -470,16 +468,7 @@ inline void join_job(const InitJob& job, const WorkFolder& work, const OutputTar
     for (const auto& file : job.layout.files) joined.insert(file.name);
     for (const auto& entry : std::filesystem::directory_iterator(work.out()))
         if (!joined.count(entry.path().filename().string())) std::filesystem::remove_all(entry.path());
-    if (checkpoint.is_sharded()) {
-        nlohmann::ordered_json index = checkpoint.index();
-        if (!index.contains("metadata") || !index["metadata"].is_object())
-            index["metadata"] = nlohmann::ordered_json::object();
-        index["metadata"]["total_size"] = checkpoint.total_size();
-        write_text_file(work.out() / index_file_name, index.dump(2) + "\n");
-    }
-    for (const auto& file : checkpoint.other_files())
-        std::filesystem::copy_file(file, work.out() / file.filename(),
-                                   std::filesystem::copy_options::overwrite_existing);
+    write_checkpoint_companions(checkpoint, work.out());
     write_adapter_from_pieces(work, job.target_number.size(), work.out() / report.adapter.filename(),
                               job.plan.at("adapter_config"),
                               job.plan.at("adapter_metadata").get<std::map<std::string, std::string>>());
