@@ -11,10 +11,19 @@
 /// exactly as peft's `init_lora_weights="pissa"` / `"pissa_niter_K"` (PiSSA paper, Eq. 2-4).
 /// `W_res` is computed from the very A and B returned, so `W_res + s B A == W` up to the storage
 /// rounding even when the randomized SVD is inexact.
+///
+/// Two siblings that also need nothing but the weight share the residual step:
+/// - MiLoRA (`components = minor`): the r smallest triplets instead of the largest, so training
+///   adapts the directions the pretrained weight uses least. Finding them needs the full exact
+///   decomposition (O(m n min(m, n)), e.g. a few seconds for 4096 x 4096 on a few cores, against
+///   a fraction of a second for the randomized top-r); the randomized method is refused.
+/// - OLoRA (`init = olora`, peft's `init_lora_weights="olora"`): `W ≈ Q_r R_r` from the leading QR
+///   (leading_qr.hpp), `B = Q_r`, `A = R_r` (no square roots, no division by s), `W_res = W - s B A`.
 #pragma once
 
 #include <pissa/detail/huge_pages.hpp>
 #include <pissa/errors.hpp>
+#include <pissa/leading_qr.hpp>
 #include <pissa/lora.hpp>
 #include <pissa/quality.hpp>
 #include <pissa/rsvd.hpp>
@@ -34,15 +43,24 @@ namespace pissa {
 /// How the top-r triplets are found: peft's "pissa" (exact) or "pissa_niter_K" (randomized).
 enum class SvdMethod { exact, randomized };
 
+/// Which factorisation an adapter starts from: PiSSA's singular triplets (peft's "pissa" /
+/// "pissa_niter_K") or OLoRA's leading QR (peft's "olora").
+enum class InitMethod { pissa, olora };
+
+/// Which r singular triplets a PiSSA split keeps: the largest (PiSSA) or the smallest (MiLoRA).
+enum class Components { principal, minor };
+
 /// Configuration of a PiSSA split, named as in peft's LoraConfig.
 struct PissaConfig {
     Index rank = 8;           ///< r, 1 <= r <= min(out, in)
     double lora_alpha = 8;    ///< > 0
     bool use_rslora = false;  ///< scaling alpha / sqrt(r) instead of alpha / r
     SvdMethod method = SvdMethod::exact;
-    RandomizedSvdOptions randomized{};  ///< used when method == randomized (niter, oversampling, seed)
-    ExactSvdOptions exact{};            ///< used when method == exact
-    bool fan_in_fan_out = false;        ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
+    RandomizedSvdOptions randomized{};    ///< used when method == randomized (niter, oversampling, seed)
+    ExactSvdOptions exact{};              ///< used when method == exact
+    bool fan_in_fan_out = false;          ///< W is stored [in, out] (GPT-2 Conv1D); the math uses its transpose
+    InitMethod init = InitMethod::pissa;  ///< olora: the leading QR instead of the SVD
+    Components components = Components::principal;  ///< minor: MiLoRA (needs method == exact)
 
     /// The LoRA scaling s: alpha / r, or alpha / sqrt(r) with rsLoRA.
     double scaling() const { return lora_scaling(lora_alpha, rank, use_rslora); }
@@ -66,6 +84,12 @@ inline void require_valid(const PissaConfig& config) {
                     "], where float32 adapters cannot represent the split");
     require_valid(config.randomized);
     require_valid(config.exact);
+    detail::require(config.components == Components::principal || config.init == InitMethod::pissa,
+                    "pissa::init: minor components (MiLoRA) are singular triplets; OLoRA has none");
+    detail::require(config.components == Components::principal || config.init == InitMethod::olora ||
+                        config.method == SvdMethod::exact,
+                    "pissa::init: minor components (MiLoRA) need the exact decomposition: the randomized SVD "
+                    "finds the largest triplets only");
 }
 
 /// The trainable half of a PiSSA split (float32 for 16-bit storage, as peft keeps adapters): a
@@ -73,7 +97,7 @@ inline void require_valid(const PissaConfig& config) {
 /// plus what the decomposition found.
 template <class Scalar>
 struct PissaAdapter : LoraAdapter<Scalar> {
-    Vector<Scalar> singular_values;  ///< S_r, descending (not divided by s)
+    Vector<Scalar> singular_values;  ///< the kept S (not divided by s), descending; empty for OLoRA
     QualityReport quality;
     ConvergenceReport convergence;  ///< of the SVD that produced S_r
 };
@@ -94,6 +118,15 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> pissa_svd(const Eigen::Mat
     const Index in = config.fan_in_fan_out ? stored.rows() : stored.cols();
     check_rank(out, in, config.rank, "pissa::init");
     auto decompose = [&](const auto& W) {
+        if (config.components == Components::minor) {  // all triplets, the last r kept
+            auto all = truncated_svd(W, std::min(out, in), config.exact);
+            SvdResult<compute_scalar_t<typename Derived::Scalar>> minor;
+            minor.U = all.U.rightCols(config.rank);
+            minor.S = all.S.tail(config.rank);
+            minor.V = all.V.rightCols(config.rank);
+            minor.report = all.report;
+            return minor;
+        }
         return config.method == SvdMethod::exact ? truncated_svd(W, config.rank, config.exact)
                                                  : randomized_svd(W, config.rank, config.randomized);
     };
@@ -111,6 +144,32 @@ PissaAdapter<Scalar> adapter_from_svd(SvdResult<Scalar>&& svd, const PissaConfig
     adapter.singular_values = std::move(svd.S);
     adapter.convergence = svd.report;
     return adapter;
+}
+
+/// A = R_r, B = Q_r and the scaling from the leading QR of the [out, in] view (OLoRA).
+template <class Derived>
+PissaAdapter<compute_scalar_t<typename Derived::Scalar>> olora_adapter(const Eigen::MatrixBase<Derived>& stored,
+                                                                       const PissaConfig& config) {
+    using Scalar = compute_scalar_t<typename Derived::Scalar>;
+    const Index out = config.fan_in_fan_out ? stored.cols() : stored.rows();
+    const Index in = config.fan_in_fan_out ? stored.rows() : stored.cols();
+    check_rank(out, in, config.rank, "pissa::init");
+    auto qr = config.fan_in_fan_out ? leading_qr(stored.transpose(), config.rank) : leading_qr(stored, config.rank);
+    PissaAdapter<Scalar> adapter;
+    adapter.scaling = static_cast<Scalar>(config.scaling());
+    adapter.A = std::move(qr.R);
+    adapter.B = std::move(qr.Q);
+    adapter.convergence.iterations = 1;
+    adapter.convergence.converged = true;
+    return adapter;
+}
+
+/// The adapter of a split, by the configured method (file comment).
+template <class Derived>
+PissaAdapter<compute_scalar_t<typename Derived::Scalar>> initial_adapter(const Eigen::MatrixBase<Derived>& stored,
+                                                                         const PissaConfig& config) {
+    if (config.init == InitMethod::olora) return olora_adapter(stored, config);
+    return adapter_from_svd(pissa_svd(stored, config), config);
 }
 
 /// Writes `target = source - s B A` (stored layout) block by block, and fills the quality report.
@@ -182,7 +241,7 @@ PissaResult<compute_scalar_t<typename Derived::Scalar>, typename Derived::Scalar
     using Scalar = compute_scalar_t<Storage>;
     require_valid(config);
     PissaResult<Scalar, Storage> result;
-    static_cast<PissaAdapter<Scalar>&>(result) = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
+    static_cast<PissaAdapter<Scalar>&>(result) = detail::initial_adapter(W, config);
     result.residual.resize(W.rows(), W.cols());
     detail::advise_huge_pages(result.residual.data(), sizeof(Storage) * std::size_t(result.residual.size()));
     detail::write_residual(W, result.residual, result, config.fan_in_fan_out);
@@ -198,7 +257,7 @@ template <class Derived>
 PissaAdapter<compute_scalar_t<typename Derived::Scalar>> init_in_place(Eigen::MatrixBase<Derived>& W,
                                                                        const PissaConfig& config) {
     require_valid(config);
-    auto adapter = detail::adapter_from_svd(detail::pissa_svd(W, config), config);
+    auto adapter = detail::initial_adapter(W, config);
     detail::write_residual(W, W, adapter, config.fan_in_fan_out);
     return adapter;
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -161,9 +161,9 @@ def _convergence(d: dict) -> Convergence:
     return Convergence(d["iterations"], d["residual_bound"], d["converged"])
 
 
-def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: str = "randomized", niter: int = 4,
+def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: Optional[str] = None, niter: int = 4,
          seed: int = 0, use_rslora: bool = False, fan_in_fan_out: bool = False,
-         oversampling: int = 0) -> PissaSplit:
+         oversampling: int = 0, init: str = "pissa", components: str = "principal") -> PissaSplit:
     """Splits ``W`` into a PiSSA adapter and the residual ``W - s B A``.
 
     Args:
@@ -180,6 +180,10 @@ def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: st
         use_rslora: scaling ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
         fan_in_fan_out: W is stored ``[in, out]``; A and B are still ``[r, in]`` and ``[out, r]``.
         oversampling: extra test vectors of the randomized SVD (peft uses 0).
+        init: "pissa", or "olora" (peft's olora: ``B = Q_r``, ``A = R_r`` of the leading QR of W;
+            no singular values; ``method`` does not apply).
+        components: "principal" (PiSSA) or "minor" (MiLoRA: the r smallest triplets; needs the
+            exact decomposition, which ``method=None`` then picks).
 
     Returns:
         PissaSplit with A, B, residual (same kind as W: NumPy or torch), scaling, the singular
@@ -190,10 +194,13 @@ def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: st
             (the message gives its row and column).
         TypeError: W's dtype is not one of the four.
     """
+    if method is None:
+        method = "exact" if components == "minor" else "randomized"
     method, niter = _method(method, niter)
     a, dtype, kind = as_engine(W, "init: W")
     alpha = float(rank if lora_alpha is None else lora_alpha)
-    d = _core.init(a, dtype, rank, alpha, use_rslora, method, niter, oversampling, seed, fan_in_fan_out)
+    d = _core.init(a, dtype, rank, alpha, use_rslora, method, niter, oversampling, seed, fan_in_fan_out, init,
+                   components)
     return PissaSplit(back(d["A"], kind), back(d["B"], kind), back(d["residual"], kind, dtype), d["scaling"],
                       back(d["singular_values"], kind), _quality(d["quality"]), _convergence(d["convergence"]))
 
@@ -304,8 +311,14 @@ def _module_report(d: dict) -> ModuleReport:
 
 
 def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha: Optional[float] = None,
-                    method: str = "randomized", niter: int = 4, seed: int = 0,
+                    method: Optional[str] = None, niter: int = 4, seed: int = 0, init: str = "pissa",
+                    components: str = "principal",
                     target_modules: Sequence[str] = ("q_proj", "v_proj"), target_regex: Optional[str] = None,
+                    exclude_modules: Union[None, str, Sequence[str]] = None,
+                    layers_to_transform: Union[None, int, Sequence[int]] = None,
+                    layers_pattern: Union[None, str, Sequence[str]] = None,
+                    rank_pattern: Optional[Mapping[str, int]] = None,
+                    alpha_pattern: Optional[Mapping[str, float]] = None,
                     use_rslora: bool = False, fan_in_fan_out: bool = False, quantize: Optional[str] = None,
                     quant_iterations: int = 1, quant_block_size: int = 64, task_type: Optional[str] = None,
                     force: bool = False, adapter_folder: str = "pissa_init",
@@ -323,8 +336,19 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
     Args:
         model: a .safetensors file or a model folder (single file or sharded).
         out: the output folder; it must not exist unless ``force``.
-        target_modules: peft's list form (a name, or a suffix after a dot); ``target_regex``: peft's
-            string form (a full match on module names), used instead when given.
+        target_modules: peft's list form (a name, or a suffix after a dot), or ``"all-linear"``
+            (every linear weight except the output layer, as peft resolves it; the adapter config
+            then lists them, condensed as peft condenses them); ``target_regex``: peft's string
+            form (a full match on module names), used instead when given.
+        init: "pissa" (singular triplets), or "olora" (peft's olora: ``B = Q_r``, ``A = R_r`` of the
+            leading QR of W; ``method`` does not apply).
+        components: "principal" (PiSSA), or "minor" (MiLoRA: the r smallest triplets; needs the
+            exact decomposition, which ``method=None`` then picks).
+        method: "randomized" (peft's pissa_niter_K, the default) or "exact" (peft's "pissa").
+        exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern: peft's
+            LoraConfig fields of those names, with peft's rules (a string ``exclude_modules`` is a
+            full-match regex; a rank_pattern / alpha_pattern key matches the end of a module name
+            after a dot, the first matching key in order wins), written to adapter_config.json.
         quantize: "nf4" for QPiSSA: the residual is written as ``deq(NF4(W - s B A))`` after
             ``quant_iterations`` alternations with blocks of ``quant_block_size``.
         task_type: peft's task_type ("CAUSAL_LM", "SEQ_CLS", ..., "none" for null); None infers it
@@ -342,14 +366,29 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if isinstance(target_modules, str):
-        target_modules = [target_modules]
+        if target_modules.lower() == "all-linear" and target_regex is None:
+            target_regex, target_modules = target_modules, []
+        else:
+            target_modules = [target_modules]
+    exclude_regex = exclude_modules if isinstance(exclude_modules, str) else ""
+    exclude_list = [] if exclude_modules is None or isinstance(exclude_modules, str) else list(exclude_modules)
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    if isinstance(layers_pattern, str):
+        layers_pattern = [layers_pattern]
+    if method is None:
+        method = "exact" if components == "minor" else "randomized"
     method, niter = _method(method, niter)
     alpha = float(rank if lora_alpha is None else lora_alpha)
     done = None if module_done is None else (lambda d: module_done(_module_report(d)))
     if isinstance(shard, tuple):
         shard = f"{int(shard[0])}/{int(shard[1])}"
-    d = _core.init_checkpoint(str(model), str(out), rank, alpha, use_rslora, method, niter, seed,
-                              list(target_modules), target_regex or "", fan_in_fan_out, quantize is not None,
+    d = _core.init_checkpoint(str(model), str(out), rank, alpha, use_rslora, method, init, components, niter, seed,
+                              list(target_modules), target_regex or "", exclude_list, exclude_regex,
+                              [int(i) for i in layers_to_transform or ()], list(layers_pattern or ()),
+                              [(k, int(v)) for k, v in (rank_pattern or {}).items()],
+                              [(k, float(v)) for k, v in (alpha_pattern or {}).items()], fan_in_fan_out,
+                              quantize is not None,
                               quant_iterations, quant_block_size, task_type or "", force, adapter_folder, shard or "",
                               resume, progress, done)
     return _checkpoint_report(d)

@@ -8,6 +8,7 @@
 #include <pissa/io/merge_checkpoint.hpp>
 
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -73,9 +74,15 @@ nb::dict init_report_dict(const pissa::io::InitCheckpointReport& report) {
 }
 
 nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen::Index rank, double lora_alpha,
-                         bool use_rslora, const std::string& method, int niter, std::uint64_t seed,
+                         bool use_rslora, const std::string& method, const std::string& init,
+                         const std::string& components, int niter, std::uint64_t seed,
                          const std::vector<std::string>& target_modules, const std::string& target_regex,
-                         bool fan_in_fan_out, bool quantize, int quant_iterations, Eigen::Index quant_block_size,
+                         const std::vector<std::string>& exclude_modules, const std::string& exclude_regex,
+                         const std::vector<std::int64_t>& layers_to_transform,
+                         const std::vector<std::string>& layers_pattern,
+                         const std::vector<std::pair<std::string, Eigen::Index>>& rank_pattern,
+                         const std::vector<std::pair<std::string, double>>& alpha_pattern, bool fan_in_fan_out,
+                         bool quantize, int quant_iterations, Eigen::Index quant_block_size,
                          const std::string& task_type, bool force, const std::string& adapter_folder,
                          const std::string& shard, bool resume, nb::object progress, nb::object module_done) {
     pissa::io::InitCheckpointOptions options;
@@ -85,11 +92,23 @@ nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen
     if (method != "exact" && method != "randomized")
         throw pissa::invalid_argument("method must be 'exact' or 'randomized', got '" + method + "'");
     options.pissa.method = method == "exact" ? pissa::SvdMethod::exact : pissa::SvdMethod::randomized;
+    if (init != "pissa" && init != "olora")
+        throw pissa::invalid_argument("init must be 'pissa' or 'olora', got '" + init + "'");
+    if (components != "principal" && components != "minor")
+        throw pissa::invalid_argument("components must be 'principal' or 'minor', got '" + components + "'");
+    options.pissa.init = init == "olora" ? pissa::InitMethod::olora : pissa::InitMethod::pissa;
+    options.pissa.components = components == "minor" ? pissa::Components::minor : pissa::Components::principal;
     options.pissa.randomized.niter = niter;
     options.pissa.fan_in_fan_out = fan_in_fan_out;
     options.seed = seed;
     options.target_modules = target_modules;
     options.target_regex = target_regex;
+    options.exclude_modules = exclude_modules;
+    options.exclude_regex = exclude_regex;
+    options.layers_to_transform = layers_to_transform;
+    options.layers_pattern = layers_pattern;
+    options.rank_pattern = rank_pattern;
+    options.alpha_pattern = alpha_pattern;
     if (quantize) {
         pissa::QuantInitConfig q;
         q.iterations = quant_iterations;
@@ -159,9 +178,10 @@ nb::dict merge_checkpoint(const std::string& model, const std::string& adapter, 
 void bind_checkpoint(nb::module_& m) {
     using namespace nb::literals;
     m.def("init_checkpoint", &init_checkpoint, "model"_a, "out"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a, "method"_a,
-          "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "fan_in_fan_out"_a, "quantize"_a,
-          "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a, "adapter_folder"_a, "shard"_a,
-          "resume"_a, "progress"_a.none(), "module_done"_a.none());
+          "init"_a, "components"_a, "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "exclude_modules"_a,
+          "exclude_regex"_a, "layers_to_transform"_a, "layers_pattern"_a, "rank_pattern"_a, "alpha_pattern"_a,
+          "fan_in_fan_out"_a, "quantize"_a, "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a,
+          "adapter_folder"_a, "shard"_a, "resume"_a, "progress"_a.none(), "module_done"_a.none());
     m.def("join_checkpoint", &join_checkpoint, "out"_a);
     m.def("merge_checkpoint", &merge_checkpoint, "model"_a, "adapter"_a, "out"_a, "force"_a, "progress"_a.none());
 }

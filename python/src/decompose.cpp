@@ -47,9 +47,15 @@ pissa::ExactSvdAlgorithm parse_algorithm(const std::string& algorithm) {
 /// The split of one weight: W copied once into the residual's buffer and split there in place
 /// (pissa::init_in_place, the same arithmetic as pissa::init and the checkpoint job).
 nb::dict init(const InArray& W, const std::string& dtype, Eigen::Index rank, double lora_alpha, bool use_rslora,
-              const std::string& method, int niter, Eigen::Index oversampling, std::uint64_t seed,
-              bool fan_in_fan_out) {
+              const std::string& method, int niter, Eigen::Index oversampling, std::uint64_t seed, bool fan_in_fan_out,
+              const std::string& init_method, const std::string& components) {
     pissa::PissaConfig config;
+    if (init_method != "pissa" && init_method != "olora")
+        throw pissa::invalid_argument("init must be 'pissa' or 'olora', got '" + init_method + "'");
+    if (components != "principal" && components != "minor")
+        throw pissa::invalid_argument("components must be 'principal' or 'minor', got '" + components + "'");
+    config.init = init_method == "olora" ? pissa::InitMethod::olora : pissa::InitMethod::pissa;
+    config.components = components == "minor" ? pissa::Components::minor : pissa::Components::principal;
     config.rank = rank;
     config.lora_alpha = lora_alpha;
     config.use_rslora = use_rslora;
@@ -161,7 +167,7 @@ nb::tuple pissa_to_lora(const InArray& A, const InArray& B, const InArray& A0, c
 void bind_decompose(nb::module_& m) {
     using namespace nb::literals;
     m.def("init", &init, "W"_a, "dtype"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a, "method"_a, "niter"_a,
-          "oversampling"_a, "seed"_a, "fan_in_fan_out"_a);
+          "oversampling"_a, "seed"_a, "fan_in_fan_out"_a, "init"_a, "components"_a);
     m.def("randomized_svd", &randomized_svd, "W"_a, "dtype"_a, "rank"_a, "niter"_a, "oversampling"_a, "seed"_a);
     m.def("truncated_svd", &truncated_svd, "W"_a, "dtype"_a, "rank"_a, "algorithm"_a, "tolerance"_a,
           "max_iterations"_a);

@@ -34,14 +34,30 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
     REQUIRE(pissa_run(dir, "generate --out m --dtype F32 --shards 2 " + small_llama).code == 0);
     // alpha 16, r 4: s = 4, so a merge that forgot the scaling would show
     const auto init = json_of(dir, "init m --out o --rank 4 --alpha 16 --targets q_proj,down_proj --json");
-    CHECK(keys_of(init) == std::set<std::string>{"command", "model",       "out",
-                                                 "adapter", "complete",    "already_complete",
-                                                 "shard",   "waiting_for", "resumed_tensors",
-                                                 "method",  "niter",       "fused_power_iteration",
-                                                 "seed",    "rank",        "lora_alpha",
-                                                 "scaling", "use_rslora",  "fan_in_fan_out",
-                                                 "seconds", "modules"});
+    CHECK(keys_of(init) == std::set<std::string>{"command",
+                                                 "model",
+                                                 "out",
+                                                 "adapter",
+                                                 "complete",
+                                                 "already_complete",
+                                                 "shard",
+                                                 "waiting_for",
+                                                 "resumed_tensors",
+                                                 "init",
+                                                 "method",
+                                                 "niter",
+                                                 "fused_power_iteration",
+                                                 "seed",
+                                                 "rank",
+                                                 "lora_alpha",
+                                                 "scaling",
+                                                 "use_rslora",
+                                                 "fan_in_fan_out",
+                                                 "seconds",
+                                                 "modules"});
     CHECK(init["scaling"] == 4.0);
+    CHECK(init["init"] == "pissa");
+    CHECK(init["method"] == "randomized");
     CHECK(init["complete"] == true);
     CHECK(keys_of(init["shard"]) == std::set<std::string>{"index", "count", "source"});
     const Checkpoint model(dir / "m"), residual(dir / "o");

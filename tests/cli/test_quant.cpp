@@ -3,6 +3,7 @@
 #include "cli/cli_support.hpp"
 
 #include <pissa/io/peft.hpp>
+#include <pissa/io/targets.hpp>
 #include <pissa/quant.hpp>
 #include <pissa/seed.hpp>
 

@@ -6,6 +6,8 @@
 #include <pissa/detail/huge_pages.hpp>
 #include <pissa/init.hpp>
 
+#include <Eigen/SVD>
+
 #include <cstddef>
 #include <cstdint>
 
@@ -250,4 +252,84 @@ TEST_CASE_TEMPLATE("init rejects bad input with a clear message and leaves W unt
     Matrix<S> stored = original;
     stored(7, 1) = std::numeric_limits<S>::infinity();
     CHECK_THROWS_WITH_AS(pissa::init(stored, config), doctest::Contains("non-finite"), pissa::invalid_argument);
+}
+
+TEST_CASE_TEMPLATE("MiLoRA: the r smallest triplets, residual identity, the kept values and energy", S, float, double) {
+    for (const Case shape : kShapes) {
+        const Index k = std::min(shape.out, shape.in);
+        const Vector<double> sigma = spectrum(k);
+        const Matrix<S> W = with_spectrum<S>(shape.out, shape.in, sigma, 5);
+        for (const Index r : {Index(1), k / 3}) {
+            CAPTURE(shape.out);
+            CAPTURE(r);
+            pissa::PissaConfig config;
+            config.rank = r;
+            config.lora_alpha = 16;
+            config.method = pissa::SvdMethod::exact;
+            config.components = pissa::Components::minor;
+            const auto result = pissa::init(W, config);
+            const S s = static_cast<S>(config.scaling());
+            CHECK(relative_error(Matrix<S>(result.residual + s * result.B * result.A), W) < 20 * eps<S>());
+            // The kept values are the r smallest, descending, and B^T B = A A^T = diag(S / s).
+            CHECK(relative_error(result.singular_values, sigma.tail(r)) < 1000 * eps<S>());
+            const Matrix<S> expected = (result.singular_values / s).asDiagonal();
+            CHECK((Matrix<S>(result.B.transpose() * result.B) - expected).norm() < 100 * eps<S>() * sigma(0));
+            // W_res keeps the principal part: ||W_res||^2 = sum of all but the r smallest sigma^2.
+            const double head = std::sqrt(sigma.head(k - r).squaredNorm());
+            CHECK(std::abs(result.residual.template cast<double>().norm() - head) < 100 * eps<S>() * sigma(0));
+            CHECK(result.quality.adapter_energy_fraction ==
+                  doctest::Approx(sigma.tail(r).squaredNorm() / sigma.squaredNorm()).epsilon(1e-3));
+            // s B A is the projection onto the minor singular subspace, whatever the signs.
+            const Eigen::BDCSVD<Matrix<double>> svd(W.template cast<double>(),
+                                                    Eigen::ComputeThinU | Eigen::ComputeThinV);
+            const Matrix<double> minor = svd.matrixU().rightCols(r) * svd.singularValues().tail(r).asDiagonal() *
+                                         svd.matrixV().rightCols(r).transpose();
+            CHECK(relative_error(Matrix<S>(s * result.B * result.A), minor) < 1000 * eps<S>());
+        }
+    }
+    pissa::PissaConfig randomized;
+    randomized.components = pissa::Components::minor;
+    randomized.method = pissa::SvdMethod::randomized;
+    CHECK_THROWS_WITH_AS(pissa::init(gaussian<S>(8, 6, 1), randomized), doctest::Contains("exact decomposition"),
+                         pissa::invalid_argument);
+}
+
+TEST_CASE_TEMPLATE("OLoRA: B = Q_r, A = R_r of the leading QR, residual W - s B A", S, float, double) {
+    for (const Case shape : kShapes) {
+        const Index k = std::min(shape.out, shape.in);
+        const Matrix<S> W = with_spectrum<S>(shape.out, shape.in, spectrum(k), 9);
+        for (const Index r : {Index(1), k / 2, k}) {
+            for (const bool fan_in_fan_out : {false, true}) {
+                CAPTURE(shape.out);
+                CAPTURE(r);
+                CAPTURE(fan_in_fan_out);
+                pissa::PissaConfig config;
+                config.rank = r;
+                config.lora_alpha = 3;  // s != 1: OLoRA's A and B are not divided by s
+                config.init = pissa::InitMethod::olora;
+                config.fan_in_fan_out = fan_in_fan_out;
+                const Matrix<S> stored = fan_in_fan_out ? Matrix<S>(W.transpose()) : W;
+                const auto result = pissa::init(stored, config);
+                const auto qr = pissa::leading_qr(W, r);
+                CHECK(relative_error(result.B, qr.Q) < 10 * eps<S>());
+                CHECK(relative_error(result.A, qr.R) < 10 * eps<S>());
+                const S s = static_cast<S>(config.scaling());
+                const Matrix<S> low_rank = s * result.B * result.A;
+                const Matrix<S> residual = fan_in_fan_out ? Matrix<S>(result.residual.transpose()) : result.residual;
+                CHECK(relative_error(Matrix<S>(residual + low_rank), W) < 20 * eps<S>());
+                CHECK(result.singular_values.size() == 0);
+                CHECK(result.quality.weight_norm == doctest::Approx(W.template cast<double>().norm()));
+                CHECK(result.quality.residual_norm == doctest::Approx(residual.template cast<double>().norm()));
+                Matrix<S> in_place = stored;
+                const auto adapter = pissa::init_in_place(in_place, config);
+                CHECK(relative_error(in_place, result.residual) == 0);
+                CHECK(relative_error(adapter.A, result.A) == 0);
+            }
+        }
+    }
+    pissa::PissaConfig both;
+    both.init = pissa::InitMethod::olora;
+    both.components = pissa::Components::minor;
+    CHECK_THROWS_WITH_AS(pissa::init(gaussian<S>(8, 6, 1), both), doctest::Contains("OLoRA has none"),
+                         pissa::invalid_argument);
 }

@@ -2,6 +2,7 @@
 // Eckart-Young optimum, for both algorithms, every input layout and dtype, and every bad input.
 #include "support.hpp"
 
+#include <pissa/rsvd.hpp>
 #include <pissa/svd.hpp>
 
 #include <Eigen/SVD>

@@ -19,6 +19,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 # Fields that name where or by what the adapter was written, not what it is.
 PROVENANCE = {"base_model_name_or_path", "revision", "peft_version"}
+# List fields peft holds as sets.
+UNORDERED = ("target_modules", "exclude_modules")
 
 
 def peft_reference_config(model_dir, out_dir, auto_cls=AutoModelForCausalLM, **lora_kwargs):
@@ -31,8 +33,9 @@ def peft_reference_config(model_dir, out_dir, auto_cls=AutoModelForCausalLM, **l
 
 def normalised(config: LoraConfig) -> dict:
     d = {k: v for k, v in config.to_dict().items() if k not in PROVENANCE}
-    if isinstance(d.get("target_modules"), (set, list, tuple)):
-        d["target_modules"] = sorted(d["target_modules"])
+    for key in UNORDERED:  # peft keeps these as sets and saves them in set order
+        if isinstance(d.get(key), (set, list, tuple)):
+            d[key] = sorted(d[key])
     return d
 
 
@@ -48,10 +51,10 @@ def compare_configs(ours_dir, peft_dir, ignore=()):
     raw_peft = json.loads((peft_dir / "adapter_config.json").read_text())
     assert set(raw_ours) <= set(raw_peft), f"fields peft does not write: {set(raw_ours) - set(raw_peft)}"
     for k, v in raw_ours.items():
-        if k in PROVENANCE:
+        if k in PROVENANCE or k in ignore:
             continue
         pv = raw_peft[k]
-        if k == "target_modules" and isinstance(v, list):
+        if k in UNORDERED and isinstance(v, list):
             v, pv = sorted(v), sorted(pv)
         assert v == pv, f"{k}: ours {v!r}, peft {pv!r}"
 

@@ -20,7 +20,8 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
         const auto it = meta.find(key);
         return it == meta.end() ? std::string() : it->second;
     };
-    const bool exact = meta_of("pissa.method") == "exact";
+    const std::string method = meta_of("pissa.method"), init = meta_of("pissa.init");
+    const bool exact = method == "exact";
     const bool fused = meta_of("pissa.fused_power_iteration") == "true";
     const bool quantize = meta.count("pissa.quantize") > 0;
     const std::string niter = meta_of("pissa.niter");
@@ -44,9 +45,9 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
         j["shard"] = {{"index", report.shard.index}, {"count", report.shard.count}, {"source", report.shard.source}};
         j["waiting_for"] = report.waiting_for;
         j["resumed_tensors"] = report.resumed_items;
-        j["method"] = exact ? "exact" : "randomized";
-        j["niter"] =
-            exact || niter.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(std::stoi(niter));
+        j["init"] = init;
+        j["method"] = method;
+        j["niter"] = niter.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(std::stoi(niter));
         j["fused_power_iteration"] = fused;
         j["seed"] = std::stoull(meta_of("pissa.seed").empty() ? "0" : meta_of("pissa.seed"));
         j["rank"] = report.config.r;
@@ -99,11 +100,13 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
                             format("%.3f s", m.seconds)});
         print_table({"module", "shape", "rank", "kept energy", "||W_res||_F", "||W||_F", "time"}, rows);
     }
-    std::printf(
-        "\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %s, %.2f s\n", report.modules.size(),
-        static_cast<long long>(report.config.r), report.config.lora_alpha, scaling,
-        exact ? "exact SVD" : format("randomized SVD niter %s%s", niter.c_str(), fused ? " (fused)" : "").c_str(),
-        meta_of("pissa.seed").c_str(), report.seconds);
+    const std::string how = init == "olora"    ? "OLoRA (leading QR)"
+                            : init == "milora" ? "MiLoRA (minor triplets, exact SVD)"
+                            : exact            ? "exact SVD"
+                                    : format("randomized SVD niter %s%s", niter.c_str(), fused ? " (fused)" : "");
+    std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %s, %.2f s\n", report.modules.size(),
+                static_cast<long long>(report.config.r), report.config.lora_alpha, scaling, how.c_str(),
+                meta_of("pissa.seed").c_str(), report.seconds);
     if (report.resumed_items > 0)
         std::printf("resumed: %zu tensors were already done and verified\n", report.resumed_items);
     if (sharded) {
@@ -140,9 +143,19 @@ int cmd_init(int argc, char** argv) {
               "randomized SVD with the fused power step Q = qr(W^T (W Q)): one pass over W per\n"
               "                           step up to rank 24 (K + 2 passes instead of 2K + 2). Not peft's\n"
               "                           algorithm: the same subspace in exact arithmetic, other rounding")
-        .option("targets", "LIST", "comma-separated module-name suffixes", "q_proj,v_proj")
-        .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
+        .option("init", "pissa|olora",
+                "the factorisation: pissa (singular triplets), or olora (peft's \"olora\": B = Q_r, A = R_r of\n"
+                "                           the leading QR of W)",
+                "pissa")
+        .option("components", "principal|minor",
+                "which triplets PiSSA keeps: the r largest, or the r smallest (MiLoRA; implies --exact:\n"
+                "                           a full SVD of each weight, O(m n min(m, n)))",
+                "principal")
         .flag("rslora", "rsLoRA scaling alpha / sqrt(r)")
+        .option("rank-pattern", "KEY=R,...",
+                "per-module rank (peft's rank_pattern: the first KEY whose regex matches the end of a\n"
+                "                           module name after a dot, e.g. v_proj=4 or layers\\.0\\..*=16)")
+        .option("alpha-pattern", "KEY=A,...", "per-module lora_alpha (peft's alpha_pattern, same rule)")
         .option("task-type", "T",
                 "peft task_type written to adapter_config.json (CAUSAL_LM, SEQ_CLS, ..., none for null);\n"
                 "                           default: from config.json's architectures (LlamaForCausalLM -> CAUSAL_LM,\n"
@@ -163,6 +176,7 @@ int cmd_init(int argc, char** argv) {
         .option("quantize", "nf4",
                 "QPiSSA: the residual is written as deq(NF4(W - s B A)) in the model's dtype; the summary\n"
                 "                           compares the error ||W - deq(Q) - s B A||_F with QLoRA's and LoftQ's");
+    add_selection_options(args, "q_proj,v_proj");
     add_quant_options(args);
     if (!args.parse(argc, argv)) return 0;
 
@@ -175,6 +189,21 @@ int cmd_init(int argc, char** argv) {
     if (exact && args.has("niter")) throw UsageError("--exact and --niter exclude each other");
     if (exact && args.has("fused")) throw UsageError("--exact and --fused exclude each other");
     config.method = exact ? pissa::SvdMethod::exact : pissa::SvdMethod::randomized;
+    const std::string init = args.get("init"), components = args.get("components");
+    if (init != "pissa" && init != "olora") throw UsageError("--init must be pissa or olora, got '" + init + "'");
+    if (components != "principal" && components != "minor")
+        throw UsageError("--components must be principal or minor, got '" + components + "'");
+    if (init == "olora") {
+        if (exact || args.has("niter") || args.has("fused") || components != "principal")
+            throw UsageError("--init olora takes no SVD option (--exact, --niter, --fused, --components)");
+        config.init = pissa::InitMethod::olora;
+    }
+    if (components == "minor") {
+        if (args.has("niter") || args.has("fused"))
+            throw UsageError("--components minor needs the exact SVD; --niter and --fused do not apply");
+        config.components = pissa::Components::minor;
+        config.method = pissa::SvdMethod::exact;
+    }
     config.randomized.niter = static_cast<int>(args.get_int("niter", 0, 1000));
     config.randomized.fused_power_iteration = args.has("fused");
     const std::uint64_t seed = args.get_u64("seed");
@@ -200,10 +229,7 @@ int cmd_init(int argc, char** argv) {
             "--task-type must be one of peft's CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, "
             "QUESTION_ANS, FEATURE_EXTRACTION, or none; got '" +
             options.task_type + "'");
-    pissa::io::AdapterConfig selection;
-    set_targets_from_args(args, selection);
-    options.target_modules = selection.target_modules;
-    options.target_regex = selection.target_regex;
+    set_targets_from_args(args, options);
     fs::path model_path = args.pos(0);
     if (model_path.empty()) model_path = builtin_model();
     if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");

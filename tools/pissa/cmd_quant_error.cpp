@@ -4,6 +4,7 @@
 #include "quant_report.hpp"
 
 #include <pissa/io/checkpoint.hpp>
+#include <pissa/io/targets.hpp>
 #include <pissa/io/tensor.hpp>
 #include <pissa/seed.hpp>
 
@@ -21,14 +22,12 @@ int cmd_quant_error(int argc, char** argv) {
         .option("rank", "R", "adapter rank r (the paper's table: 128)", "128")
         .option("niter", "K", "randomized SVD power iterations of every split", "4")
         .flag("exact", "exact truncated SVD for every split (the reference scripts' torch.linalg.svd)")
-        .option("targets", "LIST", "comma-separated module-name suffixes",
-                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-        .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
         .option("norm", "fro|nuclear", "error norm: Frobenius, or nuclear (the paper's; a full SVD per error)", "fro")
         .flag("fan-in-fan-out", "weights are stored [in, out] (GPT-2 Conv1D)")
         .option("seed", "S", "seed of the randomized SVD (module i uses stream i of it, as pissa init)", "0")
         .option("threads", "N", "threads (0: all cores)", "0")
         .flag("json", "print one JSON object (modules, kinds) on stdout instead of the tables");
+    add_selection_options(args, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj");
     add_quant_options(args);
     if (!args.parse(argc, argv)) return 0;
 
@@ -54,6 +53,8 @@ int cmd_quant_error(int argc, char** argv) {
     if (model_path.empty()) model_path = builtin_model();
     if (!fs::exists(model_path)) throw UsageError(model_path.string() + ": no such file or folder");
     const pissa::io::Checkpoint model(model_path);
+    static_cast<pissa::io::ModuleSelection&>(selection) =
+        pissa::io::resolve_selection(model, selection, pissa::io::infer_task_type(model_path));
     const auto targets = pissa::io::select_targets(model, selection);
 
     std::vector<ModuleQuantErrors> modules;

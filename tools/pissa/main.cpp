@@ -253,20 +253,115 @@ std::vector<std::string> split_list(const std::string& text) {
     return out;
 }
 
-void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config) {
+Args& add_selection_options(Args& args, const std::string& default_targets) {
+    return args
+        .option("targets", "LIST",
+                "comma-separated module-name suffixes, or all-linear (peft's: every linear weight but the\n"
+                "                           output layer)",
+                default_targets)
+        .option("target-regex", "RE", "full-match regular expression on module names (instead of --targets)")
+        .option("exclude", "LIST", "module-name suffixes never targeted (peft's exclude_modules)")
+        .option("exclude-regex", "RE", "full-match regular expression of modules never targeted (instead of --exclude)")
+        .option("layers", "LIST",
+                "layer numbers (0,1,5) a module matched by a --targets suffix must lie in (peft's\n"
+                "                           layers_to_transform)")
+        .option("layers-pattern", "NAME",
+                "name(s) of the layer list for --layers (peft's layers_pattern: layers, h, ...); default:\n"
+                "                           the first numbered component of the module name");
+}
+
+namespace {
+
+/// Compiles a regular expression of an option, as the library will. \throws UsageError.
+void check_regex(const std::string& option, const std::string& pattern) {
+    try {
+        std::regex check(pattern);
+    } catch (const std::regex_error& e) {
+        throw UsageError("--" + option + " is not a valid regular expression: " + std::string(e.what()));
+    }
+}
+
+/// "KEY=V,KEY=V" -> pairs in order; the value follows the last '=' of an entry.
+template <class Value, class Parse>
+std::vector<std::pair<std::string, Value>> parse_pattern_option(const Args& args, const std::string& option,
+                                                                Parse parse) {
+    std::vector<std::pair<std::string, Value>> out;
+    for (const auto& entry : split_list(args.get(option))) {
+        const auto eq = entry.rfind('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == entry.size())
+            throw UsageError("--" + option + ": '" + entry + "' is not KEY=VALUE");
+        const std::string key = entry.substr(0, eq), value = entry.substr(eq + 1);
+        check_regex(option, key);
+        out.emplace_back(key, parse(value));
+    }
+    if (out.empty()) throw UsageError("--" + option + " is empty");
+    return out;
+}
+
+}  // namespace
+
+void set_targets_from_args(const Args& args, pissa::io::ModuleSelection& selection) {
     if (args.has("targets") && args.has("target-regex"))
         throw UsageError("--targets and --target-regex exclude each other");
+    if (args.has("exclude") && args.has("exclude-regex"))
+        throw UsageError("--exclude and --exclude-regex exclude each other");
     if (args.has("target-regex")) {
-        config.target_regex = args.get("target-regex");
-        try {
-            std::regex check(config.target_regex);
-        } catch (const std::regex_error& e) {
-            throw UsageError("--target-regex is not a valid regular expression: " + std::string(e.what()));
+        selection.target_regex = args.get("target-regex");
+        check_regex("target-regex", selection.target_regex);
+    } else {
+        selection.target_modules = split_list(args.get("targets"));
+        if (selection.target_modules.empty()) throw UsageError("--targets is empty");
+        if (selection.target_modules.size() == 1 &&
+            pissa::io::ModuleSelection::is_all_linear(selection.target_modules[0])) {
+            selection.target_regex = selection.target_modules[0];  // peft's string form
+            selection.target_modules.clear();
         }
-        return;
     }
-    config.target_modules = split_list(args.get("targets"));
-    if (config.target_modules.empty()) throw UsageError("--targets is empty");
+    if (args.has("exclude")) {
+        selection.exclude_modules = split_list(args.get("exclude"));
+        if (selection.exclude_modules.empty()) throw UsageError("--exclude is empty");
+    }
+    if (args.has("exclude-regex")) {
+        selection.exclude_regex = args.get("exclude-regex");
+        check_regex("exclude-regex", selection.exclude_regex);
+    }
+    if (args.has("layers")) {
+        for (const auto& item : split_list(args.get("layers"))) {
+            long long layer = -1;
+            const auto [end, error] = std::from_chars(item.data(), item.data() + item.size(), layer);
+            if (error != std::errc() || end != item.data() + item.size() || layer < 0)
+                throw UsageError("--layers: '" + item + "' is not a layer number (0, 1, ...)");
+            selection.layers_to_transform.push_back(layer);
+        }
+        if (selection.layers_to_transform.empty()) throw UsageError("--layers is empty");
+    }
+    if (args.has("layers-pattern")) {
+        if (!args.has("layers")) throw UsageError("--layers-pattern needs --layers");
+        selection.layers_pattern = split_list(args.get("layers-pattern"));
+        for (const auto& p : selection.layers_pattern) check_regex("layers-pattern", p);
+    }
+    if (args.has("layers") && !selection.target_regex.empty())
+        throw UsageError("--layers needs --targets as a list of suffixes, not " +
+                         std::string(args.has("target-regex") ? "--target-regex" : "all-linear") +
+                         " (peft refuses layers_to_transform with a string target_modules)");
+    if (args.has("rank-pattern"))
+        selection.rank_pattern =
+            parse_pattern_option<pissa::Index>(args, "rank-pattern", [&](const std::string& v) -> pissa::Index {
+                long long r = 0;
+                const auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), r);
+                if (error != std::errc() || end != v.data() + v.size() || r < 1 || r > (1 << 20))
+                    throw UsageError("--rank-pattern: rank '" + v + "' is not an integer in [1, 1048576]");
+                return static_cast<pissa::Index>(r);
+            });
+    if (args.has("alpha-pattern"))
+        selection.alpha_pattern = parse_pattern_option<double>(args, "alpha-pattern", [&](const std::string& v) {
+            char* end = nullptr;
+            errno = 0;
+            const double a = std::strtod(v.c_str(), &end);
+            if (end != v.c_str() + v.size() || errno != 0 || !std::isfinite(a) || a <= 0)
+                throw UsageError("--alpha-pattern: alpha '" + v + "' is not a number > 0");
+            return a;
+        });
 }
 
 }  // namespace pissa_tool

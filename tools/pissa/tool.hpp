@@ -123,10 +123,16 @@ void set_threads(int threads);
 /// "a,b,,c" -> {"a", "b", "c"}.
 std::vector<std::string> split_list(const std::string& text);
 
-/// Which modules a command works on, from --targets LIST or --target-regex RE (peft's
-/// target_modules / target_regex fields of `config`).
-/// \throws UsageError when both are given, the list is empty or the regex does not compile.
-void set_targets_from_args(const Args& args, pissa::io::AdapterConfig& config);
+/// Declares the module-selection options: --targets (default `default_targets`), --target-regex,
+/// --exclude, --exclude-regex, --layers, --layers-pattern.
+Args& add_selection_options(Args& args, const std::string& default_targets);
+
+/// Which modules a command works on (peft's target_modules, exclude_modules, layers_to_transform,
+/// layers_pattern; rank_pattern and alpha_pattern where the command declares --rank-pattern
+/// KEY=R,... and --alpha-pattern KEY=A,...). `--targets all-linear` becomes peft's string form.
+/// \throws UsageError for exclusive options together, an empty list, a regex that does not
+///         compile, a bad layer number, rank or alpha, or --layers with a string target_modules.
+void set_targets_from_args(const Args& args, pissa::io::ModuleSelection& selection);
 
 /// The built-in model: generated once into the cache folder ($PISSA_CACHE_DIR, else
 /// $XDG_CACHE_HOME/pissa, else ~/.cache/pissa, else the temp folder) and reused.

@@ -34,6 +34,7 @@
 #include <pissa/io/partitioned_rewrite.hpp>
 #include <pissa/io/peft.hpp>
 #include <pissa/io/shard.hpp>
+#include <pissa/io/targets.hpp>
 #include <pissa/io/tensor.hpp>
 #include <pissa/io/work_folder.hpp>
 #include <pissa/qpissa.hpp>
@@ -55,14 +56,17 @@
 namespace pissa::io {
 
 /// What init_checkpoint does. The defaults are peft's: rank 8, alpha 8, `q_proj,v_proj`,
-/// `pissa_niter_4`, seed 0.
-struct InitCheckpointOptions {
-    /// Rank, lora_alpha, rsLoRA, fan_in_fan_out, exact or randomized SVD and its options. The
-    /// randomized seed inside is ignored: module i uses module_seed(seed, i).
+/// `pissa_niter_4`, seed 0. The inherited ModuleSelection chooses the modules (target_modules,
+/// `"all-linear"`, exclude_modules, layers_to_transform / layers_pattern) and gives a module its own
+/// rank or alpha (rank_pattern, alpha_pattern), with peft's rules (io/peft.hpp, io/targets.hpp).
+struct InitCheckpointOptions : ModuleSelection {
+    InitCheckpointOptions() { target_modules = {"q_proj", "v_proj"}; }
+
+    /// Rank, lora_alpha, rsLoRA, fan_in_fan_out, exact or randomized SVD and its options; a
+    /// rank_pattern / alpha_pattern entry overrides rank / lora_alpha for the modules it matches.
+    /// The randomized seed inside is ignored: module i uses module_seed(seed, i).
     PissaConfig pissa = default_pissa();
     std::uint64_t seed = 0;
-    std::vector<std::string> target_modules{"q_proj", "v_proj"};  ///< peft's list form (name or ".name" suffix)
-    std::string target_regex;  ///< peft's string form (full match); used instead of the list when set
     /// QPiSSA: when set, the residual is written as deq(NF4(W - s B A)) after `iterations`
     /// alternations, with this quantiser; its `pissa` member is replaced by `pissa` above.
     std::optional<QuantInitConfig> quantize;
@@ -129,59 +133,6 @@ struct InitCheckpointCallbacks {
     JoinProgress joining;
 };
 
-/// peft applies PiSSA to Linear (and Conv1D) layers only: an nn.Embedding target keeps LoRA's
-/// init and stores lora_embedding_A / lora_embedding_B, so a PiSSA adapter written for it would
-/// not load as one and the residual base would silently lack s B A. A checkpoint does not record
-/// layer types; embeddings are recognised by their conventional names.
-/// \throws pissa::invalid_argument naming the first embedding among `targets` (tensor names).
-inline void refuse_embedding_targets(const std::vector<std::string>& targets) {
-    static const std::set<std::string> embeddings = {"embed_tokens",
-                                                     "wte",
-                                                     "wpe",
-                                                     "word_embeddings",
-                                                     "position_embeddings",
-                                                     "token_type_embeddings",
-                                                     "embed_in",
-                                                     "embed_positions",
-                                                     "shared"};
-    for (const auto& name : targets) {
-        const std::string module = module_of_weight(name);
-        const std::string last = module.substr(module.rfind('.') + 1);
-        if (embeddings.count(last))
-            throw pissa::invalid_argument(name +
-                                          " is an embedding: peft initialises embedding targets as plain "
-                                          "LoRA (lora_embedding_A/B), not PiSSA; leave '" +
-                                          last + "' out of the targets");
-    }
-}
-
-/// peft's task_type for a model, from the class its config.json names (`architectures[0]`, as
-/// transformers' save_pretrained writes it): `...ForCausalLM` / `...LMHeadModel` -> CAUSAL_LM,
-/// `...ForSequenceClassification` -> SEQ_CLS, `...ForTokenClassification` -> TOKEN_CLS,
-/// `...ForQuestionAnswering` -> QUESTION_ANS, `...ForConditionalGeneration` -> SEQ_2_SEQ_LM; ""
-/// (null) for anything else, a bare model class or no config.json. A wrong task_type is not
-/// harmless: peft wraps the model by it, and e.g. a causal-LM wrapper fails on a BertModel.
-inline std::string infer_task_type(const std::filesystem::path& model) {
-    const auto config =
-        std::filesystem::is_directory(model) ? model / "config.json" : model.parent_path() / "config.json";
-    if (!detail::path_exists(config)) return "";
-    const std::string text = detail::read_text_file(config, max_adapter_config_size, "a model config");
-    const auto doc =
-        detail::parse_json_strict<nlohmann::ordered_json>(text.data(), text.data() + text.size(), config.string());
-    const auto it = doc.is_object() ? doc.find("architectures") : doc.end();
-    if (it == doc.end() || !it->is_array() || it->empty() || !(*it)[0].is_string()) return "";
-    const std::string name = (*it)[0].get<std::string>();
-    auto ends_with = [&](const std::string& suffix) {
-        return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-    };
-    if (ends_with("ForCausalLM") || ends_with("LMHeadModel")) return "CAUSAL_LM";
-    if (ends_with("ForSequenceClassification")) return "SEQ_CLS";
-    if (ends_with("ForTokenClassification")) return "TOKEN_CLS";
-    if (ends_with("ForQuestionAnswering")) return "QUESTION_ANS";
-    if (ends_with("ForConditionalGeneration") || ends_with("ForSeq2SeqLM")) return "SEQ_2_SEQ_LM";
-    return "";
-}
-
 /// The adapter_config.json of a job (peft's LoraConfig fields).
 inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, const std::filesystem::path& model) {
     AdapterConfig c;
@@ -191,19 +142,20 @@ inline AdapterConfig adapter_config_for(const InitCheckpointOptions& options, co
     c.fan_in_fan_out = options.pissa.fan_in_fan_out;
     c.init_lora_weights = true;
     c.base_model_name_or_path = std::filesystem::absolute(model).lexically_normal().string();
-    c.target_modules = options.target_modules;
-    c.target_regex = options.target_regex;
+    static_cast<ModuleSelection&>(c) = options;
     c.task_type = options.task_type.empty()     ? infer_task_type(model)
                   : options.task_type == "none" ? std::string()
                                                 : options.task_type;
     return c;
 }
 
-/// The adapter file's metadata: "format" as peft writes it, plus pissa.method, pissa.seed,
-/// pissa.seed_rule and the other options of the split, so that it can be reproduced.
+/// The adapter file's metadata: "format" as peft writes it, plus pissa.init (pissa, milora or
+/// olora), pissa.method (exact, randomized or qr), pissa.seed, pissa.seed_rule and the other
+/// options of the split, so that it can be reproduced.
 inline std::map<std::string, std::string> adapter_metadata_for(const InitCheckpointOptions& options) {
     const PissaConfig& c = options.pissa;
-    const bool exact = c.method == SvdMethod::exact;
+    const bool olora = c.init == InitMethod::olora, minor = c.components == Components::minor;
+    const bool exact = c.method == SvdMethod::exact || minor;
     auto number = [](double v) {
         char buffer[32];
         std::snprintf(buffer, sizeof buffer, "%.17g", v);
@@ -213,9 +165,18 @@ inline std::map<std::string, std::string> adapter_metadata_for(const InitCheckpo
         {"format", "pt"},
         {"pissa.version", std::to_string(PISSA_VERSION_MAJOR) + "." + std::to_string(PISSA_VERSION_MINOR) + "." +
                               std::to_string(PISSA_VERSION_PATCH)},
-        {"pissa.method", exact ? "exact" : "randomized"},
-        {"pissa.init_lora_weights", exact ? "pissa" : "pissa_niter_" + std::to_string(c.randomized.niter)},
-        {"pissa.niter", exact ? "" : std::to_string(c.randomized.niter)},
+        {"pissa.init", olora   ? "olora"
+                       : minor ? "milora"
+                               : "pissa"},
+        {"pissa.method", olora   ? "qr"
+                         : exact ? "exact"
+                                 : "randomized"},
+        // peft's value for the same initialisation; none for MiLoRA.
+        {"pissa.init_lora_weights", olora   ? "olora"
+                                    : minor ? ""
+                                    : exact ? "pissa"
+                                            : "pissa_niter_" + std::to_string(c.randomized.niter)},
+        {"pissa.niter", exact || olora ? "" : std::to_string(c.randomized.niter)},
         {"pissa.fused_power_iteration", c.randomized.fused_power_iteration ? "true" : "false"},
         {"pissa.seed", std::to_string(options.seed)},
         {"pissa.seed_rule", module_seed_rule},
@@ -328,12 +289,29 @@ inline LoraModule split_module(const SafetensorsFile& file, const TensorInfo& t,
     return module;
 }
 
+/// Refuses, before any work, a module whose rank or alpha (rank_pattern / alpha_pattern included)
+/// does not fit it. \throws pissa::invalid_argument naming the module.
+inline void require_valid_module(const std::string& module, const TensorInfo& t, const ModuleMatcher& matcher,
+                                 PissaConfig config) {
+    config.rank = matcher.rank_for(module);
+    config.lora_alpha = matcher.alpha_for(module);
+    try {
+        require_valid(config);
+    } catch (const pissa::invalid_argument& e) {
+        throw pissa::invalid_argument("module '" + module + "': " + e.what());
+    }
+    const std::uint64_t smaller = std::min(t.shape[0], t.shape[1]);
+    pissa::detail::require(static_cast<std::uint64_t>(config.rank) <= smaller, "module '", module, "' [", t.shape[0],
+                           ", ", t.shape[1], "]: rank ", config.rank, " is larger than min(out, in) = ", smaller);
+}
+
 /// The estimated flops of splitting an [m, n] weight (the partition's cost model; io/shard.hpp).
-inline double split_flops(double m, double n, const InitCheckpointOptions& options) {
+inline double split_flops(double m, double n, Index rank, const InitCheckpointOptions& options) {
     const PissaConfig& c = options.pissa;
-    const double r = static_cast<double>(c.rank), k = std::min(m, n);
+    const double r = static_cast<double>(rank), k = std::min(m, n);
     const double once =
-        c.method == SvdMethod::exact
+        c.init == InitMethod::olora ? 2 * m * r * r + 4 * m * n * r
+        : c.method == SvdMethod::exact || c.components == Components::minor
             ? 8 * m * n * k
             : (2.0 * c.randomized.niter + 2) * 2 * m * n * (r + c.randomized.oversampling) + 2 * m * n * r;
     return options.quantize ? (options.quantize->iterations + 1) * once + 40 * m * n : once;
@@ -521,7 +499,9 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         pissa::detail::require(file.filename() != options.adapter_folder, "init_checkpoint: ", file.string(),
                                " has the adapter folder's name '", options.adapter_folder,
                                "' and would be copied where the adapter goes; move it out of the model folder");
-    const AdapterConfig config = adapter_config_for(options, model);
+    AdapterConfig config = adapter_config_for(options, model);
+    static_cast<ModuleSelection&>(config) = resolve_selection(checkpoint, config, config.task_type);
+    const ModuleMatcher matcher(config);
     const auto metadata = adapter_metadata_for(options);
     const auto targets = select_targets(checkpoint, config);
     refuse_embedding_targets(targets);
@@ -545,9 +525,11 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         const TensorInfo& t = checkpoint.shards()[item.file]->tensors()[item.tensor];
         double flops = 0;
         if (target_set.count(t.name)) {
+            detail::require_valid_module(module_of_weight(t.name), t, matcher, options.pissa);
             job.target_number.emplace(i, job.target_number.size());
             target_items.push_back(i);
-            flops = detail::split_flops(static_cast<double>(t.shape[0]), static_cast<double>(t.shape[1]), options);
+            flops = detail::split_flops(static_cast<double>(t.shape[0]), static_cast<double>(t.shape[1]),
+                                        matcher.rank_for(module_of_weight(t.name)), options);
         }
         costs.push_back(item_cost(item.nbytes, flops));
     }
@@ -631,9 +613,11 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         ModuleReport row;
         row.name = module_of_weight(t.name);
         row.shape = t.shape;
-        row.rank = options.pissa.rank;
+        row.rank = matcher.rank_for(row.name);
         row.seed = module_seed(options.seed, number->second);
         PissaConfig module_config = options.pissa;
+        module_config.rank = row.rank;
+        module_config.lora_alpha = matcher.alpha_for(row.name);
         module_config.randomized.seed = row.seed;
         const LoraModule module = detail::split_module(file, t, bytes, module_config, quantize, row);
         row.seconds = seconds_since(t0);

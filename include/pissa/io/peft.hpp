@@ -8,7 +8,13 @@
 ///   `[out, r]`, float32; the adapter name ("default") does not appear.
 /// - target_modules (peft `check_target_module_exists`): a string is a regular expression that must
 ///   match the whole module name (`re.fullmatch`); a list matches a module whose name equals an
-///   entry or ends with `"." + entry`.
+///   entry or ends with `"." + entry`. `"all-linear"` is resolved against a checkpoint first
+///   (io/targets.hpp).
+/// - exclude_modules: checked first, with the same two forms; an excluded module is never targeted.
+/// - layers_to_transform / layers_pattern (list-form target_modules only, as peft requires): a module
+///   matched through a suffix (not named in full in the list) must also lie in one of the listed
+///   layers; its layer is the first `.<name>.<number>.` of its name, or with layers_pattern the first
+///   `<pattern>.<number>.` starting at the name's start or after a dot (detail::layer_index).
 /// - rank_pattern / alpha_pattern (peft `get_pattern_key`): the first key `k`, in file order, with
 ///   `re.match(rf"(.*\.)?({k})$", module)` gives the module's rank / alpha; otherwise `r` / `lora_alpha`.
 /// - scaling: alpha / r, or alpha / sqrt(r) with `use_rslora`.
@@ -33,12 +39,17 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -142,37 +153,109 @@ inline bool suffix_match(const std::vector<std::string>& entries, const std::str
     return false;
 }
 
+/// True when `text[from, to)` is a non-empty run of ASCII digits.
+inline bool all_digits(const std::string& text, std::size_t from, std::size_t to) {
+    if (from >= to) return false;
+    for (std::size_t i = from; i < to; ++i)
+        if (text[i] < '0' || text[i] > '9') return false;
+    return true;
+}
+
+/// Marks a layer number too large for int64: it is in no layers_to_transform list.
+inline constexpr std::int64_t unrepresentable_layer = std::numeric_limits<std::int64_t>::min();
+
+/// The layer number peft reads from a module name for layers_to_transform, or nullopt. Without
+/// patterns: `re.match(r".*?\.[^.]*\.(\d+)\.", module)`, i.e. the first dot followed by a
+/// segment, a dot, an all-digit segment and a dot (the lazy `.*?` takes the first such dot, so a
+/// nested index such as an expert's is not taken for the layer's). With patterns (tried in order):
+/// `re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module)`: the first start (0, then after each dot)
+/// and, from it, the first dot-ended stretch that the pattern matches whole, followed by an all-digit
+/// segment and a dot.
+inline std::optional<std::int64_t> layer_index(const std::string& module, const std::vector<std::regex>& patterns) {
+    std::vector<std::size_t> dots;
+    for (std::size_t i = 0; i < module.size(); ++i)
+        if (module[i] == '.') dots.push_back(i);
+    // The number in the segment after the dot dots[k], when that segment is all digits and is followed by a dot.
+    auto number_after = [&](std::size_t k) -> std::optional<std::int64_t> {
+        if (k + 1 >= dots.size() || !all_digits(module, dots[k] + 1, dots[k + 1])) return std::nullopt;
+        std::int64_t value = 0;
+        const char* first = module.data() + dots[k] + 1;
+        const auto [end, error] = std::from_chars(first, module.data() + dots[k + 1], value);
+        (void)end;
+        return error == std::errc() ? value : unrepresentable_layer;
+    };
+    if (patterns.empty()) {
+        for (std::size_t k = 0; k + 1 < dots.size(); ++k)
+            if (const auto n = number_after(k + 1)) return n;
+        return std::nullopt;
+    }
+    for (const auto& pattern : patterns) {
+        for (std::size_t start = 0, next_dot = 0; start <= module.size();) {
+            for (std::size_t k = next_dot; k < dots.size(); ++k)
+                if (std::regex_match(module.begin() + static_cast<std::ptrdiff_t>(start),
+                                     module.begin() + static_cast<std::ptrdiff_t>(dots[k]), pattern))
+                    if (const auto n = number_after(k)) return n;
+            if (next_dot >= dots.size()) break;
+            start = dots[next_dot++] + 1;
+        }
+    }
+    return std::nullopt;
+}
+
 }  // namespace detail
+
+/// peft's module selection: which modules of a model get a LoRA layer, and with which rank and
+/// alpha (the rules are in the file comment). AdapterConfig holds it as read from or written to
+/// adapter_config.json; io::InitCheckpointOptions holds the one a job applies.
+struct ModuleSelection {
+    std::vector<std::string> target_modules;  ///< suffix list (used when target_regex is empty)
+    /// target_modules given as a string: a full-match regex, or "all-linear" before it is resolved
+    /// against a model (io/targets.hpp).
+    std::string target_regex;
+    std::vector<std::string> exclude_modules;  ///< suffix list of modules never targeted
+    std::string exclude_regex;                 ///< exclude_modules given as a string: a full-match regex
+    /// Layer numbers a suffix-matched module must lie in (list-form target_modules only); empty: all.
+    std::vector<std::int64_t> layers_to_transform;
+    /// Regular expressions for the name of the layer list (`layers`, `h`, ...); empty: any name.
+    std::vector<std::string> layers_pattern;
+    std::vector<std::pair<std::string, Index>> rank_pattern;    ///< in file order
+    std::vector<std::pair<std::string, double>> alpha_pattern;  ///< in file order
+
+    /// True for target_modules "all-linear" (any case, as peft compares it).
+    bool all_linear() const { return is_all_linear(target_regex); }
+    /// True for peft's shorthand "all-linear", in any case.
+    static bool is_all_linear(std::string target) {
+        std::transform(target.begin(), target.end(), target.begin(),
+                       [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        return target == "all-linear";
+    }
+    /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
+    static bool pattern_matches(const std::string& key, const std::string& module) {
+        return detail::match_module(detail::compile_pattern_key(key), module);
+    }
+};
 
 /// The fields of peft's LoraConfig that pissa reads and writes (names as in adapter_config.json).
 /// Unknown fields are ignored on read and kept in `extra` so that a rewrite preserves them.
 /// The matching methods compile the patterns they use on every call; to match many modules, build
 /// a ModuleMatcher once.
-struct AdapterConfig {
+struct AdapterConfig : ModuleSelection {
     std::string peft_type = "LORA";
     std::string task_type = "CAUSAL_LM";
     std::string base_model_name_or_path;
     Index r = 8;
     double lora_alpha = 8;
     double lora_dropout = 0.0;
-    std::vector<std::string> target_modules;          ///< suffix list (used when target_regex is empty)
-    std::string target_regex;                         ///< target_modules given as a string: a full-match regex
     nlohmann::ordered_json init_lora_weights = true;  ///< true, false, "pissa", "pissa_niter_4", ...
     bool use_rslora = false;
     bool fan_in_fan_out = false;
     std::string bias = "none";
-    std::vector<std::pair<std::string, Index>> rank_pattern;          ///< in file order
-    std::vector<std::pair<std::string, double>> alpha_pattern;        ///< in file order
     nlohmann::ordered_json extra = nlohmann::ordered_json::object();  ///< other fields, kept as read
 
     /// True when peft would put a LoRA layer on the module (see the file comment).
-    /// \throws pissa::invalid_argument for a module name over max_module_name_length when
-    ///         target_regex is used, or a pattern over the limits (see detail::check_pattern).
-    bool targets(const std::string& module) const {
-        if (!target_regex.empty())
-            return detail::match_module(detail::compile_pattern(target_regex, "target_modules regex"), module);
-        return detail::suffix_match(target_modules, module);
-    }
+    /// \throws pissa::invalid_argument for a module name over max_module_name_length when a
+    ///         pattern is used, or a pattern over the limits (see detail::check_pattern).
+    bool targets(const std::string& module) const;
     /// The module's rank: the first matching rank_pattern entry, else r.
     Index rank_for(const std::string& module) const {
         for (const auto& [key, value] : rank_pattern)
@@ -189,31 +272,63 @@ struct AdapterConfig {
     double scaling_for(const std::string& module) const {
         return lora_scaling(alpha_for(module), rank_for(module), use_rslora);
     }
-    /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
-    static bool pattern_matches(const std::string& key, const std::string& module) {
-        return detail::match_module(detail::compile_pattern_key(key), module);
-    }
 };
 
-/// A config's target_modules, rank_pattern and alpha_pattern compiled once, for matching many
-/// modules (AdapterConfig's own methods compile on every call). Same answers as AdapterConfig's
-/// methods; it copies what it needs, so the config may change or go away afterwards.
+/// A selection's patterns compiled once, for matching many modules (AdapterConfig's own methods
+/// compile on every call). Same answers as AdapterConfig's methods; it copies what it needs, so the
+/// config may change or go away afterwards.
 class ModuleMatcher {
 public:
-    /// \throws pissa::invalid_argument for a pattern over the limits; std::regex_error for an invalid one.
-    explicit ModuleMatcher(const AdapterConfig& config)
-        : m_suffixes(config.target_modules), m_r(config.r), m_alpha(config.lora_alpha), m_rslora(config.use_rslora) {
-        if (!config.target_regex.empty())
+    /// \throws pissa::invalid_argument for a pattern over the limits, or for layers_to_transform /
+    ///         layers_pattern with a string target_modules or layers_pattern without
+    ///         layers_to_transform (peft's LoraConfig refuses both); std::regex_error for an
+    ///         invalid pattern.
+    ModuleMatcher(const ModuleSelection& selection, Index r, double lora_alpha, bool use_rslora)
+        : m_suffixes(selection.target_modules),
+          m_exclude_suffixes(selection.exclude_modules),
+          m_layers(selection.layers_to_transform),
+          m_r(r),
+          m_alpha(lora_alpha),
+          m_rslora(use_rslora) {
+        pissa::detail::require(selection.target_regex.empty() ||
+                                   (selection.layers_to_transform.empty() && selection.layers_pattern.empty()),
+                               "layers_to_transform and layers_pattern need target_modules as a list, not the "
+                               "string '",
+                               detail::shortened(selection.target_regex), "' (peft refuses this too)");
+        pissa::detail::require(selection.layers_pattern.empty() || !selection.layers_to_transform.empty(),
+                               "layers_pattern needs layers_to_transform (peft refuses it alone too)");
+        if (!selection.target_regex.empty())
             m_target =
-                std::make_unique<std::regex>(detail::compile_pattern(config.target_regex, "target_modules regex"));
-        for (const auto& [key, value] : config.rank_pattern)
+                std::make_unique<std::regex>(detail::compile_pattern(selection.target_regex, "target_modules regex"));
+        if (!selection.exclude_regex.empty())
+            m_exclude =
+                std::make_unique<std::regex>(detail::compile_pattern(selection.exclude_regex, "exclude_modules regex"));
+        for (const auto& pattern : selection.layers_pattern)
+            m_layer_patterns.push_back(detail::compile_pattern(pattern, "layers_pattern"));
+        for (const auto& [key, value] : selection.rank_pattern)
             m_ranks.emplace_back(detail::compile_pattern_key(key), value);
-        for (const auto& [key, value] : config.alpha_pattern)
+        for (const auto& [key, value] : selection.alpha_pattern)
             m_alphas.emplace_back(detail::compile_pattern_key(key), value);
     }
-    /// AdapterConfig::targets.
+    /// A config's selection, r, lora_alpha and use_rslora.
+    explicit ModuleMatcher(const AdapterConfig& config)
+        : ModuleMatcher(config, config.r, config.lora_alpha, config.use_rslora) {}
+
+    /// AdapterConfig::targets: peft's check_target_module_exists.
     bool targets(const std::string& module) const {
-        return m_target ? detail::match_module(*m_target, module) : detail::suffix_match(m_suffixes, module);
+        if (excluded(module)) return false;
+        if (m_target) return detail::match_module(*m_target, module);
+        // A module named in full is taken as is; layers_to_transform filters suffix matches only.
+        if (std::find(m_suffixes.begin(), m_suffixes.end(), module) != m_suffixes.end()) return true;
+        if (!detail::suffix_match(m_suffixes, module)) return false;
+        if (m_layers.empty()) return true;
+        const auto layer = detail::layer_index(checked(module), m_layer_patterns);
+        return layer && std::find(m_layers.begin(), m_layers.end(), *layer) != m_layers.end();
+    }
+    /// True when exclude_modules names the module (peft: it is then never targeted).
+    bool excluded(const std::string& module) const {
+        if (m_exclude) return detail::match_module(*m_exclude, module);
+        return detail::suffix_match(m_exclude_suffixes, module);
     }
     /// AdapterConfig::rank_for.
     Index rank_for(const std::string& module) const {
@@ -233,14 +348,26 @@ public:
     }
 
 private:
-    std::vector<std::string> m_suffixes;
-    std::unique_ptr<std::regex> m_target;
+    /// The module name, refused over max_module_name_length as every pattern match refuses it.
+    static const std::string& checked(const std::string& module) {
+        pissa::detail::require(module.size() <= max_module_name_length, "module name '", detail::shortened(module),
+                               "' has ", module.size(), " characters, over the limit of ", max_module_name_length,
+                               " for matching it against layers_pattern");
+        return module;
+    }
+
+    std::vector<std::string> m_suffixes, m_exclude_suffixes;
+    std::unique_ptr<std::regex> m_target, m_exclude;
+    std::vector<std::int64_t> m_layers;
+    std::vector<std::regex> m_layer_patterns;
     std::vector<std::pair<std::regex, Index>> m_ranks;
     std::vector<std::pair<std::regex, double>> m_alphas;
     Index m_r;
     double m_alpha;
     bool m_rslora;
 };
+
+inline bool AdapterConfig::targets(const std::string& module) const { return ModuleMatcher(*this).targets(module); }
 
 /// Parses adapter_config.json text: at most max_adapter_config_size bytes of JSON nested at most
 /// max_json_depth deep, whose two-space indented rewrite (write_adapter) stays under 4 x
@@ -289,6 +416,39 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
                     for (const auto& t : value) {
                         if (!t.is_string()) bad(key, "a string or a list of strings");
                         c.target_modules.push_back(t.get<std::string>());
+                    }
+                } else if (!value.is_null()) {
+                    bad(key, "a string or a list of strings");
+                }
+            } else if (key == "exclude_modules") {
+                if (value.is_string()) {
+                    c.exclude_regex = value.get<std::string>();
+                } else if (value.is_array()) {
+                    for (const auto& t : value) {
+                        if (!t.is_string()) bad(key, "a string or a list of strings");
+                        c.exclude_modules.push_back(t.get<std::string>());
+                    }
+                } else if (!value.is_null()) {
+                    bad(key, "a string or a list of strings");
+                }
+            } else if (key == "layers_to_transform") {
+                if (value.is_number_integer()) {
+                    c.layers_to_transform.push_back(value.get<std::int64_t>());
+                } else if (value.is_array()) {
+                    for (const auto& t : value) {
+                        if (!t.is_number_integer()) bad(key, "an integer or a list of integers");
+                        c.layers_to_transform.push_back(t.get<std::int64_t>());
+                    }
+                } else if (!value.is_null()) {
+                    bad(key, "an integer or a list of integers");
+                }
+            } else if (key == "layers_pattern") {
+                if (value.is_string()) {
+                    if (!value.get<std::string>().empty()) c.layers_pattern.push_back(value.get<std::string>());
+                } else if (value.is_array()) {
+                    for (const auto& t : value) {
+                        if (!t.is_string()) bad(key, "a string or a list of strings");
+                        c.layers_pattern.push_back(t.get<std::string>());
                     }
                 } else if (!value.is_null()) {
                     bad(key, "a string or a list of strings");
@@ -349,9 +509,25 @@ inline nlohmann::ordered_json to_json(const AdapterConfig& c) {
                                        ? nlohmann::ordered_json(nullptr)
                                        : nlohmann::ordered_json(c.base_model_name_or_path);
     j["bias"] = c.bias;
+    if (!c.exclude_regex.empty()) {
+        j["exclude_modules"] = c.exclude_regex;
+    } else if (!c.exclude_modules.empty()) {
+        j["exclude_modules"] = c.exclude_modules;
+    } else {
+        j["exclude_modules"] = nullptr;
+    }
     j["fan_in_fan_out"] = c.fan_in_fan_out;
     j["inference_mode"] = true;
     j["init_lora_weights"] = c.init_lora_weights;
+    if (c.layers_pattern.empty()) {
+        j["layers_pattern"] = nullptr;
+    } else if (c.layers_pattern.size() == 1) {
+        j["layers_pattern"] = c.layers_pattern.front();
+    } else {
+        j["layers_pattern"] = c.layers_pattern;
+    }
+    j["layers_to_transform"] =
+        c.layers_to_transform.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(c.layers_to_transform);
     if (c.lora_alpha == std::floor(c.lora_alpha) && std::abs(c.lora_alpha) < 1e15) {
         j["lora_alpha"] = static_cast<std::int64_t>(c.lora_alpha);  // peft writes ints as ints
     } else {
@@ -483,41 +659,6 @@ inline void write_adapter(const std::filesystem::path& dir, const Adapter& adapt
     }
     write_safetensors(dir / adapter_weights_name, tensors, adapter.metadata);
     detail::write_text_file(dir / adapter_config_name, to_json(adapter.config).dump(2) + "\n");
-}
-
-/// The names of the weights a config targets in a checkpoint: `<module>.weight` tensors that are
-/// 2-D float (F32/F16/BF16/F64) and whose module the config targets, in checkpoint order.
-/// Linear in the number of tensors (the patterns are compiled once).
-/// \throws pissa::invalid_argument when nothing matches, listing the module names the model has
-///         (grouped by their last component, with counts), or for a module name over
-///         max_module_name_length when target_modules is a regex.
-inline std::vector<std::string> select_targets(const Checkpoint& model, const AdapterConfig& config) {
-    std::vector<std::string> out;
-    std::map<std::string, int> available;
-    const ModuleMatcher matcher(config);
-    for (const auto& shard : model.shards())
-        for (const auto& t : shard->tensors()) {
-            const std::string module = module_of_weight(t.name);
-            if (module.empty() || !is_float_matrix(t)) continue;
-            available[module.substr(module.rfind('.') + 1)]++;
-            if (matcher.targets(module)) out.push_back(t.name);
-        }
-    if (out.empty()) {
-        std::string list;
-        for (const auto& [name, count] : available)
-            list += (list.empty() ? "" : ", ") + name + " (" + std::to_string(count) + ")";
-        std::string wanted;
-        if (!config.target_regex.empty()) {
-            wanted = "regex '" + config.target_regex + "'";
-        } else {
-            for (const auto& t : config.target_modules) wanted += (wanted.empty() ? "" : ",") + t;
-            wanted = "target modules '" + wanted + "'";
-        }
-        throw pissa::invalid_argument(
-            model.root().string() + ": " + wanted +
-            " match no 2-D float weight; the model's weight modules are: " + (list.empty() ? "(none)" : list));
-    }
-    return out;
 }
 
 /// The config of the rank-2r LoRA that a trained PiSSA adapter converts to (peft save_pretrained
