@@ -302,7 +302,7 @@ TEST_CASE("the malformed corpus: exit code 2, a clear message naming the file, n
 TEST_CASE("usage errors, overwrite protection, --help everywhere") {
     ScratchDir dir("cli-usage");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
-    for (const char* cmd : {"init", "convert", "merge", "inspect", "generate"}) {
+    for (const char* cmd : {"init", "convert", "merge", "export-gguf", "inspect", "generate"}) {
         const Run r = pissa_run(dir, std::string(cmd) + " --help");
         CHECK(r.code == 0);
         CHECK(r.out.find(std::string("usage: pissa ") + cmd) != std::string::npos);

@@ -3,6 +3,7 @@
 //   pissa join DIR                                      finish a job run in shards (init --shard K/N)
 //   pissa convert --initial I --trained T --out OUT    trained PiSSA adapter -> rank-2r LoRA
 //   pissa merge MODEL ADAPTER --out OUT                 W + s B A for every adapted weight
+//   pissa export-gguf ADAPTER --arch A --out F.gguf     the adapter as a GGUF LoRA for llama.cpp
 //   pissa inspect PATH                                  tensors of a checkpoint, or an adapter
 //   pissa generate --out DIR                            the synthetic Llama-shaped test model
 //   pissa quant-error [MODEL]                           NF4 error of QLoRA / LoftQ / QPiSSA per module
@@ -408,6 +409,7 @@ void print_usage(std::FILE* out) {
                  "  join         finish a job run in shards (pissa init --shard K/N)\n"
                  "  convert      turn a trained PiSSA adapter into a rank-2r LoRA for the original model\n"
                  "  merge        write W + s B A for every weight an adapter adapts\n"
+                 "  export-gguf  write an adapter as a GGUF LoRA adapter for llama.cpp (llama, mistral, qwen2)\n"
                  "  inspect      list a checkpoint's tensors, or an adapter's rank, alpha and norms\n"
                  "  generate     write the built-in synthetic Llama-shaped checkpoint\n"
                  "  quant-error  NF4 quantisation error of QLoRA, LoftQ and QPiSSA per module\n\n"
@@ -437,7 +439,7 @@ int main(int argc, char** argv) {
         {"init", pissa_tool::cmd_init},         {"convert", pissa_tool::cmd_convert},
         {"merge", pissa_tool::cmd_merge},       {"inspect", pissa_tool::cmd_inspect},
         {"generate", pissa_tool::cmd_generate}, {"quant-error", pissa_tool::cmd_quant_error},
-        {"join", pissa_tool::cmd_join}};
+        {"join", pissa_tool::cmd_join},         {"export-gguf", pissa_tool::cmd_export_gguf}};
     for (const auto& [name, run] : commands) {
         if (command != name) continue;
         try {

@@ -143,6 +143,7 @@ int cmd_init(int argc, char** argv);
 int cmd_join(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
 int cmd_merge(int argc, char** argv);
+int cmd_export_gguf(int argc, char** argv);
 int cmd_inspect(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_quant_error(int argc, char** argv);

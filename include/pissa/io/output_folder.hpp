@@ -55,23 +55,6 @@ inline std::filesystem::path resolved_path(const std::filesystem::path& p) {
     return out;
 }
 
-/// rename(2) that fails with EEXIST instead of replacing an existing target (Linux renameat2).
-inline int rename_no_replace(const std::filesystem::path& from, const std::filesystem::path& to) {
-#if defined(SYS_renameat2)
-    constexpr unsigned no_replace = 1;  // RENAME_NOREPLACE
-    const long rc = ::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), no_replace);
-    if (rc == 0 || (errno != ENOSYS && errno != EINVAL)) return static_cast<int>(rc);
-#endif
-    // Without renameat2: link-free folders cannot be moved atomically without replacing; check
-    // and rename (a narrow window instead of none).
-    struct stat st {};
-    if (::lstat(to.c_str(), &st) == 0) {
-        errno = EEXIST;
-        return -1;
-    }
-    return ::rename(from.c_str(), to.c_str());
-}
-
 inline std::string host_name() {
     char name[256] = {};
     if (::gethostname(name, sizeof name - 1) != 0 || !*name) return "host";

@@ -40,6 +40,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 namespace pissa::io {
@@ -101,6 +102,23 @@ inline int open_regular_file(const std::filesystem::path& path) {
     }
     ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     return fd;
+}
+
+/// rename(2) that fails with EEXIST instead of replacing an existing target (Linux renameat2).
+inline int rename_no_replace(const std::filesystem::path& from, const std::filesystem::path& to) {
+#if defined(SYS_renameat2)
+    constexpr unsigned no_replace = 1;  // RENAME_NOREPLACE
+    const long rc = ::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), no_replace);
+    if (rc == 0 || (errno != ENOSYS && errno != EINVAL)) return static_cast<int>(rc);
+#endif
+    // Without renameat2: link-free folders cannot be moved atomically without replacing; check
+    // and rename (a narrow window instead of none).
+    struct stat st {};
+    if (::lstat(to.c_str(), &st) == 0) {
+        errno = EEXIST;
+        return -1;
+    }
+    return ::rename(from.c_str(), to.c_str());
 }
 
 /// Reads exactly `size` bytes at `offset` of `fd` into `out`, retrying short reads; returns how many
@@ -319,8 +337,74 @@ inline std::vector<TensorInfo> packed_layout(const std::vector<TensorSpec>& tens
     return out;
 }
 
+/// A file written into a temporary file beside its target (`.NAME.tmp-XXXXXX`, mode 0644) and
+/// renamed into place by commit(), so that the target is either untouched or complete: a writer
+/// destroyed without commit() (an error, an exception) removes its temporary file. The shared core
+/// of every binary file this library writes (safetensors, GGUF).
+class AtomicFile {
+public:
+    /// Creates the temporary file. \throws pissa::io::io_error when it cannot be created.
+    explicit AtomicFile(std::filesystem::path path) : m_path(std::move(path)) {
+        std::string templ = (m_path.parent_path() / ("." + m_path.filename().string() + ".tmp-XXXXXX")).string();
+        if (m_path.parent_path().empty()) templ = "." + m_path.filename().string() + ".tmp-XXXXXX";
+        m_fd = ::mkstemp(templ.data());
+        if (m_fd < 0) throw io_error(m_path.string() + ": cannot create temporary file: " + detail::errno_text());
+        m_tmp = templ;
+        ::fchmod(m_fd, 0644);
+    }
+    AtomicFile(const AtomicFile&) = delete;
+    AtomicFile& operator=(const AtomicFile&) = delete;
+    ~AtomicFile() {
+        if (m_fd >= 0) ::close(m_fd);
+        if (!m_committed && !m_tmp.empty()) ::unlink(m_tmp.c_str());
+    }
+
+    /// The target path.
+    const std::filesystem::path& path() const { return m_path; }
+
+    /// Appends `size` bytes. \throws pissa::io::io_error naming the target when the write fails.
+    void write(const void* data, std::size_t size) {
+        const char* p = static_cast<const char*>(data);
+        while (size > 0) {
+            const ssize_t n = ::write(m_fd, p, size);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) throw io_error(m_path.string() + ": write failed: " + detail::errno_text());
+            p += n;
+            size -= static_cast<std::size_t>(n);
+        }
+    }
+
+    /// Flushes, closes and renames the file into place. With `replace` an existing target is
+    /// replaced; without it, a target that exists by then (another program wrote it meanwhile) is
+    /// left alone and the commit fails (pissa::invalid_argument).
+    /// \throws pissa::io::io_error when the OS refuses.
+    void commit(bool replace = true) {
+        if (::fsync(m_fd) != 0 || ::close(m_fd) != 0) {
+            m_fd = -1;
+            throw io_error(m_path.string() + ": cannot flush: " + detail::errno_text());
+        }
+        m_fd = -1;
+        if (replace) {
+            if (::rename(m_tmp.c_str(), m_path.c_str()) != 0)
+                throw io_error(m_path.string() + ": cannot rename into place: " + detail::errno_text());
+        } else if (detail::rename_no_replace(m_tmp, m_path) != 0) {
+            if (errno == EEXIST)
+                throw pissa::invalid_argument(m_path.string() +
+                                              " appeared while this run was writing; leaving it as it is");
+            throw io_error(m_path.string() + ": cannot rename into place: " + detail::errno_text());
+        }
+        m_committed = true;
+    }
+
+private:
+    std::filesystem::path m_path;
+    std::string m_tmp;
+    int m_fd = -1;
+    bool m_committed = false;
+};
+
 /// Streams a safetensors file: header first, then each tensor's bytes in the declared order, into a
-/// temporary file beside `path` that commit() renames into place.
+/// temporary file beside `path` (AtomicFile) that commit() renames into place.
 class SafetensorsWriter {
 public:
     /// Creates the temporary file and writes the header.
@@ -328,21 +412,9 @@ public:
     ///         pissa::io::io_error when the file cannot be created.
     SafetensorsWriter(std::filesystem::path path, const std::vector<TensorSpec>& tensors,
                       const std::map<std::string, std::string>& metadata = {})
-        : m_path(std::move(path)), m_tensors(packed_layout(tensors, m_path.string())) {
+        : m_path(std::move(path)), m_tensors(packed_layout(tensors, m_path.string())), m_file(m_path) {
         const std::string header = serialize_safetensors_header(m_tensors, metadata);
-        std::string templ = (m_path.parent_path() / ("." + m_path.filename().string() + ".tmp-XXXXXX")).string();
-        if (m_path.parent_path().empty()) templ = "." + m_path.filename().string() + ".tmp-XXXXXX";
-        m_fd = ::mkstemp(templ.data());
-        if (m_fd < 0) throw io_error(m_path.string() + ": cannot create temporary file: " + detail::errno_text());
-        m_tmp = templ;
-        ::fchmod(m_fd, 0644);
-        write_all(header.data(), header.size());
-    }
-    SafetensorsWriter(const SafetensorsWriter&) = delete;
-    SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
-    ~SafetensorsWriter() {
-        if (m_fd >= 0) ::close(m_fd);
-        if (!m_committed && !m_tmp.empty()) ::unlink(m_tmp.c_str());
+        m_file.write(header.data(), header.size());
     }
 
     /// The declared tensors with their offsets.
@@ -357,7 +429,7 @@ public:
         const TensorInfo& t = m_tensors[m_next];
         pissa::detail::require(m_part == 0 && size == t.nbytes(), m_path.string(), ": tensor '", t.name, "': got ",
                                size, " bytes, its shape and dtype need ", t.nbytes() - m_part);
-        write_all(data, size);
+        m_file.write(data, size);
         ++m_next;
     }
 
@@ -370,7 +442,7 @@ public:
         const TensorInfo& t = m_tensors[m_next];
         pissa::detail::require(size <= t.nbytes() - m_part, m_path.string(), ": tensor '", t.name, "': got ", size,
                                " bytes, it needs only ", t.nbytes() - m_part, " more");
-        write_all(data, size);
+        m_file.write(data, size);
         m_part += size;
         if (m_part == t.nbytes()) {
             m_part = 0;
@@ -383,35 +455,15 @@ public:
     void commit() {
         pissa::detail::require(m_next == m_tensors.size(), m_path.string(), ": only ", m_next, " of ", m_tensors.size(),
                                " tensors written");
-        if (::fsync(m_fd) != 0 || ::close(m_fd) != 0) {
-            m_fd = -1;
-            throw io_error(m_path.string() + ": cannot flush: " + detail::errno_text());
-        }
-        m_fd = -1;
-        if (::rename(m_tmp.c_str(), m_path.c_str()) != 0)
-            throw io_error(m_path.string() + ": cannot rename into place: " + detail::errno_text());
-        m_committed = true;
+        m_file.commit();
     }
 
 private:
-    void write_all(const void* data, std::size_t size) {
-        const char* p = static_cast<const char*>(data);
-        while (size > 0) {
-            const ssize_t n = ::write(m_fd, p, size);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) throw io_error(m_path.string() + ": write failed: " + detail::errno_text());
-            p += n;
-            size -= static_cast<std::size_t>(n);
-        }
-    }
-
     std::filesystem::path m_path;
-    std::string m_tmp;
-    int m_fd = -1;
-    bool m_committed = false;
+    std::vector<TensorInfo> m_tensors;
+    AtomicFile m_file;  // after m_tensors: a refused layout creates no temporary file
     std::size_t m_next = 0;
     std::uint64_t m_part = 0;  // bytes of tensor m_next written so far by write_part()
-    std::vector<TensorInfo> m_tensors;
 };
 
 /// A tensor held in memory, for small files (adapters, tests).
