@@ -35,6 +35,7 @@ struct LeadingQr {
 /// `compute_scalar_t` of W's scalar (float32 for 16-bit storage, as peft's olora).
 /// \param W  any Eigen dense expression (a Map over a checkpoint's bf16 buffer, a transpose, ...);
 ///           it is read in row blocks, never copied whole.
+/// \param rank  r, 1 <= r <= min(m, n).
 /// \throws pissa::invalid_argument for rank outside [1, min(m, n)], an empty W or a non-finite
 ///         entry (naming its row and column).
 template <class Derived>
