@@ -391,6 +391,20 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
     auto bad = [&](const std::string& key, const char* want) {
         throw format_error(file + ": field '" + key + "' must be " + want);
     };
+    // peft's str-or-list fields: a string goes to `one`, a list to `many`, null to neither.
+    auto string_or_list = [&](const std::string& key, const nlohmann::ordered_json& value, std::string& one,
+                              std::vector<std::string>& many) {
+        if (value.is_string()) {
+            one = value.get<std::string>();
+        } else if (value.is_array()) {
+            for (const auto& t : value) {
+                if (!t.is_string()) bad(key, "a string or a list of strings");
+                many.push_back(t.get<std::string>());
+            }
+        } else if (!value.is_null()) {
+            bad(key, "a string or a list of strings");
+        }
+    };
     try {
         for (const auto& [key, value] : doc.items()) {
             if (key == "peft_type") {
@@ -410,27 +424,13 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
                 if (!value.is_number()) bad(key, "a number");
                 c.lora_dropout = value.get<double>();
             } else if (key == "target_modules") {
-                if (value.is_string()) {
-                    c.target_regex = value.get<std::string>();
-                } else if (value.is_array()) {
-                    for (const auto& t : value) {
-                        if (!t.is_string()) bad(key, "a string or a list of strings");
-                        c.target_modules.push_back(t.get<std::string>());
-                    }
-                } else if (!value.is_null()) {
-                    bad(key, "a string or a list of strings");
-                }
+                string_or_list(key, value, c.target_regex, c.target_modules);
             } else if (key == "exclude_modules") {
-                if (value.is_string()) {
-                    c.exclude_regex = value.get<std::string>();
-                } else if (value.is_array()) {
-                    for (const auto& t : value) {
-                        if (!t.is_string()) bad(key, "a string or a list of strings");
-                        c.exclude_modules.push_back(t.get<std::string>());
-                    }
-                } else if (!value.is_null()) {
-                    bad(key, "a string or a list of strings");
-                }
+                string_or_list(key, value, c.exclude_regex, c.exclude_modules);
+            } else if (key == "layers_pattern") {
+                std::string one;
+                string_or_list(key, value, one, c.layers_pattern);
+                if (!one.empty()) c.layers_pattern.push_back(one);
             } else if (key == "layers_to_transform") {
                 if (value.is_number_integer()) {
                     c.layers_to_transform.push_back(value.get<std::int64_t>());
@@ -441,17 +441,6 @@ inline AdapterConfig parse_adapter_config(const std::string& text, const std::st
                     }
                 } else if (!value.is_null()) {
                     bad(key, "an integer or a list of integers");
-                }
-            } else if (key == "layers_pattern") {
-                if (value.is_string()) {
-                    if (!value.get<std::string>().empty()) c.layers_pattern.push_back(value.get<std::string>());
-                } else if (value.is_array()) {
-                    for (const auto& t : value) {
-                        if (!t.is_string()) bad(key, "a string or a list of strings");
-                        c.layers_pattern.push_back(t.get<std::string>());
-                    }
-                } else if (!value.is_null()) {
-                    bad(key, "a string or a list of strings");
                 }
             } else if (key == "init_lora_weights") {
                 c.init_lora_weights = value;
