@@ -1,5 +1,7 @@
 // cancel.hpp: a cancellation request stops the decompositions at their next pass over W with
 // pissa::cancelled, leaves in-place arguments untouched, and clears.
+#include "support.hpp"
+
 #include <pissa/pissa.hpp>
 
 #include <doctest/doctest.h>

@@ -1,6 +1,7 @@
-// PiSSA initialisation: every property of docs/math.md, for float and double, square, tall and
-// wide shapes, r = 1, a middle rank and r = min(m, n); 16-bit storage; fan_in_fan_out; rsLoRA;
-// the in-place form; the quality report; and every bad input.
+// Tests for init.hpp: PiSSA initialisation, every property of docs/math.md, for float and double,
+// square, tall and wide shapes, r = 1, a middle rank and r = min(m, n); 16-bit storage;
+// fan_in_fan_out; rsLoRA; the in-place form; the quality report's numbers; MiLoRA and OLoRA; and
+// every bad input.
 #include "support.hpp"
 
 #include <pissa/detail/huge_pages.hpp>
@@ -204,19 +205,6 @@ TEST_CASE("huge_page_range: whole 2 MiB pages inside the buffer, none below two 
         }
     }
     CHECK(huge_page_range(0, 64 * page).first == huge_page_range(0, 64 * page).last);  // null: nothing
-}
-
-TEST_CASE("the quality report reads well") {
-    const Matrix<double> W = with_spectrum<double>(30, 30, spectrum(30), 2);
-    pissa::PissaConfig config;
-    config.rank = 3;
-    const auto result = pissa::init(W, config);
-    const std::string line = pissa::to_string(result.quality);
-    CHECK(line.find("rank 3") != std::string::npos);
-    CHECK(line.find("adapter holds") != std::string::npos);
-    const Vector<double> sigma = spectrum(30);
-    CHECK(result.quality.adapter_energy_fraction ==
-          doctest::Approx(sigma.head(3).squaredNorm() / sigma.squaredNorm()).epsilon(1e-10));
 }
 
 TEST_CASE_TEMPLATE("init rejects bad input with a clear message and leaves W untouched", S, float, double) {

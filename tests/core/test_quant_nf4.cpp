@@ -1,7 +1,8 @@
-// NF4 blockwise quantisation (quant_nf4.hpp) and the 8-bit absmax compression
-// (quant_blockwise8.hpp) against hand-computed blocks and bitsandbytes' documented semantics.
+// Tests for quant_nf4.hpp: NF4 blockwise quantisation and its double quantisation of the
+// absmax, against hand-computed blocks and bitsandbytes' documented semantics.
 #include "support.hpp"
 
+#include <pissa/errors.hpp>
 #include <pissa/quant_nf4.hpp>
 
 #include <cmath>
@@ -209,33 +210,6 @@ TEST_CASE("NF4 rejects bad input") {
     Nf4Tensor broken = pissa::quantize_nf4(Matrix<float>::Ones(4, 4));
     broken.absmax.push_back(1.0f);
     CHECK_THROWS_AS(pissa::dequantize_nf4<float>(broken), pissa::invalid_argument);
-}
-
-TEST_CASE("8-bit dynamic map: bitsandbytes' create_dynamic_map shape") {
-    const auto& map = pissa::dynamic_map_8bit();
-    for (std::size_t k = 0; k + 1 < map.size(); ++k) CHECK(map[k] <= map[k + 1]);
-    CHECK(map[127] == 0.0f);
-    CHECK(map[255] == 1.0f);
-    // Largest non-unit entry: the last midpoint of linspace(0.1, 1, 65) = (0.9859375 + 1) / 2.
-    CHECK(map[254] == doctest::Approx(0.99296875).epsilon(1e-6));
-    CHECK(map[0] == -map[254]);
-    // Smallest magnitude: 1e-6 * (0.1 + 1) / 2.
-    CHECK(map[128] == doctest::Approx(5.5e-7).epsilon(1e-5));
-    CHECK(map[126] == -map[128]);
-}
-
-TEST_CASE("8-bit search reproduces the CUDA kernel's dQuantize<0>") {
-    const auto& map = pissa::dynamic_map_8bit();
-    // The binary search compares against odd-indexed entries only: those come back exactly...
-    for (int k = 1; k <= 253; k += 2) CHECK(int(pissa::quantize_8bit_value(map, map[std::size_t(k)])) == k);
-    // ...an even entry goes to a neighbour, and +1 is clamped to entry 254.
-    for (int k = 2; k <= 252; k += 2) {
-        const int got = pissa::quantize_8bit_value(map, map[std::size_t(k)]);
-        CHECK((got == k - 1 || got == k + 1));
-    }
-    CHECK(pissa::quantize_8bit_value(map, 1.0f) == 254);
-    CHECK(pissa::quantize_8bit_value(map, -1.0f) == 0);
-    CHECK(pissa::quantize_8bit_value(map, 0.0f) == 127);
 }
 
 TEST_CASE("NF4 double quantisation round trip of the absmax") {

@@ -1,45 +1,24 @@
-// Tests for io/init_checkpoint.hpp and io/merge_checkpoint.hpp: the whole-checkpoint jobs as a
-// library call — the residual plus s B A gives back every target weight, the other tensors and
-// files are untouched, the seed rule holds module by module, callbacks see every tensor and can
-// abort without leaving output, bad input names the module.
+// Tests for io/init_checkpoint.hpp: the whole-checkpoint job as a library call — the residual plus
+// s B A gives back every target weight, the other tensors and files are untouched, the seed rule
+// holds module by module, callbacks see every tensor and can abort without leaving output, bad
+// input names the module.
 #include "io_support.hpp"
+#include "model_support.hpp"
 #include "support.hpp"
 
 #include <pissa/init.hpp>
+#include <pissa/io/checkpoint.hpp>
 #include <pissa/io/init_checkpoint.hpp>
-#include <pissa/io/merge_checkpoint.hpp>
+#include <pissa/io/peft.hpp>
 #include <pissa/seed.hpp>
 
 #include <limits>
+#include <string>
 
 using namespace pissa::io;
+using pissa_test::make_model;
 using pissa_test::ScratchDir;
-
-namespace {
-
-/// A Llama-like single-file model: two layers of q/k/v projections (BF16, 48 x 32) with a decaying
-/// spectrum, an embedding, a norm vector, and a config.json beside it.
-void make_model(const std::filesystem::path& dir, Dtype dtype = Dtype::BF16) {
-    std::filesystem::create_directories(dir);
-    std::vector<OwnedTensor> tensors;
-    tensors.push_back(matrix_tensor("model.embed_tokens.weight", pissa_test::gaussian<float>(64, 32, 1), dtype));
-    for (int layer = 0; layer < 2; ++layer)
-        for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
-            const std::string name = "model.layers." + std::to_string(layer) + ".self_attn." + proj + ".weight";
-            pissa::Matrix<float> W = pissa_test::gaussian<float>(48, 32, 10 + name.size() + layer);
-            for (pissa::Index j = 0; j < W.cols(); ++j) W.col(j) *= std::pow(0.8f, static_cast<float>(j));
-            tensors.push_back(matrix_tensor(name, W, dtype));
-        }
-    tensors.push_back({{"model.norm.weight", Dtype::F32, {32}}, pissa_test::random_bytes(128, 3)});
-    write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
-    detail::write_text_file(dir / "config.json", "{\"model_type\": \"llama\"}");
-}
-
-pissa::Matrix<float> weight(const Checkpoint& model, const std::string& name) {
-    return read_matrix<float>(model.file_of(name), *model.find(name));
-}
-
-}  // namespace
+using pissa_test::weight;
 
 TEST_CASE("init_checkpoint: residual + s B A is the weight, other tensors and files are unchanged") {
     ScratchDir dir("init-ckpt");
@@ -143,37 +122,4 @@ TEST_CASE("init_checkpoint: a non-finite weight is named with its tensor and fil
         CHECK(what.find("model.safetensors") != std::string::npos);
         CHECK(what.find("row 3, column 5") != std::string::npos);
     }
-}
-
-TEST_CASE("merge_checkpoint: W_res + s B A gives back the model; unselected modules are skipped") {
-    ScratchDir dir("merge-ckpt");
-    make_model(dir / "model", Dtype::F32);
-    InitCheckpointOptions options;
-    options.pissa.rank = 4;
-    options.target_modules = {"q_proj", "v_proj", "k_proj"};
-    init_checkpoint(dir / "model", dir / "init", options);
-
-    // Narrow the adapter's target_modules: k_proj stays in the file but is no longer selected.
-    Adapter adapter = read_adapter(dir / "init/pissa_init");
-    adapter.config.target_modules = {"q_proj", "v_proj"};
-    write_adapter(dir / "adapter", adapter);
-    const auto report = merge_checkpoint(dir / "init", dir / "adapter", dir / "merged", false);
-    CHECK(report.modules.size() == 4);
-    REQUIRE(report.skipped.size() == 2);
-    CHECK(report.skipped[0] == "model.layers.0.self_attn.k_proj");
-
-    const Checkpoint original(dir / "model"), merged(dir / "merged"), residual(dir / "init");
-    for (const char* name : {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}) {
-        const pissa::Matrix<float> W = weight(original, name);
-        CHECK((weight(merged, name) - W).norm() <= 1e-5 * W.norm());
-    }
-    // The skipped module is left as the residual.
-    CHECK(weight(merged, "model.layers.0.self_attn.k_proj.weight") ==
-          weight(residual, "model.layers.0.self_attn.k_proj.weight"));
-
-    // Non-finite factors are refused before anything is written.
-    adapter.modules[0].A(0, 0) = std::numeric_limits<float>::quiet_NaN();
-    write_adapter(dir / "bad", adapter);
-    CHECK_THROWS_AS(merge_checkpoint(dir / "init", dir / "bad", dir / "merged2", false), pissa::invalid_argument);
-    CHECK_FALSE(std::filesystem::exists(dir / "merged2"));
 }

@@ -1,11 +1,9 @@
-// Tests for the pieces of a sharded, resumable job: --shard parsing and the launchers'
-// environments (io/shard.hpp), the deterministic partition, the checksum (io/checksum.hpp) and the
-// journal's handling of torn and damaged records (io/journal.hpp).
+// Tests for io/shard.hpp: --shard parsing, the launchers' environments and the deterministic
+// partition of the work.
 #include "io_support.hpp"
 #include "support.hpp"
 
-#include <pissa/io/checksum.hpp>
-#include <pissa/io/journal.hpp>
+#include <pissa/errors.hpp>
 #include <pissa/io/shard.hpp>
 
 #include <map>
@@ -106,72 +104,4 @@ TEST_CASE("partition_work: contiguous runs covering everything, each within one 
     CHECK(partition_work({}, 3) == std::vector<std::size_t>{0, 0, 0, 0});
     CHECK(partition_work({1, 100, 1}, 3) == std::vector<std::size_t>{0, 1, 2, 3});
     CHECK_THROWS_AS(partition_work({1}, 0), pissa::invalid_argument);
-}
-
-TEST_CASE("Checksum: independent of how the bytes are split, sensitive to every byte and the length") {
-    const auto bytes = pissa_test::random_bytes(1000, 5);
-    Checksum whole;
-    whole.update(bytes.data(), bytes.size());
-    for (std::size_t step : {1, 3, 31, 32, 33, 500}) {
-        Checksum pieces;
-        for (std::size_t at = 0; at < bytes.size(); at += step)
-            pieces.update(bytes.data() + at, std::min(step, bytes.size() - at));
-        CHECK(pieces.value() == whole.value());
-    }
-    for (std::size_t i : {0, 31, 32, 500, 999}) {
-        auto changed = bytes;
-        changed[i] ^= 1;
-        Checksum other;
-        other.update(changed.data(), changed.size());
-        CHECK(other.value() != whole.value());
-    }
-    Checksum shorter, zeros_a, zeros_b;
-    shorter.update(bytes.data(), bytes.size() - 1);
-    CHECK(shorter.value() != whole.value());
-    const std::vector<unsigned char> zeros(64, 0);
-    zeros_a.update(zeros.data(), 63);
-    zeros_b.update(zeros.data(), 64);
-    CHECK(zeros_a.value() != zeros_b.value());
-    CHECK(whole.hex().size() == 16);
-}
-
-TEST_CASE("Journal: records survive reopening; a torn or damaged record ends what is trusted") {
-    ScratchDir dir("journal");
-    const auto path = dir / "j.jsonl";
-    {
-        Journal j(path, "test journal");
-        CHECK(j.read().empty());
-        j.append({{"plan", "x"}});
-        j.append({{"from", 0}, {"to", 2}});
-        j.append({{"from", 2}, {"to", 3}});
-        // a second writer of the same journal is refused while the first holds it
-        CHECK_THROWS_WITH_AS(Journal(path, "test journal"), doctest::Contains("in use by another process"),
-                             pissa::invalid_argument);
-        CHECK(FileLock::held_elsewhere(path));
-    }
-    CHECK_FALSE(FileLock::held_elsewhere(path));
-    CHECK(read_journal(path).size() == 3);
-    const std::string text = pissa_test::read_bytes(path);
-
-    // a torn last line (power loss mid-write): the records before it stay
-    pissa_test::write_bytes(path, text.substr(0, text.size() - 5));
-    CHECK(read_journal(path).size() == 2);
-    // a damaged byte in the second record: it and everything after are dropped
-    std::string damaged = text;
-    damaged[text.find("\"to\":2") + 5] = '7';
-    pissa_test::write_bytes(path, damaged);
-    CHECK(read_journal(path).size() == 1);
-    // keep() cuts the file back to the records kept; appending goes on from there
-    pissa_test::write_bytes(path, text);
-    {
-        Journal j(path, "test journal");
-        REQUIRE(j.read().size() == 3);
-        j.keep(2);
-        j.append({{"done", true}});
-    }
-    const auto records = read_journal(path);
-    REQUIRE(records.size() == 3);
-    CHECK(records[1]["to"] == 2);
-    CHECK(records[2].contains("done"));
-    CHECK(read_journal(dir / "missing.jsonl").empty());
 }
