@@ -2,7 +2,8 @@
 
 ``pissa.get_peft_model(model, LoraConfig(init_lora_weights="pissa_niter_4", ...), seed=0)`` returns
 what ``peft.get_peft_model(model, config)`` returns, with each adapted layer split by
-:func:`pissa.init` instead of torch (peft's own arithmetic, seeded, multi-threaded):
+:func:`pissa.init` instead of torch (peft's own arithmetic, seeded, multi-threaded); peft's
+``"pissa"``, ``"pissa_niter_K"`` and ``"olora"`` are supported:
 
 * every layer that peft wraps gets ``A``, ``B`` and the residual ``W - s B A`` of its base weight,
   with that layer's own rank and scaling (rank_pattern, alpha_pattern, rsLoRA) and peft's
@@ -29,13 +30,16 @@ _SEED_RULE = "layer i (model.named_modules() order of the adapted layers) uses p
 
 
 def _method(init_lora_weights: Any) -> Tuple[str, int]:
+    """(method, niter) of peft's init_lora_weights: "exact", "randomized" or "qr" (OLoRA)."""
     if init_lora_weights == "pissa":
         return "exact", 0
+    if init_lora_weights == "olora":
+        return "qr", 0
     match = re.fullmatch(r"pissa_niter_(\d+)", str(init_lora_weights))
     if match and isinstance(init_lora_weights, str):
         return "randomized", int(match.group(1))
-    raise ValueError("pissa.get_peft_model needs a LoraConfig with init_lora_weights='pissa' or 'pissa_niter_K', "
-                     f"got {init_lora_weights!r} (use peft.get_peft_model for other initialisations)")
+    raise ValueError("pissa.get_peft_model needs a LoraConfig with init_lora_weights='pissa', 'pissa_niter_K' or "
+                     f"'olora', got {init_lora_weights!r} (use peft.get_peft_model for other initialisations)")
 
 
 def get_peft_model(model: Any, config: Any, *, seed: int = 0, adapter_name: str = "default", **kwargs: Any) -> Any:
@@ -67,9 +71,10 @@ def get_peft_model(model: Any, config: Any, *, seed: int = 0, adapter_name: str 
                 raise TypeError(f"{name}: PiSSA needs a float32, float16 or bfloat16 base weight, got {weight.dtype}")
             rank = layer.r[adapter_name]
             use_rslora = bool(layer.use_rslora.get(adapter_name, False))
-            split = init(weight.detach().cpu(), rank=rank, lora_alpha=layer.lora_alpha[adapter_name], method=method,
-                         niter=niter, seed=module_seed(seed, index), use_rslora=use_rslora,
-                         fan_in_fan_out=bool(layer.fan_in_fan_out))
+            split = init(weight.detach().cpu(), rank=rank, lora_alpha=layer.lora_alpha[adapter_name],
+                         method="randomized" if method == "qr" else method, niter=niter,
+                         seed=module_seed(seed, index), use_rslora=use_rslora,
+                         fan_in_fan_out=bool(layer.fan_in_fan_out), init="olora" if method == "qr" else "pissa")
             expected = float(layer.scaling[adapter_name])
             if abs(split.scaling - expected) > 1e-6 * abs(expected):
                 raise ValueError(f"{name}: peft's scaling {expected} differs from pissa's {split.scaling}")
@@ -85,9 +90,10 @@ def get_peft_model(model: Any, config: Any, *, seed: int = 0, adapter_name: str 
     peft_model.peft_config[adapter_name].init_lora_weights = True
     record = {
         "pissa.version": __version__,
+        "pissa.init": "olora" if method == "qr" else "pissa",
         "pissa.method": method,
-        "pissa.init_lora_weights": "pissa" if method == "exact" else f"pissa_niter_{niter}",
-        "pissa.niter": "" if method == "exact" else str(niter),
+        "pissa.init_lora_weights": {"exact": "pissa", "qr": "olora"}.get(method, f"pissa_niter_{niter}"),
+        "pissa.niter": str(niter) if method == "randomized" else "",
         "pissa.seed": str(seed),
         "pissa.seed_rule": _SEED_RULE,
     }

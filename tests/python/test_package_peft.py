@@ -118,8 +118,36 @@ def test_gpt2_conv1d_fan_in_fan_out():
         torch.testing.assert_close(peft_model(tokens).logits, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_olora_equals_peft(tmp_path):
+    """init_lora_weights="olora": the same s B A and residual as peft's olora_init, per module; the
+    original logits at initialisation; the saved adapter names the method."""
+    config = dict(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGETS), init_lora_weights="olora")
+    model = make_llama()
+    tokens = token_batch(128)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    ref_model = make_llama()
+    ref_model.load_state_dict(model.state_dict())
+    ours = pissa.get_peft_model(model, LoraConfig(**config))
+    theirs = peft_get_peft_model(ref_model, LoraConfig(**config))
+    a_mods, b_mods = peft_lora_modules(ours), peft_lora_modules(theirs)
+    assert sorted(a_mods) == sorted(b_mods) and len(a_mods) == 2 * len(LLAMA_TARGETS)
+    ours_base, theirs_base = base_weights(ours), base_weights(theirs)
+    for name, (A, B, s) in a_mods.items():
+        pA, pB, ps = b_mods[name]
+        assert s == ps
+        assert rel_err(s * B @ A, ps * pB @ pA) < 2e-5, name
+        assert rel_err(ours_base[name + ".weight"], theirs_base[name + ".weight"]) < 2e-5, name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, expected, atol=2e-5, rtol=1e-4)
+    ours.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["pissa.init"] == "olora" and meta["pissa.init_lora_weights"] == "olora" and meta["pissa.niter"] == ""
+
+
 def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="pissa_niter_K"):
-        pissa.get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
+        pissa.get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
     with pytest.raises(ValueError, match="pissa_niter_K"):
         pissa.get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
