@@ -37,7 +37,7 @@ struct LeadingQr {
 ///           it is read in row blocks, never copied whole.
 /// \param rank  r, 1 <= r <= min(m, n).
 /// \throws pissa::invalid_argument for rank outside [1, min(m, n)], an empty W or a non-finite
-///         entry (naming its row and column).
+///         entry (naming its row and column); pissa::numerical_error if a finite W overflows Q^T W.
 template <class Derived>
 LeadingQr<compute_scalar_t<typename Derived::Scalar>> leading_qr(const Eigen::MatrixBase<Derived>& W, Index rank) {
     using Scalar = compute_scalar_t<typename Derived::Scalar>;
@@ -46,12 +46,6 @@ LeadingQr<compute_scalar_t<typename Derived::Scalar>> leading_qr(const Eigen::Ma
     detail::require(rank >= 1 && rank <= std::min(m, n),
                     "leading_qr: rank must satisfy 1 <= r <= min(m, n) = ", std::min(m, n), " for a ", m, " x ", n,
                     " matrix, got r = ", rank);
-    for (Index i = 0; i < m; ++i)
-        for (Index j = 0; j < n; ++j)
-            detail::require(std::isfinite(static_cast<double>(W(i, j))),
-                            "leading_qr: the weight matrix contains a non-finite value (", static_cast<double>(W(i, j)),
-                            ") at row ", i, ", column ", j);
-
     LeadingQr<Scalar> result;
     const Matrix<Scalar> panel = W.leftCols(rank).template cast<Scalar>();
     const Eigen::HouseholderQR<Matrix<Scalar>> qr(panel);
@@ -63,6 +57,16 @@ LeadingQr<compute_scalar_t<typename Derived::Scalar>> leading_qr(const Eigen::Ma
         const Index rows = std::min(block, m - r0);
         const Matrix<Scalar> slice = W.middleRows(r0, rows).template cast<Scalar>();
         result.R.noalias() += result.Q.middleRows(r0, rows).transpose() * slice;
+    }
+    // A NaN or infinity anywhere in W reaches R (each column of R sums a column of W against Q), so
+    // W is scanned, to name the entry, only when R is not finite.
+    if (!result.R.allFinite() || !result.Q.allFinite()) {
+        for (Index i = 0; i < m; ++i)
+            for (Index j = 0; j < n; ++j)
+                detail::require(std::isfinite(static_cast<double>(W(i, j))),
+                                "leading_qr: the weight matrix contains a non-finite value (",
+                                static_cast<double>(W(i, j)), ") at row ", i, ", column ", j);
+        throw numerical_error("leading_qr: Q^T W overflowed the compute type; rescale W");
     }
     for (Index i = 0; i < rank; ++i) {
         result.R.row(i).head(i).setZero();  // exactly zero below the diagonal, as R is

@@ -157,3 +157,8 @@ def test_python_init_siblings_match_the_checkpoint_job(tiny_llama, tmp_path):
     assert len(pkg.init(weight, rank=3, init="olora").singular_values) == 0
     with pytest.raises(ValueError, match="exact decomposition"):
         pkg.init(weight, rank=3, components="minor", method="randomized")
+    with pytest.raises(ValueError, match="init must be 'pissa' or 'olora'"):
+        pkg.init(weight, rank=3, init="milora")
+    with pytest.raises(ValueError, match="components must be 'principal' or 'minor'"):
+        pkg.init_checkpoint(model_dir, tmp_path / "bad", rank=3, components="smallest")
+    assert not (tmp_path / "bad").exists()

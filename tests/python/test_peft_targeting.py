@@ -201,6 +201,9 @@ def test_python_package_selection_matches_the_tool(pissa, tiny_llama, tmp_path):
     (["--rank-pattern", "v_proj"], "is not KEY=VALUE"),
     (["--alpha-pattern", "v_proj=-1"], "is not a number > 0"),
     (["--layers", "a"], "is not a layer number"),
+    (["--rank-pattern", "v_proj=0"], "is not an integer in [1, 1048576]"),
+    (["--exclude-regex", "(q"], "--exclude-regex is not a valid regular expression"),
+    (["--layers", "0", "--layers-pattern", "la[yers"], "--layers-pattern is not a valid regular expression"),
     (["--exclude", "x", "--exclude-regex", "y"], "exclude each other"),
 ])
 def test_selection_refusals(pissa, tiny_llama, tmp_path, args, message):

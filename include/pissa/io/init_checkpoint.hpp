@@ -289,12 +289,17 @@ inline LoraModule split_module(const SafetensorsFile& file, const TensorInfo& t,
     return module;
 }
 
-/// Refuses, before any work, a module whose rank or alpha (rank_pattern / alpha_pattern included)
-/// does not fit it. \throws pissa::invalid_argument naming the module.
-inline void require_valid_module(const std::string& module, const TensorInfo& t, const ModuleMatcher& matcher,
-                                 PissaConfig config) {
-    config.rank = matcher.rank_for(module);
-    config.lora_alpha = matcher.alpha_for(module);
+/// The split configuration of one module: `pissa` with the module's rank and lora_alpha
+/// (rank_pattern / alpha_pattern applied).
+inline PissaConfig module_config(PissaConfig pissa, const ModuleMatcher& matcher, const std::string& module) {
+    pissa.rank = matcher.rank_for(module);
+    pissa.lora_alpha = matcher.alpha_for(module);
+    return pissa;
+}
+
+/// Refuses, before any work, a module whose configuration (its rank and alpha) does not fit it.
+/// \throws pissa::invalid_argument naming the module.
+inline void require_valid_module(const std::string& module, const TensorInfo& t, const PissaConfig& config) {
     try {
         require_valid(config);
     } catch (const pissa::invalid_argument& e) {
@@ -525,11 +530,13 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         const TensorInfo& t = checkpoint.shards()[item.file]->tensors()[item.tensor];
         double flops = 0;
         if (target_set.count(t.name)) {
-            detail::require_valid_module(module_of_weight(t.name), t, matcher, options.pissa);
+            const std::string module = module_of_weight(t.name);
+            const PissaConfig split = detail::module_config(options.pissa, matcher, module);
+            detail::require_valid_module(module, t, split);
             job.target_number.emplace(i, job.target_number.size());
             target_items.push_back(i);
-            flops = detail::split_flops(static_cast<double>(t.shape[0]), static_cast<double>(t.shape[1]),
-                                        matcher.rank_for(module_of_weight(t.name)), options);
+            flops = detail::split_flops(static_cast<double>(t.shape[0]), static_cast<double>(t.shape[1]), split.rank,
+                                        options);
         }
         costs.push_back(item_cost(item.nbytes, flops));
     }
@@ -613,13 +620,11 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         ModuleReport row;
         row.name = module_of_weight(t.name);
         row.shape = t.shape;
-        row.rank = matcher.rank_for(row.name);
+        PissaConfig split = detail::module_config(options.pissa, matcher, row.name);
+        row.rank = split.rank;
         row.seed = module_seed(options.seed, number->second);
-        PissaConfig module_config = options.pissa;
-        module_config.rank = row.rank;
-        module_config.lora_alpha = matcher.alpha_for(row.name);
-        module_config.randomized.seed = row.seed;
-        const LoraModule module = detail::split_module(file, t, bytes, module_config, quantize, row);
+        split.randomized.seed = row.seed;
+        const LoraModule module = detail::split_module(file, t, bytes, split, quantize, row);
         row.seconds = seconds_since(t0);
         const auto piece = detail::piece_path(work, number->second);
         write_safetensors(piece,

@@ -229,6 +229,17 @@ struct ModuleSelection {
                        [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
         return target == "all-linear";
     }
+    /// peft's LoraConfig checks: layers_to_transform and layers_pattern need list-form
+    /// target_modules (not a regex, not "all-linear"), and layers_pattern needs layers_to_transform.
+    /// \throws pissa::invalid_argument saying which.
+    void require_valid() const {
+        pissa::detail::require(target_regex.empty() || (layers_to_transform.empty() && layers_pattern.empty()),
+                               "layers_to_transform and layers_pattern need target_modules as a list, not the string '",
+                               detail::shortened(target_regex), "'",
+                               all_linear() ? ", peft's all-linear shorthand" : "", " (peft refuses this too)");
+        pissa::detail::require(layers_pattern.empty() || !layers_to_transform.empty(),
+                               "layers_pattern needs layers_to_transform (peft refuses it alone too)");
+    }
     /// peft get_pattern_key: re.match(rf"(.*\.)?({key})$", module).
     static bool pattern_matches(const std::string& key, const std::string& module) {
         return detail::match_module(detail::compile_pattern_key(key), module);
@@ -290,13 +301,7 @@ public:
           m_r(r),
           m_alpha(lora_alpha),
           m_rslora(use_rslora) {
-        pissa::detail::require(selection.target_regex.empty() ||
-                                   (selection.layers_to_transform.empty() && selection.layers_pattern.empty()),
-                               "layers_to_transform and layers_pattern need target_modules as a list, not the "
-                               "string '",
-                               detail::shortened(selection.target_regex), "' (peft refuses this too)");
-        pissa::detail::require(selection.layers_pattern.empty() || !selection.layers_to_transform.empty(),
-                               "layers_pattern needs layers_to_transform (peft refuses it alone too)");
+        selection.require_valid();
         if (!selection.target_regex.empty())
             m_target =
                 std::make_unique<std::regex>(detail::compile_pattern(selection.target_regex, "target_modules regex"));

@@ -191,14 +191,12 @@ inline std::vector<std::string> minimal_target_modules(const std::vector<std::st
 /// shortens it (peft's inject_adapter). Other fields unchanged.
 inline ModuleSelection resolve_selection(const Checkpoint& model, ModuleSelection selection,
                                          const std::string& task_type) {
+    selection.require_valid();  // before "all-linear" becomes a list
     if (selection.all_linear()) {
         selection.target_regex.clear();
         selection.target_modules = all_linear_modules(model, task_type);
         pissa::detail::require(!selection.target_modules.empty(), model.root().string(),
                                ": target_modules all-linear: the model has no linear weight besides its output layer");
-        pissa::detail::require(selection.layers_to_transform.empty() && selection.layers_pattern.empty(),
-                               "layers_to_transform and layers_pattern need target_modules as a list, not the "
-                               "string 'all-linear' (peft refuses this too)");
     }
     if (!selection.target_regex.empty() || selection.target_modules.size() < min_target_modules_to_condense)
         return selection;
@@ -223,13 +221,10 @@ inline std::vector<std::string> select_targets(const Checkpoint& model, const Ad
     std::vector<std::string> out;
     std::map<std::string, int> available;
     const ModuleMatcher matcher(config);
-    for (const auto& shard : model.shards())
-        for (const auto& t : shard->tensors()) {
-            const std::string module = module_of_weight(t.name);
-            if (module.empty() || !is_float_matrix(t)) continue;
-            available[module.substr(module.rfind('.') + 1)]++;
-            if (matcher.targets(module)) out.push_back(t.name);
-        }
+    for (const auto& module : weight_modules(model)) {
+        available[module.substr(module.rfind('.') + 1)]++;
+        if (matcher.targets(module)) out.push_back(module + ".weight");
+    }
     if (out.empty()) {
         std::string list;
         for (const auto& [name, count] : available)
