@@ -19,6 +19,11 @@
 /// CholeskyQR2 (detail/cholesky_qr.hpp: two Gram matrices and two triangular updates by the
 /// skinny-product kernels) with Householder QR where the block is too ill-conditioned for it.
 ///
+/// For a bfloat16 W the products can round the skinny operand to bfloat16 and multiply on the
+/// AMX tile unit (ProductPrecision; the default where AMX is present): W is stored in bfloat16
+/// anyway, the sums stay float32, and the orthonormalisations and the small SVD are float32 as
+/// before. The error against the optimum moves by less than 1e-4 relative (docs/math.md).
+///
 /// The Gaussian draws come from pissa's own splitmix64 stream (not torch's generator), so the
 /// result is a deterministic function of (W, rank, options) on every platform and thread count.
 #pragma once
@@ -41,13 +46,38 @@
 
 namespace pissa {
 
+/// The arithmetic of the randomized SVD's products with W. The skinny operand is the only
+/// thing rounded: W is used exactly as stored, and sums are float32 in every mode.
+enum class ProductPrecision {
+    /// `bfloat16` where the CPU has AMX (about 5x the float32 products' speed at q = 128 there),
+    /// `float32` elsewhere. The default.
+    automatic,
+    /// W widened to float32 and float32 products, as torch.svd_lowrank computes.
+    float32,
+    /// For a bfloat16 W: the skinny operand rounded to bfloat16, float32 accumulation: AMX
+    /// (`tdpbf16ps`) where present, else AVX512_BF16 (`vdpbf16ps`; on the Intel Xeon measured
+    /// it is 0.75x the float32 products' speed, see docs/performance.md), else float32. Other
+    /// storage dtypes: float32. The error against the Eckart-Young optimum moves by less than
+    /// 1e-4 relative on the measured shapes (docs/math.md, "Products in bfloat16").
+    bfloat16,
+};
+
 /// Options of the randomized SVD; the defaults are peft's `pissa_niter_4`.
 struct RandomizedSvdOptions {
     int niter = 4;                       ///< power iterations K >= 0 (peft: the K of "pissa_niter_K")
     Index oversampling = 0;              ///< extra test vectors p >= 0, q = r + p capped at min(m, n)
     std::uint64_t seed = 0;              ///< seed of the Gaussian test matrix
     bool fused_power_iteration = false;  ///< Q = qr(W^T (W Q)) per step; see the file comment
+    ProductPrecision products = ProductPrecision::automatic;  ///< see ProductPrecision
 };
+
+/// Whether randomized_svd with these options multiplies a `Storage` W in bfloat16 on this machine.
+template <class Storage>
+bool uses_bf16_products(const RandomizedSvdOptions& options) {
+    if (!detail::bf16_products_available<Storage, compute_scalar_t<Storage>>()) return false;
+    return options.products == ProductPrecision::bfloat16 ||
+           (options.products == ProductPrecision::automatic && detail::cpu_supports_amx_bf16());
+}
 
 /// Throws pissa::invalid_argument for options outside their ranges.
 inline void require_valid(const RandomizedSvdOptions& options) {
@@ -73,7 +103,7 @@ struct RandomizedSvdWorkspace {
 template <class Scalar, class Storage>
 void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const RandomizedSvdOptions& options,
                     RandomizedSvdWorkspace<Scalar>& ws, SvdResult<Scalar>& out) {
-    const WeightOperator<Storage> W{weight, ws.kernels};
+    const WeightOperator<Storage> W{weight, ws.kernels, uses_bf16_products<Storage>(options)};
     const Index q = std::min(std::min(W.rows(), W.cols()), rank + options.oversampling);
     fill_gaussian(ws.G, W.rows(), q, options.seed);
     W.apply_transposed(ws.G, ws.Q);
@@ -120,7 +150,7 @@ void check_randomized_svd_arguments(const Eigen::MatrixBase<Derived>& W, Index r
 ///
 /// \param W     any Eigen dense expression; computation in `compute_scalar_t<Scalar>`.
 /// \param rank  1 <= rank <= min(m, n)
-/// \param options niter, oversampling, seed, fused_power_iteration
+/// \param options niter, oversampling, seed, fused_power_iteration, products
 /// \throws pissa::invalid_argument for a rank out of range, negative niter or oversampling, an
 ///         empty or non-finite W; pissa::numerical_error if the small SVD fails.
 /// \warning The test matrix comes from pissa's generator, not torch's: the same seed does not

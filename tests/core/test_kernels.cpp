@@ -5,7 +5,9 @@
 // (detail/orthonormalize.hpp, detail/tall_qr.hpp: one Householder QR or the two-block TSQR) on well
 // conditioned, ill-conditioned and rank-deficient input; CholeskyQR2 (detail/cholesky_qr.hpp) on
 // both kernel families, its Householder fallback and its bits across thread counts; the parallel Gaussian fill
-// (detail/random.hpp) against the sequential stream.
+// (detail/random.hpp) against the sequential stream. The bfloat16 products of a bfloat16 W (AVX512_BF16
+// and AMX kernels, each called directly where the CPU has it): exact products of the operands as
+// rounded, float32 sums, on odd shapes and strides, and the same bits on any thread count.
 #include "support.hpp"
 
 #include <pissa/detail/cholesky_qr.hpp>
@@ -368,6 +370,144 @@ void check_orthonormalize(const Matrix<Scalar>& X, double tolerance) {
 }
 
 }  // namespace
+
+namespace {
+
+using Bf16Product = void (*)(const RowMajorView<Eigen::bfloat16>&, const Matrix<float>&, Matrix<float>&,
+                             pissa::detail::KernelWorkspace&);
+
+/// A bfloat16 product kernel family, its two products called directly.
+struct Bf16Kernels {
+    std::string name;
+    Bf16Product multiply, multiply_transposed;
+};
+
+/// The bfloat16 product kernels this machine can run.
+std::vector<Bf16Kernels> bf16_kernel_families() {
+    std::vector<Bf16Kernels> out;
+#if PISSA_HAVE_AVX512_KERNELS
+    if (pissa::detail::cpu_supports_bf16_products())
+        out.push_back({"vdpbf16ps",
+                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
+                          pissa::detail::KernelWorkspace& workspace) {
+                           Y.resize(W.rows, X.cols());
+                           pissa::detail::multiply_bf16_avx512(W, X, Y, workspace);
+                       },
+                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
+                          pissa::detail::KernelWorkspace& workspace) {
+                           Z.resize(W.cols, Y.cols());
+                           pissa::detail::multiply_transposed_bf16_avx512(W, Y, Z, workspace);
+                       }});
+#endif
+#if PISSA_HAVE_AMX_KERNELS
+    if (pissa::detail::cpu_supports_amx_bf16())
+        out.push_back({"amx",
+                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
+                          pissa::detail::KernelWorkspace& workspace) {
+                           Y.resize(W.rows, X.cols());
+                           pissa::detail::multiply_amx(W, X, Y, workspace);
+                       },
+                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
+                          pissa::detail::KernelWorkspace& workspace) {
+                           Z.resize(W.cols, Y.cols());
+                           pissa::detail::multiply_transposed_amx(W, Y, Z, workspace);
+                       }});
+#endif
+    return out;
+}
+
+/// X as the bfloat16 products see it: rounded to bfloat16 (to nearest even), widened to double.
+Matrix<double> rounded_to_bf16(const Matrix<float>& X) {
+    return X.cast<Eigen::bfloat16>().cast<float>().cast<double>();
+}
+
+void check_bf16_products(const Bf16Kernels& kernels, const StridedWeight<Eigen::bfloat16>& W, Index q,
+                         std::uint64_t seed) {
+    const Index m = W.view.rows, n = W.view.cols;
+    const Matrix<float> X = gaussian<float>(n, q, seed);
+    const Matrix<float> Yin = gaussian<float>(m, q, seed + 1);
+    pissa::detail::KernelWorkspace workspace;
+    Matrix<float> Y, Z;
+    kernels.multiply(W.view, X, Y, workspace);
+    kernels.multiply_transposed(W.view, Yin, Z, workspace);
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(q);
+    CAPTURE(W.view.stride);
+    // The products of the rounded operands are exact in float32; only the float32 sums round.
+    CHECK(scaled_error(Y, W.exact, rounded_to_bf16(X)) <= 50 * eps<float>());
+    CHECK(scaled_error(Z, W.exact.transpose(), rounded_to_bf16(Yin)) <= 50 * eps<float>());
+}
+
+}  // namespace
+
+TEST_CASE("bfloat16 products: exact products of the rounded operands, float32 sums, on odd shapes and strides") {
+    const std::vector<Bf16Kernels> families = bf16_kernel_families();
+    if (families.empty()) MESSAGE("no bfloat16 product kernels on this CPU (AVX512_BF16 or AMX)");
+    for (const Bf16Kernels& kernels : families) {
+        CAPTURE(kernels.name);
+        // Around the tiles: 16-row tiles, 32-row panels and 32-value k steps (AMX), 48-row panels and
+        // 256-column blocks (AVX512_BF16), 512-column strips of 256-row chunks (AMX), 192-column
+        // strips of 128-row chunks (AVX512_BF16); odd m and n leave a pair without a partner.
+        for (const auto& [m, n] : {std::pair<Index, Index>{1, 1},
+                                   {3, 17},
+                                   {31, 33},
+                                   {32, 32},
+                                   {33, 63},
+                                   {47, 513},
+                                   {97, 515},
+                                   {257, 600},
+                                   {300, 1030},
+                                   {70, 300}}) {
+            for (const Index q : {1, 7, 16, 17, 33, 64, 130}) {
+                check_bf16_products(kernels, StridedWeight<Eigen::bfloat16>(m, n, n, std::uint64_t(m * 1000 + n)), q,
+                                    std::uint64_t(q));
+            }
+            // Row stride beyond the row: the padding is NaN and must never be read.
+            check_bf16_products(kernels, StridedWeight<Eigen::bfloat16>(m, n, n + 13, 9), 17, 3);
+        }
+    }
+}
+
+TEST_CASE("bfloat16 products are bit-identical across 1, 2 and 3 threads and through the dispatch" *
+          doctest::skip(!pissa_test::built_with_openmp)) {
+#ifdef _OPENMP
+    const StridedWeight<Eigen::bfloat16> W(301, 1100, 1111, 3);
+    const int saved = omp_get_max_threads();
+    for (const Bf16Kernels& kernels : bf16_kernel_families()) {
+        CAPTURE(kernels.name);
+        for (const Index q : {19, 70}) {
+            CAPTURE(q);
+            const Matrix<float> X = gaussian<float>(1100, q, 4);
+            const Matrix<float> Yin = gaussian<float>(301, q, 5);
+            std::vector<Matrix<float>> Ys, Zs;
+            for (const int threads : {1, 2, 3}) {
+                omp_set_num_threads(threads);
+                pissa::detail::KernelWorkspace workspace;
+                Matrix<float> Y, Z;
+                kernels.multiply(W.view, X, Y, workspace);
+                kernels.multiply_transposed(W.view, Yin, Z, workspace);
+                Ys.push_back(Y);
+                Zs.push_back(Z);
+            }
+            omp_set_num_threads(saved);
+            CHECK(Ys[0] == Ys[1]);
+            CHECK(Ys[0] == Ys[2]);
+            CHECK(Zs[0] == Zs[1]);
+            CHECK(Zs[0] == Zs[2]);
+        }
+    }
+    // The dispatch runs the AMX kernels where present, else the AVX512_BF16 ones, else float32.
+    const Matrix<float> X = gaussian<float>(1100, 16, 6);
+    pissa::detail::KernelWorkspace workspace;
+    Matrix<float> dispatched, direct;
+    pissa::detail::multiply_bf16(W.view, X, dispatched, workspace);
+    const std::vector<Bf16Kernels> families = bf16_kernel_families();
+    if (families.empty()) pissa::detail::multiply(W.view, X, direct, workspace);
+    else families.back().multiply(W.view, X, direct, workspace);
+    CHECK(dispatched == direct);
+#endif
+}
 
 TEST_CASE_TEMPLATE("orthonormalize: well conditioned, ill conditioned and rank deficient columns", Scalar, float,
                    double) {

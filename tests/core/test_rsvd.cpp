@@ -1,10 +1,11 @@
 // Randomized SVD (peft's pissa_niter_K): accuracy rising with niter, agreement with the exact
-// result, determinism (seed, thread count), options and bad input.
+// result, determinism (seed, thread count), options, the bfloat16 products' accuracy and bad input.
 #include "support.hpp"
 
 #include <pissa/rsvd.hpp>
 #include <pissa/svd.hpp>
 
+#include <cmath>
 #include <stdexcept>
 #include <vector>
 
@@ -250,6 +251,40 @@ TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two produ
     const Matrix<float> widened = col_major.template cast<float>();
     CHECK(std::abs(captured_energy(widened, a, sigma) -
                    captured_energy(widened, pissa::randomized_svd(row_major, r), sigma)) < 1e-3);
+}
+
+TEST_CASE("bfloat16 products: the error against the Eckart-Young optimum moves by less than 1e-3 relative") {
+    // A bfloat16 W with a decaying head over a noise floor (like a trained weight), row- and
+    // column-major: err / opt with the products in bfloat16 against float32, over several seeds.
+    const Index m = 700, n = 520, r = 16;
+    Vector<double> sigma(n);
+    for (Index i = 0; i < n; ++i) sigma(i) = 0.05 + std::exp(-double(i) / 20.0);
+    const pissa::RowMatrix<Eigen::bfloat16> W = with_spectrum<float>(m, n, sigma, 61).cast<Eigen::bfloat16>();
+    const Matrix<Eigen::bfloat16> W_col = W;
+    const Matrix<double> exact = W.cast<float>().cast<double>();
+    const double opt = std::sqrt(exact.squaredNorm() - pissa::truncated_svd(exact, r).S.squaredNorm());
+    const auto error = [&](const pissa::SvdResult<float>& svd) {
+        return (exact - (svd.U * svd.S.asDiagonal() * svd.V.transpose()).cast<double>()).norm();
+    };
+    CHECK(pissa::uses_bf16_products<Eigen::bfloat16>({}) == pissa::detail::cpu_supports_amx_bf16());
+    for (std::uint64_t seed = 0; seed < 5; ++seed) {
+        CAPTURE(seed);
+        pissa::RandomizedSvdOptions f32, bf16;
+        f32.seed = bf16.seed = seed;
+        f32.products = pissa::ProductPrecision::float32;
+        bf16.products = pissa::ProductPrecision::bfloat16;
+        const double reference = error(pissa::randomized_svd(W, r, f32));
+        CHECK(reference / opt < 1.05);
+        for (const double e : {error(pissa::randomized_svd(W, r, bf16)), error(pissa::randomized_svd(W_col, r, bf16))})
+            CHECK(std::abs(e - reference) / reference < 1e-3);
+    }
+    // Only a bfloat16 W is multiplied in bfloat16: a float W gives the same bits in every mode.
+    const Matrix<float> widened = W.cast<float>();
+    pissa::RandomizedSvdOptions f32, bf16;
+    f32.products = pissa::ProductPrecision::float32;
+    bf16.products = pissa::ProductPrecision::bfloat16;
+    CHECK(!pissa::uses_bf16_products<float>(bf16));
+    CHECK(pissa::randomized_svd(widened, r, f32).U == pissa::randomized_svd(widened, r, bf16).U);
 }
 
 TEST_CASE("a finite W whose squares overflow float: a clear error from both algorithms, not NaN factors") {

@@ -16,7 +16,9 @@
 
 #include <pissa/cancel.hpp>
 #include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/kernels_amx.hpp>
 #include <pissa/detail/kernels_avx512.hpp>
+#include <pissa/detail/kernels_avx512_bf16.hpp>
 #include <pissa/detail/weight_view.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/types.hpp>
@@ -35,8 +37,10 @@ namespace pissa::detail {
 /// the OS each time, a page fault per 4 KiB: 12 us each on a measured 2-core VM, i.e. ~16 ms for the
 /// 5.6 MB packed Y of one `W^T Y` at 11008 x 128.
 struct KernelWorkspace {
-    std::vector<float> packed;   ///< the skinny operand, packed in groups of 8 columns (or transposed)
-    std::vector<float> partial;  ///< multiply_gram: the sums of panel groups 1.. (group 0 sums into Z)
+    std::vector<float> packed;          ///< the skinny operand, packed in groups of 8 columns (or transposed)
+    std::vector<float> partial;         ///< multiply_gram: the sums of panel groups 1.. (group 0 sums into Z)
+    std::vector<std::uint32_t> pairs;   ///< the bfloat16 products: the skinny operand as bfloat16 pairs
+    std::vector<std::uint16_t> halves;  ///< the AMX `W^T Y`: Y^T in bfloat16
 };
 
 /// multiply_gram runs in one pass over W (AVX-512) up to this many columns of Q; beyond, as two
@@ -120,10 +124,13 @@ void multiply_transposed_portable(const RowMajorView<Storage>& W, const Matrix<S
 }
 
 #if PISSA_HAVE_AVX512_KERNELS
-/// The first 64-byte aligned address at or after `p` (buffers are over-allocated by 16 floats).
-inline float* aligned_64(float* p) {
+/// The first 64-byte aligned address at or after `p` (buffers of 4-byte elements are
+/// over-allocated by 16 of them).
+template <class T>
+T* aligned_64(T* p) {
+    static_assert(64 % sizeof(T) == 0);
     const auto address = reinterpret_cast<std::uintptr_t>(p);
-    return p + ((64 - address % 64) % 64) / sizeof(float);
+    return p + ((64 - address % 64) % 64) / sizeof(T);
 }
 
 /// `src [rows, q]` (col-major, leading dimension ld) as ceil(q/8) groups of `[rows, 8]` row-major,
@@ -274,6 +281,110 @@ void multiply_gram_avx512(const RowMajorView<Storage>& W, const Matrix<float>& Q
         }
     }
 }
+
+/// `src [rows, q]` (col-major, leading dimension ld) as bfloat16 pairs in groups of `Group`
+/// columns, each `pairs` >= ceil(rows / 2) long (avx512_bf16::pack_pair_groups), zero-padded,
+/// 64-byte aligned in `out`.
+template <int Group>
+const std::uint32_t* pack_pairs(const float* src, Index ld, Index rows, Index q, Index pairs,
+                                std::vector<std::uint32_t>& out) {
+    const Index groups = (q + Group - 1) / Group;
+    out.assign(static_cast<std::size_t>(groups * pairs * Group + avx512::kLanes), 0u);
+    std::uint32_t* base = aligned_64(out.data());
+    avx512_bf16::pack_pair_groups<Group>(src, ld, rows, q, pairs, base);
+    return base;
+}
+
+#if PISSA_HAVE_AMX_KERNELS
+/// AMX `Y = W X` for a bfloat16 W, X rounded to bfloat16 (kernels_amx.hpp); work unit: a panel of
+/// amx::kPanelRows rows of W, static schedule.
+inline void multiply_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
+                         KernelWorkspace& workspace) {
+    const Index n = W.cols, q = X.cols(), pairs = amx::padded_depth(n) / 2;
+    const std::uint32_t* xpack = pack_pairs<int(amx::kTileRows)>(X.data(), X.rows(), n, q, pairs, workspace.pairs);
+    const Index units = (W.rows + amx::kPanelRows - 1) / amx::kPanelRows;
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        const amx::TileScope tiles;
+        amx::PanelScratch scratch;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            amx::multiply_panel(W, xpack, pairs, q, Y.data(), Y.rows(), u * amx::kPanelRows, scratch);
+    }
+}
+
+/// AMX `Z = W^T Y` for a bfloat16 W, Y rounded to bfloat16 (kernels_amx.hpp); work unit: a strip
+/// of amx::kStripCols columns of W, static schedule.
+inline void multiply_transposed_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
+                                    KernelWorkspace& workspace) {
+    const Index m = W.rows, q = Y.cols(), ldyt = amx::padded_depth(m);
+    workspace.halves.assign(static_cast<std::size_t>(amx::column_groups(q) * amx::kTileRows * ldyt + 32), 0);
+    std::uint16_t* yt = aligned_64(workspace.halves.data());
+    amx::pack_transposed(Y.data(), Y.rows(), m, q, ldyt, yt);
+    const Index units = (W.cols + amx::kStripCols - 1) / amx::kStripCols;
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        const amx::TileScope tiles;
+        amx::StripScratch scratch;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            amx::multiply_transposed_strip(W, yt, ldyt, q, Z.data(), Z.rows(), u * amx::kStripCols, scratch);
+    }
+}
+#endif
+
+/// AVX512_BF16 `Y = W X` for a bfloat16 W, X rounded to bfloat16; work unit: a panel of
+/// kPanelRows rows of W, static schedule.
+inline void multiply_bf16_avx512(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
+                                 KernelWorkspace& workspace) {
+    const Index n = W.cols, q = X.cols();
+    const Index units = (W.rows + avx512::kPanelRows - 1) / avx512::kPanelRows;
+    const std::uint32_t* xpack = pack_pairs<avx512::kGroup>(X.data(), X.rows(), n, q, (n + 1) / 2, workspace.pairs);
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        std::vector<std::uint32_t> panel(
+            static_cast<std::size_t>(avx512_bf16::kPairDepth * avx512::kPanelRows + avx512::kLanes));
+        std::uint32_t* P = aligned_64(panel.data());
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            avx512_bf16::multiply_pair_panel(W, xpack, q, Y.data(), Y.rows(), u * avx512::kPanelRows, P);
+    }
+}
+
+/// AVX512_BF16 `Z = W^T Y` for a bfloat16 W, Y rounded to bfloat16; work unit: a strip of
+/// kStrip columns of W (rows of Z), static schedule.
+inline void multiply_transposed_bf16_avx512(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y,
+                                            Matrix<float>& Z, KernelWorkspace& workspace) {
+    const Index m = W.rows, q = Y.cols();
+    const avx512::StripGrid grid{W.cols, avx512::StripGrid::shift_for(W)};
+    const Index units = grid.strips();
+    const std::uint32_t* ypack = pack_pairs<avx512::kGroup>(Y.data(), Y.rows(), m, q, (m + 1) / 2, workspace.pairs);
+#ifdef _OPENMP
+#pragma omp parallel if (units > 1)
+#endif
+    {
+        std::vector<std::uint32_t> tile(
+            static_cast<std::size_t>(avx512_bf16::kPairChunk * avx512::kTileWidth + avx512::kLanes));
+        std::uint32_t* T = aligned_64(tile.data());
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Index u = 0; u < units; ++u)
+            avx512_bf16::multiply_transposed_pair_strip(W, ypack, q, Z.data(), Z.rows(), grid, u, T);
+    }
+}
 #endif
 
 /// Whether the AVX-512 kernels serve this (storage, compute scalar) pair right now.
@@ -338,6 +449,58 @@ void multiply_transposed(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y
     multiply_transposed(W, Y, Z, workspace);
 }
 
+/// Whether the bfloat16 products (kernels_avx512_bf16.hpp) can serve this (storage, compute
+/// scalar) pair right now: a bfloat16 W, float compute, the AVX-512 kernels active and a CPU with
+/// AVX512_BF16.
+template <class Storage, class Scalar>
+bool bf16_products_available() {
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16> && std::is_same_v<Scalar, float>) {
+        return use_avx512_kernels<Storage, Scalar>() && cpu_supports_bf16_products();
+    } else {
+        return false;
+    }
+}
+
+/// `Y = W X` with the skinny operand rounded to bfloat16 and float32 accumulation where
+/// bf16_products_available(), otherwise multiply().
+template <class Storage, class Scalar>
+void multiply_bf16(const RowMajorView<Storage>& W, const Matrix<Scalar>& X, Matrix<Scalar>& Y,
+                   KernelWorkspace& workspace) {
+#if PISSA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16> && std::is_same_v<Scalar, float>) {
+        if (bf16_products_available<Storage, Scalar>()) {
+            PISSA_ASSERT(X.rows() == W.cols);
+            Y.resize(W.rows, X.cols());
+            if (W.cols == 0) Y.setZero();
+            else if (Y.size() > 0 && cpu_supports_amx_bf16()) multiply_amx(W, X, Y, workspace);
+            else if (Y.size() > 0) multiply_bf16_avx512(W, X, Y, workspace);
+            return;
+        }
+    }
+#endif
+    multiply(W, X, Y, workspace);
+}
+
+/// `Z = W^T Y` with the skinny operand rounded to bfloat16 and float32 accumulation where
+/// bf16_products_available(), otherwise multiply_transposed().
+template <class Storage, class Scalar>
+void multiply_transposed_bf16(const RowMajorView<Storage>& W, const Matrix<Scalar>& Y, Matrix<Scalar>& Z,
+                              KernelWorkspace& workspace) {
+#if PISSA_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16> && std::is_same_v<Scalar, float>) {
+        if (bf16_products_available<Storage, Scalar>()) {
+            PISSA_ASSERT(Y.rows() == W.rows);
+            Z.resize(W.cols, Y.cols());
+            if (W.rows == 0) Z.setZero();
+            else if (Z.size() > 0 && cpu_supports_amx_bf16()) multiply_transposed_amx(W, Y, Z, workspace);
+            else if (Z.size() > 0) multiply_transposed_bf16_avx512(W, Y, Z, workspace);
+            return;
+        }
+    }
+#endif
+    multiply_transposed(W, Y, Z, workspace);
+}
+
 /// `Z = W^T (W Q)`: W `[m, n]`, Q `[n, q]`, Z `[n, q]` (resized); `Y` `[m, q]` is scratch. One pass
 /// over W with the AVX-512 kernels for q <= kGramMaxColumns (each panel of W multiplied by Q, then
 /// by its transpose while it is in the L2 cache); otherwise the two products `Y = W Q`,
@@ -368,6 +531,9 @@ template <class Storage>
 struct WeightOperator {
     const PreparedWeight<Storage>& weight;
     KernelWorkspace& workspace;  ///< reused by every product of the decomposition
+    /// The products round the skinny operand to bfloat16 (multiply_bf16) where the kernels allow;
+    /// otherwise they are float32 products of the widened W.
+    bool bf16_products = false;
 
     Index rows() const { return weight.transposed ? weight.view.cols : weight.view.rows; }
     Index cols() const { return weight.transposed ? weight.view.rows : weight.view.cols; }
@@ -376,22 +542,35 @@ struct WeightOperator {
     template <class Scalar>
     void apply(const Matrix<Scalar>& X, Matrix<Scalar>& Y) const {
         throw_if_cancelled();
-        if (weight.transposed) multiply_transposed(weight.view, X, Y, workspace);
-        else multiply(weight.view, X, Y, workspace);
+        if (bf16_products) {
+            if (weight.transposed) multiply_transposed_bf16(weight.view, X, Y, workspace);
+            else multiply_bf16(weight.view, X, Y, workspace);
+        } else if (weight.transposed) {
+            multiply_transposed(weight.view, X, Y, workspace);
+        } else {
+            multiply(weight.view, X, Y, workspace);
+        }
     }
     /// `Z = W^T Y`, Y `[rows, q]`.
     template <class Scalar>
     void apply_transposed(const Matrix<Scalar>& Y, Matrix<Scalar>& Z) const {
         throw_if_cancelled();
-        if (weight.transposed) multiply(weight.view, Y, Z, workspace);
-        else multiply_transposed(weight.view, Y, Z, workspace);
+        if (bf16_products) {
+            if (weight.transposed) multiply_bf16(weight.view, Y, Z, workspace);
+            else multiply_transposed_bf16(weight.view, Y, Z, workspace);
+        } else if (weight.transposed) {
+            multiply(weight.view, Y, Z, workspace);
+        } else {
+            multiply_transposed(weight.view, Y, Z, workspace);
+        }
     }
     /// `Z = W^T (W Q)`, Q `[cols, q]`; `Y` `[rows, q]` is scratch. In one pass over W when the view
-    /// is W itself (multiply_gram); a transposed view (column-major W) takes the two products.
+    /// is W itself (multiply_gram); a transposed view (column-major W) and the bfloat16 products
+    /// take the two products.
     template <class Scalar>
     void apply_gram(const Matrix<Scalar>& Q, Matrix<Scalar>& Z, Matrix<Scalar>& Y) const {
         throw_if_cancelled();
-        if (weight.transposed) {
+        if (weight.transposed || bf16_products) {
             apply(Q, Y);
             apply_transposed(Y, Z);
         } else {
