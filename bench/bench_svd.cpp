@@ -3,8 +3,11 @@
 //   BM_bandwidth/<MiB>               read bandwidth probe (all threads, 8 accumulators each)
 //   BM_fma_peak                      float32 FMA throughput probe (all threads, 12 FMA chains each)
 //   BM_multiply, BM_multiply_t       one skinny product W X / W^T Y (float32 / bfloat16 storage)
+//   BM_multiply_bf16<T>              the bfloat16 products of a bfloat16 W (AMX / AVX512_BF16)
 //   BM_multiply_gram                 W^T (W Q) in one pass over W, beside the two products
-//   BM_randomized/<m>/<n>/<r>/<niter>/<bf16>   randomized_svd (peft pissa_niter_K), the reference rows
+//   BM_randomized/<m>/<n>/<r>/<niter>/<weight>   randomized_svd (peft pissa_niter_K), the reference
+//                                    rows; weight 0: float32, 1: bfloat16 with float32 products,
+//                                    2: bfloat16 with the default products
 //   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
 //   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
 //   BM_randomized_vs_machine/<m>/<n>/<r>/<niter>/<fused>   reused object, float32, against the
@@ -265,6 +268,27 @@ void BM_multiply_t(benchmark::State& state) {
     time_product<Storage, true>(state, {W.data(), m, n, n}, state.range(2));
 }
 
+/// The bfloat16 products of a bfloat16 W (the skinny operand rounded to bfloat16, float32 sums;
+/// AMX where present, else AVX512_BF16, else float32): `Y = W X`, or Transposed `Z = W^T Y`.
+template <bool Transposed>
+void BM_multiply_bf16(benchmark::State& state) {
+    const Index m = state.range(0), n = state.range(1), q = state.range(2);
+    const auto& W = weight_bf16(m, n);
+    const pissa::detail::RowMajorView<Eigen::bfloat16> view{W.data(), m, n, n};
+    const Matrix<float> X = Matrix<float>::Random(Transposed ? m : n, q);
+    Matrix<float> Y;
+    pissa::detail::KernelWorkspace workspace;
+    for (auto _ : state) {
+        if constexpr (Transposed) pissa::detail::multiply_transposed_bf16(view, X, Y, workspace);
+        else pissa::detail::multiply_bf16(view, X, Y, workspace);
+        benchmark::DoNotOptimize(Y.data());
+    }
+    set_roofline(state, m, n, q, 1, 2.0);
+    state.SetLabel(pissa::detail::cpu_supports_amx_bf16()        ? "amx"
+                   : pissa::detail::cpu_supports_bf16_products() ? "avx512_bf16"
+                                                                 : "float32");
+}
+
 /// Both products with W placed `offset` bytes past a 64-byte boundary, as a 16-byte aligned
 /// allocation leaves it (what a consumer built without AVX-512 flags gets from Eigen, and glibc's
 /// malloc for large blocks).
@@ -291,6 +315,8 @@ BENCHMARK_TEMPLATE(BM_multiply_t, Eigen::bfloat16)
     ->Args({4096, 4096, 16})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_multiply_bf16, false)->Apply(product_args);
+BENCHMARK_TEMPLATE(BM_multiply_bf16, true)->Apply(product_args);
 void offset_args(benchmark::internal::Benchmark* b) {
     b->Args({4096, 4096, 16, 0})->Args({4096, 4096, 16, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
@@ -355,6 +381,8 @@ void BM_randomized_impl(benchmark::State& state) {
     pissa::RandomizedSvdOptions options;
     options.niter = niter;
     options.fused_power_iteration = Fused;
+    if (state.range(4) == 1) options.products = pissa::ProductPrecision::float32;
+    state.SetLabel(bf16 && pissa::uses_bf16_products<Eigen::bfloat16>(options) ? "bf16 products" : "float32 products");
     pissa::RandomizedSvd<float> reused(options);
     if (bf16) weight_bf16(m, n);  // generated once per shape, outside the timed loop
     else weight(m, n);
@@ -483,11 +511,11 @@ constexpr std::array<std::array<Index, 4>, 6> kReferenceRows{{{4096, 4096, 16, 4
                                                               {11008, 4096, 128, 4},
                                                               {4096, 4096, 16, 16}}};
 
-/// The reference table plus two bfloat16 rows: {m, n, r, niter, bf16}.
+/// The reference table, W in float32 (last argument 0) and in bfloat16 with float32 products (1)
+/// and with the default products (2: bfloat16 on a CPU with AMX): {m, n, r, niter, weight}.
 void randomized_args(benchmark::internal::Benchmark* b) {
-    for (const auto& [m, n, r, niter] : kReferenceRows) b->Args({m, n, r, niter, 0});
-    b->Args({4096, 4096, 16, 4, 1});
-    b->Args({11008, 4096, 16, 4, 1});
+    for (const Index weight_kind : {0, 1, 2})
+        for (const auto& [m, n, r, niter] : kReferenceRows) b->Args({m, n, r, niter, weight_kind});
     b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 BENCHMARK(BM_randomized)->Apply(randomized_args);

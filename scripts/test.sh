@@ -42,5 +42,6 @@ run_bench() {  # program filter
 }
 run_bench bench_svd 'BM_lora_forward/1/4096/16'
 run_bench bench_quant 'BM_quantize_nf4/m:1024/n:1024'
+"$build/bench/study_bf16_products" --quick >/dev/null || { echo "bench: study_bf16_products --quick failed" >&2; exit 1; }
 echo "benchmarks: built and ran once"
 PISSA_TOOL="$build/tools/pissa/pissa" "$root/scripts/test-python.sh"

@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace pissa {
@@ -61,6 +62,20 @@ enum class ProductPrecision {
     /// 1e-4 relative on the measured shapes (docs/math.md, "Products in bfloat16").
     bfloat16,
 };
+
+/// "auto", "float32" or "bfloat16": the option's name on the command line, in Python and in
+/// adapter metadata.
+inline const char* product_precision_name(ProductPrecision p) {
+    return p == ProductPrecision::float32 ? "float32" : p == ProductPrecision::bfloat16 ? "bfloat16" : "auto";
+}
+
+/// The ProductPrecision named `name` (product_precision_name); pissa::invalid_argument otherwise.
+inline ProductPrecision parse_product_precision(const std::string& name) {
+    for (const ProductPrecision p :
+         {ProductPrecision::automatic, ProductPrecision::float32, ProductPrecision::bfloat16})
+        if (name == product_precision_name(p)) return p;
+    throw invalid_argument("products must be auto, float32 or bfloat16, got '" + name + "'");
+}
 
 /// Options of the randomized SVD; the defaults are peft's `pissa_niter_4`.
 struct RandomizedSvdOptions {

@@ -163,7 +163,8 @@ def _convergence(d: dict) -> Convergence:
 
 def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: Optional[str] = None, niter: int = 4,
          seed: int = 0, use_rslora: bool = False, fan_in_fan_out: bool = False,
-         oversampling: int = 0, init: str = "pissa", components: str = "principal") -> PissaSplit:
+         oversampling: int = 0, init: str = "pissa", components: str = "principal",
+         products: str = "auto") -> PissaSplit:
     """Splits ``W`` into a PiSSA adapter and the residual ``W - s B A``.
 
     Args:
@@ -184,6 +185,9 @@ def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: Op
             no singular values; ``method`` does not apply).
         components: "principal" (PiSSA) or "minor" (MiLoRA: the r smallest triplets; needs the
             exact decomposition, which ``method=None`` then picks).
+        products: the randomized SVD's products with a bfloat16 W: "auto" (bfloat16 operands and
+            float32 sums on a CPU with AMX, float32 elsewhere), "float32" (as torch.svd_lowrank) or
+            "bfloat16" (also with AVX512_BF16 alone). Other dtypes are multiplied in float32.
 
     Returns:
         PissaSplit with A, B, residual (same kind as W: NumPy or torch), scaling, the singular
@@ -200,7 +204,7 @@ def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: Op
     a, dtype, kind = as_engine(W, "init: W")
     alpha = float(rank if lora_alpha is None else lora_alpha)
     d = _core.init(a, dtype, rank, alpha, use_rslora, method, niter, oversampling, seed, fan_in_fan_out, init,
-                   components)
+                   components, products)
     return PissaSplit(back(d["A"], kind), back(d["B"], kind), back(d["residual"], kind, dtype), d["scaling"],
                       back(d["singular_values"], kind), _quality(d["quality"]), _convergence(d["convergence"]))
 
@@ -323,6 +327,7 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
                     quant_iterations: int = 1, quant_block_size: int = 64, task_type: Optional[str] = None,
                     force: bool = False, adapter_folder: str = "pissa_init",
                     shard: Union[None, str, Tuple[int, int]] = None, resume: bool = False,
+                    products: str = "auto",
                     progress: Optional[Callable[[int, int, str], None]] = None,
                     module_done: Optional[Callable[[ModuleReport], None]] = None) -> CheckpointReport:
     """PiSSA on every target weight of a checkpoint: what ``pissa init MODEL --out OUT`` does, by the
@@ -390,7 +395,7 @@ def init_checkpoint(model: PathType, out: PathType, *, rank: int = 8, lora_alpha
                               [(k, float(v)) for k, v in (alpha_pattern or {}).items()], fan_in_fan_out,
                               quantize is not None,
                               quant_iterations, quant_block_size, task_type or "", force, adapter_folder, shard or "",
-                              resume, progress, done)
+                              resume, products, progress, done)
     return _checkpoint_report(d)
 
 

@@ -84,7 +84,8 @@ nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen
                          const std::vector<std::pair<std::string, double>>& alpha_pattern, bool fan_in_fan_out,
                          bool quantize, int quant_iterations, Eigen::Index quant_block_size,
                          const std::string& task_type, bool force, const std::string& adapter_folder,
-                         const std::string& shard, bool resume, nb::object progress, nb::object module_done) {
+                         const std::string& shard, bool resume, const std::string& products, nb::object progress,
+                         nb::object module_done) {
     pissa::io::InitCheckpointOptions options;
     options.pissa.rank = rank;
     options.pissa.lora_alpha = lora_alpha;
@@ -99,6 +100,7 @@ nb::dict init_checkpoint(const std::string& model, const std::string& out, Eigen
     options.pissa.init = init == "olora" ? pissa::InitMethod::olora : pissa::InitMethod::pissa;
     options.pissa.components = components == "minor" ? pissa::Components::minor : pissa::Components::principal;
     options.pissa.randomized.niter = niter;
+    options.pissa.randomized.products = pissa::parse_product_precision(products);
     options.pissa.fan_in_fan_out = fan_in_fan_out;
     options.seed = seed;
     options.target_modules = target_modules;
@@ -181,7 +183,7 @@ void bind_checkpoint(nb::module_& m) {
           "init"_a, "components"_a, "niter"_a, "seed"_a, "target_modules"_a, "target_regex"_a, "exclude_modules"_a,
           "exclude_regex"_a, "layers_to_transform"_a, "layers_pattern"_a, "rank_pattern"_a, "alpha_pattern"_a,
           "fan_in_fan_out"_a, "quantize"_a, "quant_iterations"_a, "quant_block_size"_a, "task_type"_a, "force"_a,
-          "adapter_folder"_a, "shard"_a, "resume"_a, "progress"_a.none(), "module_done"_a.none());
+          "adapter_folder"_a, "shard"_a, "resume"_a, "products"_a, "progress"_a.none(), "module_done"_a.none());
     m.def("join_checkpoint", &join_checkpoint, "out"_a);
     m.def("merge_checkpoint", &merge_checkpoint, "model"_a, "adapter"_a, "out"_a, "force"_a, "progress"_a.none());
 }

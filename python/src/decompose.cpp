@@ -48,7 +48,7 @@ pissa::ExactSvdAlgorithm parse_algorithm(const std::string& algorithm) {
 /// (pissa::init_in_place, the same arithmetic as pissa::init and the checkpoint job).
 nb::dict init(const InArray& W, const std::string& dtype, Eigen::Index rank, double lora_alpha, bool use_rslora,
               const std::string& method, int niter, Eigen::Index oversampling, std::uint64_t seed, bool fan_in_fan_out,
-              const std::string& init_method, const std::string& components) {
+              const std::string& init_method, const std::string& components, const std::string& products) {
     pissa::PissaConfig config;
     if (init_method != "pissa" && init_method != "olora")
         throw pissa::invalid_argument("init must be 'pissa' or 'olora', got '" + init_method + "'");
@@ -63,6 +63,7 @@ nb::dict init(const InArray& W, const std::string& dtype, Eigen::Index rank, dou
     config.randomized.niter = niter;
     config.randomized.oversampling = oversampling;
     config.randomized.seed = seed;
+    config.randomized.products = pissa::parse_product_precision(products);
     config.fan_in_fan_out = fan_in_fan_out;
     return dispatch(parse_dtype(dtype), [&](auto tag) {
         using Storage = decltype(tag);
@@ -167,7 +168,7 @@ nb::tuple pissa_to_lora(const InArray& A, const InArray& B, const InArray& A0, c
 void bind_decompose(nb::module_& m) {
     using namespace nb::literals;
     m.def("init", &init, "W"_a, "dtype"_a, "rank"_a, "lora_alpha"_a, "use_rslora"_a, "method"_a, "niter"_a,
-          "oversampling"_a, "seed"_a, "fan_in_fan_out"_a, "init"_a, "components"_a);
+          "oversampling"_a, "seed"_a, "fan_in_fan_out"_a, "init"_a, "components"_a, "products"_a);
     m.def("randomized_svd", &randomized_svd, "W"_a, "dtype"_a, "rank"_a, "niter"_a, "oversampling"_a, "seed"_a);
     m.def("truncated_svd", &truncated_svd, "W"_a, "dtype"_a, "rank"_a, "algorithm"_a, "tolerance"_a,
           "max_iterations"_a);

@@ -47,6 +47,7 @@ TEST_CASE("init, convert, merge, inspect --json: the documented keys, the librar
                                                  "method",
                                                  "niter",
                                                  "fused_power_iteration",
+                                                 "products",
                                                  "seed",
                                                  "rank",
                                                  "lora_alpha",

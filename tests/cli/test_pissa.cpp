@@ -103,6 +103,32 @@ TEST_CASE("--seed reproduces a run bit for bit; another seed changes the adapter
           pissa_test::read_bytes(dir / "m2" / "model.safetensors"));
 }
 
+TEST_CASE("--products: float32 products as torch computes them, recorded in the adapter; bad values refused") {
+    ScratchDir dir("cli-products");
+    REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
+    const Run automatic = pissa_run(dir, "init m --out a --rank 4 --json");
+    const Run f32 = pissa_run(dir, "init m --out f --rank 4 --products float32 --json");
+    INFO(f32.err);
+    REQUIRE(automatic.code == 0);
+    REQUIRE(f32.code == 0);
+    const auto ja = nlohmann::json::parse(automatic.out), jf = nlohmann::json::parse(f32.out);
+    CHECK(ja["products"] == "auto");
+    CHECK(jf["products"] == "float32");
+    CHECK(read_adapter(dir / "f" / "pissa_init").metadata.at("pissa.products") == "float32");
+    CHECK(read_adapter(dir / "a" / "pissa_init").metadata.at("pissa.products") == "auto");
+    for (std::size_t i = 0; i < ja["modules"].size(); ++i) {
+        const double a = ja["modules"][i]["energy_fraction"], b = jf["modules"][i]["energy_fraction"];
+        CHECK(std::abs(a - b) <= 1e-3 * a);
+    }
+    const Run bad = pissa_run(dir, "init m --out b --products fp8");
+    CHECK(bad.code == 2);
+    CHECK(bad.err.find("--products must be auto, float32 or bfloat16, got 'fp8'") != std::string::npos);
+    const Run exact = pissa_run(dir, "init m --out e --exact --products float32");
+    CHECK(exact.code == 2);
+    CHECK(exact.err.find("--products applies to the randomized SVD only") != std::string::npos);
+    CHECK(!std::filesystem::exists(dir / "b"));
+}
+
 TEST_CASE("--fused: the fused power step keeps the same subspace and says so in the adapter") {
     ScratchDir dir("cli-fused");
     REQUIRE(pissa_run(dir, "generate --out m " + small_llama).code == 0);
@@ -116,8 +142,10 @@ TEST_CASE("--fused: the fused power step keeps the same subspace and says so in 
     CHECK(jf["fused_power_iteration"] == true);
     REQUIRE(jf["modules"].size() == js["modules"].size());
     for (std::size_t i = 0; i < js["modules"].size(); ++i) {
+        // 1e-3: on a CPU with AMX both runs round the products' skinny operand to bfloat16 (the
+        // default for a bfloat16 W), which moves the kept energy by a few 1e-4 either way.
         const double a = js["modules"][i]["energy_fraction"], b = jf["modules"][i]["energy_fraction"];
-        CHECK(std::abs(a - b) <= 1e-4 * a);
+        CHECK(std::abs(a - b) <= 1e-3 * a);
     }
     const Adapter adapter = read_adapter(dir / "f" / "pissa_init");
     CHECK(adapter.metadata.at("pissa.fused_power_iteration") == "true");

@@ -92,6 +92,23 @@ def test_sixteen_bit_storage(dtype):
     np.testing.assert_allclose(rebuilt, wide, atol=1e-2)
 
 
+def test_bfloat16_products_option():
+    # products="float32" multiplies as torch does; "auto"/"bfloat16" may round the skinny operand to
+    # bfloat16 (where the CPU has the instructions): the split stays as accurate.
+    W = (random_weight(m=300, n=200, dtype=np.float32) * 10).astype(ml_dtypes.bfloat16)
+    wide = W.astype(np.float64)
+    splits = {p: pissa.init(W, rank=8, seed=1, products=p) for p in ("auto", "float32", "bfloat16")}
+    errors = {p: np.linalg.norm(wide - s.scaling * (s.B.astype(np.float64) @ s.A.astype(np.float64)))
+              for p, s in splits.items()}
+    for p in ("auto", "bfloat16"):
+        assert abs(errors[p] - errors["float32"]) / errors["float32"] < 1e-3
+    # A float32 W is multiplied in float32 whatever the option: the same bits.
+    W32 = W.astype(np.float32)
+    assert np.array_equal(pissa.init(W32, rank=8, products="bfloat16").A, pissa.init(W32, rank=8, products="float32").A)
+    with pytest.raises(ValueError, match="products must be auto, float32 or bfloat16"):
+        pissa.init(W, rank=8, products="fp8")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_torch_tensors_in_and_out(dtype):
     W = torch.from_numpy(random_weight(dtype=np.float32)).to(dtype)

@@ -24,7 +24,7 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
     const bool exact = method == "exact";
     const bool fused = meta_of("pissa.fused_power_iteration") == "true";
     const bool quantize = meta.count("pissa.quantize") > 0;
-    const std::string niter = meta_of("pissa.niter");
+    const std::string niter = meta_of("pissa.niter"), products = meta_of("pissa.products");
     const double scaling = pissa::lora_scaling(report.config.lora_alpha, report.config.r, report.config.use_rslora);
     std::vector<ModuleQuantErrors> errors;
     for (const auto& m : report.modules)
@@ -49,6 +49,7 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
         j["method"] = method;
         j["niter"] = niter.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(std::stoi(niter));
         j["fused_power_iteration"] = fused;
+        j["products"] = products.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(products);
         j["seed"] = std::stoull(meta_of("pissa.seed").empty() ? "0" : meta_of("pissa.seed"));
         j["rank"] = report.config.r;
         j["lora_alpha"] = report.config.lora_alpha;
@@ -103,7 +104,8 @@ int print_init_report(const pissa::io::InitCheckpointReport& report, bool json) 
     const std::string how = init == "olora"    ? "OLoRA (leading QR)"
                             : init == "milora" ? "MiLoRA (minor triplets, exact SVD)"
                             : exact            ? "exact SVD"
-                                    : format("randomized SVD niter %s%s", niter.c_str(), fused ? " (fused)" : "");
+                                               : format("randomized SVD niter %s%s, %s products", niter.c_str(),
+                                             fused ? " (fused)" : "", products.c_str());
     std::printf("\n%zu modules, rank %lld, alpha %g (scaling %g), %s, seed %s, %.2f s\n", report.modules.size(),
                 static_cast<long long>(report.config.r), report.config.lora_alpha, scaling, how.c_str(),
                 meta_of("pissa.seed").c_str(), report.seconds);
@@ -143,6 +145,11 @@ int cmd_init(int argc, char** argv) {
               "randomized SVD with the fused power step Q = qr(W^T (W Q)): one pass over W per\n"
               "                           step up to rank 24 (K + 2 passes instead of 2K + 2). Not peft's\n"
               "                           algorithm: the same subspace in exact arithmetic, other rounding")
+        .option("products", "auto|float32|bfloat16",
+                "randomized SVD: the arithmetic of the products with a bfloat16 W. auto: bfloat16 operands\n"
+                "                           with float32 sums on a CPU with AMX, float32 elsewhere; float32:\n"
+                "                           as torch.svd_lowrank; bfloat16: also with AVX512_BF16 alone",
+                "auto")
         .option("init", "pissa|olora",
                 "the factorisation: pissa (singular triplets), or olora (peft's \"olora\": B = Q_r, A = R_r of\n"
                 "                           the leading QR of W)",
@@ -206,6 +213,15 @@ int cmd_init(int argc, char** argv) {
     }
     config.randomized.niter = static_cast<int>(args.get_int("niter", 0, 1000));
     config.randomized.fused_power_iteration = args.has("fused");
+    try {
+        config.randomized.products = pissa::parse_product_precision(args.get("products"));
+    } catch (const pissa::invalid_argument& e) {
+        throw UsageError(std::string("--") + e.what());
+    }
+    if (args.has("products") && (config.method == pissa::SvdMethod::exact || init == "olora"))
+        throw UsageError(
+            "--products applies to the randomized SVD only, not to --exact, --components minor or "
+            "--init olora");
     const std::uint64_t seed = args.get_u64("seed");
     const bool quantize = args.has("quantize");
     if (quantize && args.get("quantize") != "nf4")

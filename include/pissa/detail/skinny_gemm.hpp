@@ -6,7 +6,10 @@
 /// Two kernel families, chosen at run time (detail/cpu_features.hpp): the AVX-512 kernels of
 /// detail/kernels_avx512.hpp (float compute: storage float, Eigen::half, Eigen::bfloat16; W is
 /// streamed once per product, 16-bit values widened a few rows at a time) and portable kernels
-/// (Eigen GEMM over fixed blocks; all storage types, and double everywhere).
+/// (Eigen GEMM over fixed blocks; all storage types, and double everywhere). For a bfloat16 W,
+/// multiply_bf16 / multiply_transposed_bf16 round the skinny operand to bfloat16 instead and run
+/// on AMX (detail/kernels_amx.hpp) or AVX512_BF16 (detail/kernels_avx512_bf16.hpp) where the CPU
+/// has them: the randomized SVD's ProductPrecision.
 ///
 /// Determinism: the work is split into blocks whose sizes do not depend on the thread count, and
 /// each output element is computed by exactly one block in a fixed order, so the result has the

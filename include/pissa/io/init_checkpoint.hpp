@@ -178,6 +178,7 @@ inline std::map<std::string, std::string> adapter_metadata_for(const InitCheckpo
                                             : "pissa_niter_" + std::to_string(c.randomized.niter)},
         {"pissa.niter", exact || olora ? "" : std::to_string(c.randomized.niter)},
         {"pissa.fused_power_iteration", c.randomized.fused_power_iteration ? "true" : "false"},
+        {"pissa.products", exact || olora ? "" : product_precision_name(c.randomized.products)},
         {"pissa.seed", std::to_string(options.seed)},
         {"pissa.seed_rule", module_seed_rule},
         {"pissa.rank", std::to_string(c.rank)},
