@@ -83,6 +83,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -440,15 +441,19 @@ def run_peers(args, python, cases, notes):
     probe's line. torch and the wheels run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset."""
     unset = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
     single = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    if not can_import(python, "torch, numpy"):
+        raise SystemExit(f"compare_peers: {python} cannot import torch and numpy (--python; scripts/python-env.sh)")
     peers = {"torch.svd_lowrank": {
         "default": run_worker(python, "torch", args, cases, {}, unset, ["--reference"]),
         "passive": run_worker(python, "torch", args, cases, {"OMP_WAIT_POLICY": "PASSIVE"}, unset, ["--setup", "passive"]),
         "1 thread": run_worker(python, "torch", args, cases, {}, unset, ["--setup", "single", "--rows-only"])}}
-    peers["sklearn"] = {"default": run_worker(python, "sklearn", args, cases, {}, unset),
-                        "1 thread": run_worker(python, "sklearn", args, cases, single, unset, ["--rows-only"])}
+    if can_import(python, "sklearn, numpy"):
+        peers["sklearn"] = {"default": run_worker(python, "sklearn", args, cases, {}, unset),
+                            "1 thread": run_worker(python, "sklearn", args, cases, single, unset, ["--rows-only"])}
+    else:
+        notes.append(f"sklearn skipped: {python} cannot import sklearn")
     debian = args.debian_python
-    if os.path.exists(debian) and subprocess.run([debian, "-c", "import sklearn, numpy"],
-                                                 capture_output=True).returncode == 0:
+    if can_import(debian, "sklearn, numpy"):
         blas_env, line = openblas_probe(debian, args.openblas_coretype)
         peers["sklearn-debian"] = {
             "default": run_worker(debian, "sklearn", args, cases, blas_env, unset),
@@ -456,6 +461,11 @@ def run_peers(args, python, cases, notes):
         return peers, line
     notes.append(f"sklearn-debian skipped: {debian} cannot import sklearn and numpy (apt-get install python3-sklearn)")
     return peers, ""
+
+
+def can_import(python, modules):
+    exe = python if os.path.exists(python) else shutil.which(python)
+    return exe is not None and subprocess.run([exe, "-c", f"import {modules}"], capture_output=True).returncode == 0
 
 
 def peer_setup_lines(peers, debian_blas_line):
