@@ -7,10 +7,11 @@ starts):
     PISSA_PEER_INPUT registers: BM_file_randomized (a fresh randomized_svd call per run),
     BM_file_reused (one RandomizedSvd object across the runs: its buffers kept, as when a model's
     matrices are decomposed one after another), BM_file_fused (the same with the
-    fused_power_iteration option) and BM_file_exact (block Krylov). OpenMP on all cores, measured
-    with GNU OpenMP's default (spinning) wait policy and with OMP_WAIT_POLICY=PASSIVE, the faster
-    reported per row (on a loaded machine spinning threads steal the CPU from the thread they wait
-    for). bfloat16 rows decompose the Eigen::bfloat16 matrix itself (the kernels widen it).
+    fused_power_iteration option) and BM_file_exact (block Krylov). Setups: "default" (OpenMP on
+    all cores, GNU OpenMP's spinning wait policy), "passive" (OMP_WAIT_POLICY=PASSIVE: on a loaded
+    machine spinning threads steal the CPU from the thread they wait for) and "1 thread"
+    (OMP_NUM_THREADS=1), the same menu as the peers'. bfloat16 rows decompose the Eigen::bfloat16
+    matrix itself (the kernels widen it).
   * torch from PyPI (the --python interpreter; its own BLAS, named in the header with its thread
     count): torch.svd_lowrank(W, q=r, niter=K) (peft init_lora_weights="pissa_niter_K") and
     torch.linalg.svd(W, full_matrices=False) (peft "pissa"), in the setups "default" (torch's own),
@@ -34,7 +35,8 @@ starts):
   * The machine's limits in the same run: sgemm on 4096 x 4096 float32 (torch.mm and numpy in their
     multi-threaded setups, the fastest is "the fastest peer's sgemm") and bench_svd's read-bandwidth probe
     BM_bandwidth/1024.
-Every peer is reported per row in its fastest setup (named in parentheses; --verbose prints all).
+pissa and every peer are reported per row in their fastest setup (named in parentheses; --verbose
+prints all).
 
 Rows: 4096x4096 at r = 16 / 64 / 128, 11008x4096 at r = 16 / 128 (niter 4) and 4096x4096 r = 16 at
 niter 16, each with W stored in float32 (sq_r16, ...) and in bfloat16 (sq_r16_bf16, ...; --dtypes).
@@ -55,7 +57,7 @@ Tables (markdown), median of --repetitions runs:
      bandwidth-bound roofline (passes x bytes of W in its storage dtype / measured bandwidth;
      2K + 2 passes, K + 2 for the fused option at q <= 24) over the time.
   3. The single products a randomized SVD is made of (bench_svd BM_multiply / BM_multiply_t,
-     float32, the faster wait policy) against sgemm on the same shapes (torch.mm and numpy `W @ X`,
+     float32, the fastest setup) against sgemm on the same shapes (torch.mm and numpy `W @ X`,
      `W.T @ Y`), the fastest peer BLAS per shape (--no-products skips it).
   4. Exact top-r: pissa block Krylov, Spectra and torch.linalg.svd (full), with the max relative
      singular-value error against LAPACK of pissa and Spectra, "Spectra / pissa" and
@@ -115,6 +117,8 @@ EXACT_TARGET_TORCH, EXACT_TARGET_SPECTRA = 10.0, 1.0
 # The product each peer's sgemm / single-product figures come from, and torch's setups.
 MATMUL = {"torch.svd_lowrank": "torch.mm", "sklearn": "numpy (wheels)", "sklearn-debian": "numpy (Debian)"}
 TORCH_SETUP = {"default": "", "passive": ", set_num_threads(2)", "1 thread": ", set_num_threads(1)"}
+# pissa's threading setups (bench_svd's environment), like the peers'.
+PISSA_SETUPS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1 thread": {"OMP_NUM_THREADS": "1"}}
 FUSED_ONE_PASS_MAX_Q = 24  # rsvd.hpp: W^T (W Q) in one pass over a row-major W for q <= 24
 
 Case = namedtuple("Case", "name base m n r niter dtype")
@@ -626,7 +630,7 @@ def print_randomized_table(rows, dtype, peer_labels, verbose):
         for r in rows:
             v = r["verbose"]
             print(f"  {r['case']['name']}: " + "; ".join(
-                f"pissa {m} default {ms(v['pissa_default'][m])}, passive {ms(v['pissa_passive'][m])}"
+                f"pissa {m} " + ", ".join(f"{setup} {ms(t)}" for setup, t in v["pissa"][m].items())
                 for m in ("randomized", "reused", "fused"))
                 + "".join(f"; {p} " + ", ".join(f"{setup} {ms(t)}" for setup, t in times.items())
                           for p, times in v["peers"].items()))
@@ -834,13 +838,12 @@ def main():
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     # pissa, both wait policies, and its limits
-    products = not args.no_products
-    pissa_default, bandwidth_default = run_pissa(args.bench, args.tmp, cases, exact, args.repetitions, products, {})
-    pissa_passive, bandwidth_passive = run_pissa(args.bench, args.tmp, cases, exact, args.repetitions, products,
-                                                 {"OMP_WAIT_POLICY": "PASSIVE"})
-    pissa_best = {k: min(v, pissa_passive.get(k, v)) for k, v in pissa_default.items()}
-    pissa_setup = {k: "default" if v <= pissa_passive.get(k, v) else "passive" for k, v in pissa_default.items()}
-    bandwidth = max(bandwidth_default, bandwidth_passive)
+    pissa_runs = {setup: run_pissa(args.bench, args.tmp, cases, exact, args.repetitions, not args.no_products, env)
+                  for setup, env in PISSA_SETUPS.items()}
+    pissa_times = {setup: times for setup, (times, _) in pissa_runs.items()}
+    bandwidth = max(bw for _, bw in pissa_runs.values())
+    pissa_setup = {k: min(pissa_times, key=lambda setup: pissa_times[setup][k]) for k in pissa_times["default"]}
+    pissa_best = {k: pissa_times[setup][k] for k, setup in pissa_setup.items()}
     pissa_products = {k: v for k, v in pissa_best.items() if k.startswith("BM_multiply")}
 
     spectra = {}
@@ -852,9 +855,9 @@ def main():
     peers, debian_blas_line = run_peers(args, python, cases, notes)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    setups = [f"pissa: {os.path.abspath(args.bench)}, OpenMP on all cores (OMP_NUM_THREADS="
-              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); setups: default (GNU OpenMP's spinning wait policy), "
-              "passive (OMP_WAIT_POLICY=PASSIVE)",
+    setups = [f"pissa: {os.path.abspath(args.bench)}, OpenMP (OMP_NUM_THREADS="
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); setups: default (all cores, GNU OpenMP's spinning wait "
+              "policy), passive (OMP_WAIT_POLICY=PASSIVE), 1 thread (OMP_NUM_THREADS=1)",
               f"peers' interpreter: {python}"] + peer_setup_lines(peers, debian_blas_line)
     if spectra:
         setups.append(f"Spectra: {os.path.abspath(args.spectra)}, PartialSVDSolver<MatrixXf> (column-major float32, "
@@ -871,13 +874,12 @@ def main():
 
     results = {"tmp": args.tmp, "reference": peers["torch.svd_lowrank"]["default"]["reference"], "peers": peers,
                "spectra": spectra,
-               "pissa": {"best": pissa_best, "setup": pissa_setup, "default": pissa_default, "passive": pissa_passive,
-                         "products": pissa_products}}
+               "pissa": {"best": pissa_best, "setup": pissa_setup, "setups": pissa_times, "products": pissa_products}}
     rand = randomized_rows(results, cases)
     for r in rand:
         name = r["case"]["name"]
-        r["verbose"] = {"pissa_default": {m: pissa_default[f"BM_file_{m}/{name}"] for m in ("randomized", "reused", "fused")},
-                        "pissa_passive": {m: pissa_passive[f"BM_file_{m}/{name}"] for m in ("randomized", "reused", "fused")},
+        r["verbose"] = {"pissa": {m: {setup: times[f"BM_file_{m}/{name}"] for setup, times in pissa_times.items()}
+                                  for m in ("randomized", "reused", "fused")},
                         "peers": {p: {setup: out["rows"][name]["time"] for setup, out in outs.items()}
                                   for p, outs in peers.items()}}
     ex = exact_rows(results, exact)
