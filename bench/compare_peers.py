@@ -684,7 +684,7 @@ def print_exact_table(rows, spectra_tol):
         print(f"| {c.m}x{c.n}, r={c.r} | {ms(r['pissa'])} ({r['pissa_setup']}) | {r['cycles']} | {r['residual_bound']:.2e} "
               f"| {r['sigma_err']:.2e} | {r['err_opt_minus_1']:.2e} | " + " | ".join(sp)
               + f" | {r['torch_full']:.2f} s ({r['torch_full_setup']}) "
-              f"| {(str(round(r['spectra_ratio'], 2)) + 'x') if 'spectra' in r else '-'} | {r['torch_ratio']:.1f}x |")
+              f"| {format(r['spectra_ratio'], '.2f') + 'x' if 'spectra' in r else '-'} | {r['torch_ratio']:.1f}x |")
     torch_ratios = [r["torch_ratio"] for r in rows]
     met = sum(x >= EXACT_TARGET_TORCH for x in torch_ratios)
     line = (f"target met? torch.linalg.svd / pissa >= {EXACT_TARGET_TORCH:g}x: {'YES' if met == len(rows) else 'NO'} "
