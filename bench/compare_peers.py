@@ -734,7 +734,7 @@ def write_svg(path, rand_rows, ex_rows):
         return left + plot_w * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
 
     ticks = [t for t in (0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500) if lo <= t <= hi]
-    body, y = ['<text x="10" y="20" font-size="14" font-weight="bold">pissa against the fastest peer per row '
+    body, y = ['<text x="10" y="20" font-size="14" font-weight="bold">peer time / pissa time per row '
                '(> 1: pissa faster; log scale)</text>'], 45
     legend = {}
     for title, groups, targets in panels:
