@@ -11,6 +11,13 @@
 // drawn here with pissa's generator). Counters, the same a-posteriori accuracy for both:
 //   residual = max_i ||W^T u_i - s_i v_i|| / s_1 over the r triplets returned,
 //   sigma_vs_pissa = max_i |s_i - s_i(pissa exact)| / s_i.
+//
+// Matrices from files (bench/compare_peers.py), the spec bench_svd's BM_file_* read:
+//   PISSA_PEER_INPUT="name:path:m:n:r[:niter[:dtype]];..." registers BM_spectra_file/<name> on the raw
+//   row-major [m, n] file (dtype f32, the default, or bf16: bfloat16 bits widened to float32 before
+//   the timing). PISSA_SPECTRA_TOL sets the solver's tolerance (default 1e-4, the setting above);
+//   ncv = 2r + 1 as above. PISSA_PEER_OUT=dir makes each write <dir>/<name>_spectra.txt with the
+//   singular values, ||W - U S V^T||_F (double), the residual and the convergence count.
 #include <pissa/svd.hpp>
 
 #include <pissa/detail/random.hpp>
@@ -18,9 +25,17 @@
 #include <Spectra/contrib/PartialSVDSolver.h>
 #include <benchmark/benchmark.h>
 
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <sstream>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -107,5 +122,105 @@ void reference_rows(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_pissa_exact)->Apply(reference_rows);
 BENCHMARK(BM_spectra)->Apply(reference_rows);
+
+// ---- matrices from files (bench/compare_peers.py) ------------------------------------------------
+
+struct FileCase {
+    std::string name, path;
+    Index m = 0, n = 0, r = 0;
+    bool bf16 = false;
+};
+
+/// The file's [m, n] row-major matrix as a column-major float32 Matrix (Spectra's reference setting).
+const Matrix<float>& file_weight(const FileCase& c) {
+    static std::map<std::string, std::unique_ptr<Matrix<float>>> cache;
+    auto& slot = cache[c.path];
+    if (!slot) {
+        const std::size_t count = static_cast<std::size_t>(c.m * c.n), bytes = c.bf16 ? 2 : 4;
+        std::vector<char> raw(count * bytes);
+        std::ifstream in(c.path, std::ios::binary);
+        in.read(raw.data(), std::streamsize(raw.size()));
+        if (!in) {
+            std::fprintf(stderr, "bench_spectra: cannot read %lld x %lld %s from %s\n", (long long)c.m, (long long)c.n,
+                         c.bf16 ? "bfloat16" : "float32", c.path.c_str());
+            std::exit(2);
+        }
+        pissa::RowMatrix<float> rows(c.m, c.n);
+        if (c.bf16) {
+            for (std::size_t i = 0; i < count; ++i) {
+                std::uint16_t half;
+                std::memcpy(&half, raw.data() + 2 * i, 2);
+                const std::uint32_t bits = std::uint32_t(half) << 16;
+                std::memcpy(rows.data() + i, &bits, 4);
+            }
+        } else {
+            std::memcpy(rows.data(), raw.data(), raw.size());
+        }
+        slot = std::make_unique<Matrix<float>>(rows);
+    }
+    return *slot;
+}
+
+void write_spectra_result(const FileCase& c, const Matrix<float>& W, const Eigen::VectorXf& S, const Matrix<float>& U,
+                          const Matrix<float>& V, Index converged, float tolerance) {
+    const char* dir = std::getenv("PISSA_PEER_OUT");
+    if (dir == nullptr) return;
+    const Matrix<double> approx = U.cast<double>() * S.cast<double>().asDiagonal() * V.cast<double>().transpose();
+    const double error = (W.cast<double>() - approx).norm();
+    std::ofstream out(std::string(dir) + "/" + c.name + "_spectra.txt");
+    out.precision(17);
+    out << "frob_error " << error << "\nconverged " << converged << "\ntolerance " << tolerance << "\nncv "
+        << 2 * c.r + 1 << "\nresidual " << residual(W, U, S, V) << "\nsingular_values";
+    for (Index i = 0; i < S.size(); ++i) out << ' ' << S(i);
+    out << '\n';
+}
+
+void spectra_file_benchmark(benchmark::State& state, const FileCase& c) {
+    const Matrix<float>& W = file_weight(c);
+    const char* tol = std::getenv("PISSA_SPECTRA_TOL");
+    const float tolerance = tol != nullptr ? static_cast<float>(std::atof(tol)) : 1e-4f;
+    Eigen::VectorXf S;
+    Matrix<float> U, V;
+    Index converged = 0;
+    for (auto _ : state) {
+        Spectra::PartialSVDSolver<Eigen::MatrixXf> solver(W, c.r, 2 * c.r + 1);
+        converged = solver.compute(1000, tolerance);
+        S = solver.singular_values();
+        U = solver.matrix_U(c.r);
+        V = solver.matrix_V(c.r);
+        benchmark::DoNotOptimize(S.data());
+    }
+    state.counters["converged"] = static_cast<double>(converged);
+    write_spectra_result(c, W, S, U, V, converged, tolerance);
+}
+
+const bool file_cases_registered = [] {
+    const char* spec = std::getenv("PISSA_PEER_INPUT");
+    if (spec == nullptr) return false;
+    std::stringstream all(spec);
+    std::string item;
+    while (std::getline(all, item, ';')) {
+        if (item.empty()) continue;
+        std::stringstream fields(item);
+        FileCase c;
+        std::string m, n, r, niter, dtype;
+        std::getline(fields, c.name, ':');
+        std::getline(fields, c.path, ':');
+        std::getline(fields, m, ':');
+        std::getline(fields, n, ':');
+        std::getline(fields, r, ':');
+        std::getline(fields, niter, ':');  // (randomized SVD only: unused here)
+        std::getline(fields, dtype, ':');
+        c.m = std::atoll(m.c_str());
+        c.n = std::atoll(n.c_str());
+        c.r = std::atoll(r.c_str());
+        c.bf16 = dtype == "bf16";
+        benchmark::RegisterBenchmark(("BM_spectra_file/" + c.name).c_str(),
+                                     [c](benchmark::State& s) { spectra_file_benchmark(s, c); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+    }
+    return true;
+}();
 
 }  // namespace

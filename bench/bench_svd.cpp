@@ -17,7 +17,7 @@
 //   BM_pissa_init/<m>/<n>/<r>        pissa::init, bfloat16 row-major W, randomized niter 4
 //   BM_lora_forward/<batch>/<n>/<r>  lora_forward through a float32 W
 //   BM_file_*                        only with PISSA_PEER_INPUT (bench/compare_peers.py): matrices
-//                                    from raw float32 files, with accuracy counters
+//                                    from raw float32 or bfloat16 files, with accuracy files
 //
 // Counters: bytes_per_second (bytes of W read by all passes), roofline_ms = max(passes * bytes /
 // bandwidth, passes * 2 m n q / peak), roofline_frac = roofline_ms / measured. The roofline
@@ -619,39 +619,45 @@ BENCHMARK(BM_lora_forward)->Args({1, 4096, 16})->Args({64, 4096, 16})->Unit(benc
 
 // ---- matrices from files (bench/compare_peers.py) ------------------------------------------------
 //
-// PISSA_PEER_INPUT="name:path:m:n:r:niter;..." registers BM_file_{randomized,reused,fused,exact}/<name>
-// on the raw float32 row-major [m, n] file. PISSA_PEER_OUT=dir makes each
-// write <dir>/<name>_<mode>.txt with the singular values and ||W - U S V^T||_F (double).
+// PISSA_PEER_INPUT="name:path:m:n:r:niter[:dtype];..." registers BM_file_{randomized,reused,fused,exact}/<name>
+// on the raw row-major [m, n] file: dtype f32 (float32, the default) or bf16 (bfloat16 bits, read
+// into an Eigen::bfloat16 matrix and decomposed from that storage, as BM_randomized's bfloat16 rows).
+// PISSA_PEER_OUT=dir makes each write <dir>/<name>_<mode>.txt with the singular values and
+// ||W - U S V^T||_F (double, against the stored W).
 
 struct FileCase {
     std::string name, path;
     Index m = 0, n = 0, r = 0;
     int niter = 4;
+    bool bf16 = false;
 };
 
-const RowMatrix<float>& file_weight(const FileCase& c) {
-    static std::map<std::string, std::unique_ptr<RowMatrix<float>>> cache;
+template <class Storage>
+const RowMatrix<Storage>& file_weight(const FileCase& c) {
+    static std::map<std::string, std::unique_ptr<RowMatrix<Storage>>> cache;
     auto& slot = cache[c.path];
     if (!slot) {
-        slot = std::make_unique<RowMatrix<float>>(c.m, c.n);
+        static_assert(sizeof(Storage) == 4 || sizeof(Storage) == 2, "raw float32 or bfloat16 bits");
+        slot = std::make_unique<RowMatrix<Storage>>(c.m, c.n);
         std::ifstream in(c.path, std::ios::binary);
-        in.read(reinterpret_cast<char*>(slot->data()), std::streamsize(slot->size() * Index(sizeof(float))));
+        in.read(reinterpret_cast<char*>(slot->data()), std::streamsize(slot->size() * Index(sizeof(Storage))));
         if (!in) {
-            std::fprintf(stderr, "bench_svd: cannot read %lld x %lld float32 from %s\n", (long long)c.m, (long long)c.n,
-                         c.path.c_str());
+            std::fprintf(stderr, "bench_svd: cannot read %lld x %lld %s from %s\n", (long long)c.m, (long long)c.n,
+                         c.bf16 ? "bfloat16" : "float32", c.path.c_str());
             std::exit(2);
         }
     }
     return *slot;
 }
 
+template <class Storage>
 void write_result(const FileCase& c, const char* mode, const pissa::SvdResult<float>& svd) {
     const char* dir = std::getenv("PISSA_PEER_OUT");
     if (dir == nullptr) return;
-    const RowMatrix<float>& W = file_weight(c);
+    const RowMatrix<Storage>& W = file_weight<Storage>(c);
     const Matrix<double> approx =
         svd.U.cast<double>() * svd.S.cast<double>().asDiagonal() * svd.V.cast<double>().transpose();
-    const double error = (W.cast<double>() - approx).norm();
+    const double error = (W.template cast<float>().template cast<double>() - approx).norm();
     std::ofstream out(std::string(dir) + "/" + c.name + "_" + mode + ".txt");
     out.precision(17);
     out << "frob_error " << error << "\niterations " << svd.report.iterations << "\nresidual_bound "
@@ -677,8 +683,11 @@ const char* file_mode_name(FileMode mode) {
     return "?";
 }
 
+/// One BM_file_* run over W stored as `Storage` (float or Eigen::bfloat16), through the same
+/// public calls for both storages.
+template <class Storage>
 void file_benchmark(benchmark::State& state, const FileCase& c, FileMode mode) {
-    const RowMatrix<float>& W = file_weight(c);
+    const RowMatrix<Storage>& W = file_weight<Storage>(c);
     pissa::RandomizedSvdOptions options;
     options.niter = c.niter;
     options.fused_power_iteration = mode == FileMode::fused;
@@ -698,8 +707,8 @@ void file_benchmark(benchmark::State& state, const FileCase& c, FileMode mode) {
         }
     }
     if (mode == FileMode::reused || mode == FileMode::fused) last = reused.result();
-    if (mode != FileMode::exact) set_roofline(state, c.m, c.n, c.r, 2.0 * c.niter + 2, 4.0);
-    write_result(c, file_mode_name(mode), last);
+    if (mode != FileMode::exact) set_roofline(state, c.m, c.n, c.r, 2.0 * c.niter + 2, double(sizeof(Storage)));
+    write_result<Storage>(c, file_mode_name(mode), last);
 }
 
 const bool file_cases_registered = [] {
@@ -711,20 +720,30 @@ const bool file_cases_registered = [] {
         if (item.empty()) continue;
         std::stringstream fields(item);
         FileCase c;
-        std::string m, n, r, niter;
+        std::string m, n, r, niter, dtype;
         std::getline(fields, c.name, ':');
         std::getline(fields, c.path, ':');
         std::getline(fields, m, ':');
         std::getline(fields, n, ':');
         std::getline(fields, r, ':');
         std::getline(fields, niter, ':');
+        std::getline(fields, dtype, ':');
         c.m = std::atoll(m.c_str());
         c.n = std::atoll(n.c_str());
         c.r = std::atoll(r.c_str());
         c.niter = std::atoi(niter.c_str());
+        if (dtype != "" && dtype != "f32" && dtype != "bf16") {
+            std::fprintf(stderr, "bench_svd: PISSA_PEER_INPUT: dtype of %s must be f32 or bf16, got %s\n",
+                         c.name.c_str(), dtype.c_str());
+            std::exit(2);
+        }
+        c.bf16 = dtype == "bf16";
         for (const FileMode mode : {FileMode::randomized, FileMode::reused, FileMode::fused, FileMode::exact})
             benchmark::RegisterBenchmark((std::string("BM_file_") + file_mode_name(mode) + "/" + c.name).c_str(),
-                                         [c, mode](benchmark::State& s) { file_benchmark(s, c, mode); })
+                                         [c, mode](benchmark::State& s) {
+                                             if (c.bf16) file_benchmark<Eigen::bfloat16>(s, c, mode);
+                                             else file_benchmark<float>(s, c, mode);
+                                         })
                 ->Unit(benchmark::kMillisecond)
                 ->UseRealTime();
     }
