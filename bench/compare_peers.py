@@ -11,7 +11,7 @@ starts):
     all cores, GNU OpenMP's spinning wait policy), "passive" (OMP_WAIT_POLICY=PASSIVE: on a loaded
     machine spinning threads steal the CPU from the thread they wait for) and "1 thread"
     (OMP_NUM_THREADS=1), the same menu as the peers'. bfloat16 rows decompose the Eigen::bfloat16
-    matrix itself (the kernels widen it).
+    matrix itself, with the library's default products (bfloat16 operands on AMX, float32 elsewhere).
   * torch from PyPI (the --python interpreter; its own BLAS, named in the header with its thread
     count): torch.svd_lowrank(W, q=r, niter=K) (peft init_lora_weights="pissa_niter_K") and
     torch.linalg.svd(W, full_matrices=False) (peft "pissa"), in the setups "default" (torch's own),
