@@ -25,6 +25,8 @@
 #include <Spectra/contrib/PartialSVDSolver.h>
 #include <benchmark/benchmark.h>
 
+#include "peer_input.hpp"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -125,11 +127,7 @@ BENCHMARK(BM_spectra)->Apply(reference_rows);
 
 // ---- matrices from files (bench/compare_peers.py) ------------------------------------------------
 
-struct FileCase {
-    std::string name, path;
-    Index m = 0, n = 0, r = 0;
-    bool bf16 = false;
-};
+using pissa_bench::FileCase;
 
 /// The file's [m, n] row-major matrix as a column-major float32 Matrix (Spectra's reference setting).
 const Matrix<float>& file_weight(const FileCase& c) {
@@ -195,26 +193,7 @@ void spectra_file_benchmark(benchmark::State& state, const FileCase& c) {
 }
 
 const bool file_cases_registered = [] {
-    const char* spec = std::getenv("PISSA_PEER_INPUT");
-    if (spec == nullptr) return false;
-    std::stringstream all(spec);
-    std::string item;
-    while (std::getline(all, item, ';')) {
-        if (item.empty()) continue;
-        std::stringstream fields(item);
-        FileCase c;
-        std::string m, n, r, niter, dtype;
-        std::getline(fields, c.name, ':');
-        std::getline(fields, c.path, ':');
-        std::getline(fields, m, ':');
-        std::getline(fields, n, ':');
-        std::getline(fields, r, ':');
-        std::getline(fields, niter, ':');  // (randomized SVD only: unused here)
-        std::getline(fields, dtype, ':');
-        c.m = std::atoll(m.c_str());
-        c.n = std::atoll(n.c_str());
-        c.r = std::atoll(r.c_str());
-        c.bf16 = dtype == "bf16";
+    for (const FileCase& c : pissa_bench::peer_input_cases("bench_spectra")) {
         benchmark::RegisterBenchmark(("BM_spectra_file/" + c.name).c_str(),
                                      [c](benchmark::State& s) { spectra_file_benchmark(s, c); })
             ->Unit(benchmark::kMillisecond)

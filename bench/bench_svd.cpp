@@ -41,6 +41,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "peer_input.hpp"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -625,12 +627,7 @@ BENCHMARK(BM_lora_forward)->Args({1, 4096, 16})->Args({64, 4096, 16})->Unit(benc
 // PISSA_PEER_OUT=dir makes each write <dir>/<name>_<mode>.txt with the singular values and
 // ||W - U S V^T||_F (double, against the stored W).
 
-struct FileCase {
-    std::string name, path;
-    Index m = 0, n = 0, r = 0;
-    int niter = 4;
-    bool bf16 = false;
-};
+using pissa_bench::FileCase;
 
 template <class Storage>
 const RowMatrix<Storage>& file_weight(const FileCase& c) {
@@ -712,32 +709,7 @@ void file_benchmark(benchmark::State& state, const FileCase& c, FileMode mode) {
 }
 
 const bool file_cases_registered = [] {
-    const char* spec = std::getenv("PISSA_PEER_INPUT");
-    if (spec == nullptr) return false;
-    std::stringstream all(spec);
-    std::string item;
-    while (std::getline(all, item, ';')) {
-        if (item.empty()) continue;
-        std::stringstream fields(item);
-        FileCase c;
-        std::string m, n, r, niter, dtype;
-        std::getline(fields, c.name, ':');
-        std::getline(fields, c.path, ':');
-        std::getline(fields, m, ':');
-        std::getline(fields, n, ':');
-        std::getline(fields, r, ':');
-        std::getline(fields, niter, ':');
-        std::getline(fields, dtype, ':');
-        c.m = std::atoll(m.c_str());
-        c.n = std::atoll(n.c_str());
-        c.r = std::atoll(r.c_str());
-        c.niter = std::atoi(niter.c_str());
-        if (dtype != "" && dtype != "f32" && dtype != "bf16") {
-            std::fprintf(stderr, "bench_svd: PISSA_PEER_INPUT: dtype of %s must be f32 or bf16, got %s\n",
-                         c.name.c_str(), dtype.c_str());
-            std::exit(2);
-        }
-        c.bf16 = dtype == "bf16";
+    for (const FileCase& c : pissa_bench::peer_input_cases("bench_svd")) {
         for (const FileMode mode : {FileMode::randomized, FileMode::reused, FileMode::fused, FileMode::exact})
             benchmark::RegisterBenchmark((std::string("BM_file_") + file_mode_name(mode) + "/" + c.name).c_str(),
                                          [c, mode](benchmark::State& s) {

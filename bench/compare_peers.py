@@ -346,7 +346,8 @@ def run_bench(program, flt, reps, env):
         raise SystemExit(f"compare_peers: {program} failed:\n{p.stderr[-3000:]}")
     records = {}
     for b in json.loads(p.stdout or '{"benchmarks": []}')["benchmarks"]:
-        if b.get("aggregate_name") == "median":
+        # One repetition reports the run itself; more report aggregates, of which the median is kept.
+        if b.get("aggregate_name") == "median" or (reps == 1 and b.get("run_type") == "iteration"):
             unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
             records[b["run_name"].replace("/real_time", "")] = dict(b, seconds=b["real_time"] * unit)
     if not records:
