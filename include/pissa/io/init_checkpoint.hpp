@@ -9,10 +9,12 @@
 /// `out/pissa_init/` is the adapter (`init_lora_weights: true`, so loading it does not decompose
 /// the base again).
 ///
-/// Data flow: one target at a time is copied from the input into one reused buffer in its stored
-/// dtype, split in place there (float32 inside for 16-bit storage), and streamed to the output
-/// while the next tensor is read ahead; its A and B go to a small side file ("piece"). Memory stays
-/// at the largest tensor plus one module's adapter, whatever the model's size. Target `i`
+/// Data flow: one target at a time is copied from the input into one of two reused buffers in its
+/// stored dtype and split in place there (float32 inside for 16-bit storage); its A and B go to a
+/// small side file ("piece"). A writer thread writes, checksums, flushes and journals it while the
+/// next target is read and split, and copies the unchanged tensors (io/partitioned_rewrite.hpp).
+/// Memory stays at about twice the largest target plus one module's adapter, whatever the model's
+/// size. Target `i`
 /// (checkpoint order) is seeded with `module_seed(seed, i)` (seed.hpp), so any process can split
 /// any module and get the bits a single run gets.
 ///
@@ -525,6 +527,7 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
     // The plan: what every process of the job derives identically.
     job.layout = rewrite_layout(checkpoint);
     std::vector<std::uint64_t> costs;
+    std::uint64_t largest_target = 0;  // bytes: the size of the tensor buffers (run_segment)
     nlohmann::ordered_json target_items = nlohmann::ordered_json::array();
     for (std::size_t i = 0; i < job.layout.items.size(); ++i) {
         const auto& item = job.layout.items[i];
@@ -536,6 +539,7 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
             detail::require_valid_module(module, t, split);
             job.target_number.emplace(i, job.target_number.size());
             target_items.push_back(i);
+            largest_target = std::max(largest_target, t.nbytes());
             flops = detail::split_flops(static_cast<double>(t.shape[0]), static_cast<double>(t.shape[1]), split.rank,
                                         options);
         }
@@ -641,9 +645,10 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         const auto path = detail::piece_path(work, job.target_number.at(item));
         return detail::path_exists(path) && checksum_of_file(path) == note;
     };
-    const auto segment = run_segment(
-        checkpoint, job.layout, first, last, work.parts(), journal, nlohmann::json(job.digest), options.resume, rewrite,
-        check_note, callbacks.progress ? RewriteProgress(callbacks.progress) : RewriteProgress(), work.out());
+    const auto segment = run_segment(checkpoint, job.layout, first, last, work.parts(), journal,
+                                     nlohmann::json(job.digest), options.resume, rewrite, check_note,
+                                     callbacks.progress ? RewriteProgress(callbacks.progress) : RewriteProgress(),
+                                     work.out(), largest_target);
     report.resumed_items = segment.resumed_items;
     auto resumed =
         detail::read_piece_reports(work, targets_before(first), targets_before(first + segment.resumed_items));

@@ -29,16 +29,25 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 namespace pissa::io {
@@ -102,24 +111,88 @@ struct SegmentReport {
 
 namespace detail {
 
-/// A part file being written: appends with write(2), flushes with fdatasync(2).
+/// Whether part files are written with direct I/O (O_DIRECT), as they are unless the environment
+/// sets PISSA_DIRECT_IO=0 (or the file system refuses it).
+inline bool direct_io_enabled() {
+    const char* v = std::getenv("PISSA_DIRECT_IO");
+    return !(v && std::string(v) == "0");
+}
+
+/// A part file being written: appends, and flush() makes everything appended so far durable
+/// (fdatasync(2)) before it returns.
+///
+/// Writes bypass the page cache (O_DIRECT) where the file system allows it: the bytes go from one
+/// aligned 8 MiB staging buffer, reused for the whole file, straight to the device, instead of into
+/// fresh page-cache pages that the kernel must allocate, fill and write back (most of a buffered
+/// copy's system time). The staging buffer goes out in whole 4 KiB blocks; flush() also writes the
+/// last, partial block (padded, then the file cut back to its size), and keeps it staged, so the
+/// next appends complete it. Where O_DIRECT is refused (tmpfs, some network file systems) or
+/// PISSA_DIRECT_IO=0, the same bytes are written with buffered write(2).
 class PartFile {
 public:
     PartFile(const std::filesystem::path& path, std::uint64_t keep) : m_path(path) {
-        m_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        m_fd = -1;
+#ifdef O_DIRECT
+        if (direct_io_enabled()) m_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_DIRECT, 0644);
+        m_direct = m_fd >= 0;
+#endif
+        if (m_fd < 0) m_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
         if (m_fd < 0) throw io_error(path.string() + ": cannot open: " + errno_text());
         if (::ftruncate(m_fd, static_cast<off_t>(keep)) != 0 || ::lseek(m_fd, static_cast<off_t>(keep), SEEK_SET) < 0) {
             ::close(m_fd);
             throw io_error(path.string() + ": cannot truncate: " + errno_text());
         }
         m_size = keep;
+        if (m_direct) {
+            m_stage = static_cast<unsigned char*>(std::aligned_alloc(block, stage_size));
+            if (!m_stage) {
+                ::close(m_fd);
+                throw std::bad_alloc();
+            }
+            // The kept bytes of the last, partial block are staged again, to be rewritten whole.
+            m_stage_at = keep / block * block;
+            m_fill = static_cast<std::size_t>(keep - m_stage_at);
+            if (m_fill > 0 && !read_back(m_fill)) {
+                ::close(m_fd);
+                std::free(m_stage);
+                throw io_error(path.string() + ": cannot read back its last block: " + errno_text());
+            }
+        }
     }
-    ~PartFile() { ::close(m_fd); }
+    ~PartFile() {
+        ::close(m_fd);
+        std::free(m_stage);
+    }
     PartFile(const PartFile&) = delete;
     PartFile& operator=(const PartFile&) = delete;
 
     void write(const void* data, std::size_t size) {
         const char* p = static_cast<const char*>(data);
+        if (!m_direct) {
+            write_buffered(p, size);
+            return;
+        }
+        while (size > 0) {
+            const std::size_t n = std::min(size, stage_size - m_fill);
+            std::memcpy(m_stage + m_fill, p, n);
+            m_fill += n;
+            m_size += n;
+            p += n;
+            size -= n;
+            if (m_fill == stage_size) write_stage(false);
+        }
+    }
+    void flush() {
+        if (m_direct && m_fill > 0) write_stage(true);
+        if (::fdatasync(m_fd) != 0) throw io_error(m_path.string() + ": cannot flush: " + errno_text());
+    }
+    std::uint64_t size() const { return m_size; }
+
+private:
+    static constexpr std::size_t block = 4096;                       // O_DIRECT alignment (offsets, sizes, memory)
+    static constexpr std::size_t stage_size = std::size_t{8} << 20;  // a multiple of block
+
+    void write_buffered(const char* p, std::size_t size) {
         while (size > 0) {
             const ssize_t n = ::write(m_fd, p, size);
             if (n < 0 && errno == EINTR) continue;
@@ -129,15 +202,167 @@ public:
             m_size += static_cast<std::uint64_t>(n);
         }
     }
-    void flush() {
-        if (::fdatasync(m_fd) != 0) throw io_error(m_path.string() + ": cannot flush: " + errno_text());
-    }
-    std::uint64_t size() const { return m_size; }
 
-private:
+    /// pwrite(2) of [0, bytes) of the stage at m_stage_at, retrying short writes.
+    void pwrite_stage(std::size_t bytes) {
+        std::size_t done = 0;
+        while (done < bytes) {
+            const ssize_t n = ::pwrite(m_fd, m_stage + done, bytes - done, static_cast<off_t>(m_stage_at + done));
+            if (n < 0 && errno == EINTR) continue;
+#ifdef O_DIRECT
+            // A file system that opens with O_DIRECT but wants another alignment: buffered from here.
+            if (n < 0 && errno == EINVAL && (::fcntl(m_fd, F_GETFL) & O_DIRECT) &&
+                ::fcntl(m_fd, F_SETFL, ::fcntl(m_fd, F_GETFL) & ~O_DIRECT) == 0)
+                continue;
+#endif
+            if (n <= 0) throw io_error(m_path.string() + ": write failed: " + errno_text());
+            done += static_cast<std::size_t>(n);
+        }
+    }
+
+    /// Writes the staged whole blocks and keeps the partial one staged; with `partial`, writes
+    /// that one too (padded to a block; the file is then cut back to its size).
+    void write_stage(bool partial) {
+        const std::size_t whole = m_fill / block * block, tail = m_fill - whole;
+        const std::size_t bytes = partial && tail > 0 ? whole + block : whole;
+        if (bytes > 0) {
+            if (bytes > m_fill) std::memset(m_stage + m_fill, 0, bytes - m_fill);
+            pwrite_stage(bytes);
+            if (bytes > m_fill && ::ftruncate(m_fd, static_cast<off_t>(m_size)) != 0)
+                throw io_error(m_path.string() + ": cannot truncate: " + errno_text());
+        }
+        if (whole > 0) {
+            std::memmove(m_stage, m_stage + whole, tail);
+            m_stage_at += whole;
+            m_fill = tail;
+        }
+    }
+
+    /// Reads the file's bytes [m_stage_at, m_stage_at + bytes) into the stage (a whole block read).
+    bool read_back(std::size_t bytes) {
+        std::size_t done = 0;
+        while (done < bytes) {
+            const ssize_t n = ::pread(m_fd, m_stage + done, block, static_cast<off_t>(m_stage_at + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return false;
+            done += static_cast<std::size_t>(n);
+        }
+        return true;
+    }
+
     std::filesystem::path m_path;
     int m_fd = -1;
+    bool m_direct = false;
     std::uint64_t m_size = 0;
+    unsigned char* m_stage = nullptr;  // direct I/O: the bytes of the file from m_stage_at on
+    std::uint64_t m_stage_at = 0;      // a multiple of block
+    std::size_t m_fill = 0;
+};
+
+/// One background thread that runs tasks in the order they are posted, so that writing, checksumming
+/// and flushing a segment's output overlaps with reading and splitting the next tensors. It also
+/// keeps a pool of tensor buffers (`buffers` of them): take_buffer() waits for a free one, which
+/// bounds how far the producer runs ahead (memory: `buffers` times the largest rewritten tensor).
+/// The first task that throws stops the thread's work: later tasks are dropped and the error is
+/// rethrown to the producer by post(), take_buffer() or finish().
+class WriterThread {
+public:
+    /// `reserve`: bytes each buffer is allocated for up front (the largest tensor the producer will
+    /// put in it), so that a buffer is never reallocated, and its pages faulted in, more than once.
+    WriterThread(std::size_t buffers, std::size_t reserve) : m_pool(buffers), m_thread([this] { run(); }) {
+        for (auto& b : m_pool) reserve_buffer(b, reserve);
+    }
+    WriterThread(const WriterThread&) = delete;
+    WriterThread& operator=(const WriterThread&) = delete;
+    /// Runs the tasks still queued (unless one failed) and joins the thread; never throws.
+    ~WriterThread() {
+        {
+            std::lock_guard<std::mutex> lock(m_mutex);
+            m_closing = true;
+        }
+        m_wake.notify_all();
+        m_thread.join();
+    }
+
+    /// Queues `task`. 	hrows whatever an earlier task threw.
+    void post(std::function<void()> task) {
+        std::lock_guard<std::mutex> lock(m_mutex);
+        if (m_error) std::rethrow_exception(m_error);
+        m_tasks.push_back(std::move(task));
+        m_wake.notify_all();
+    }
+
+    /// A buffer from the pool (its capacity kept from earlier use), waiting until one is free.
+    /// \throws whatever a task threw.
+    std::vector<unsigned char> take_buffer() {
+        std::unique_lock<std::mutex> lock(m_mutex);
+        m_wake.wait(lock, [this] { return m_error || !m_pool.empty(); });
+        if (m_error) std::rethrow_exception(m_error);
+        std::vector<unsigned char> b = std::move(m_pool.back());
+        m_pool.pop_back();
+        return b;
+    }
+
+    /// Puts a buffer back into the pool (from either thread).
+    void return_buffer(std::vector<unsigned char>&& b) {
+        std::lock_guard<std::mutex> lock(m_mutex);
+        m_pool.push_back(std::move(b));
+        m_wake.notify_all();
+    }
+
+    /// Waits until every queued task has run. \throws whatever a task threw.
+    void finish() {
+        std::unique_lock<std::mutex> lock(m_mutex);
+        m_wake.wait(lock, [this] { return m_error || (m_tasks.empty() && !m_busy); });
+        if (m_error) std::rethrow_exception(m_error);
+    }
+
+private:
+    /// Allocates `b` for `bytes` and asks for transparent huge pages on it (Linux; advice only):
+    /// one page fault per 2 MiB instead of per 4 KiB when it is first filled.
+    static void reserve_buffer(std::vector<unsigned char>& b, std::size_t bytes) {
+        if (bytes == 0) return;
+        b.reserve(bytes);
+#ifdef MADV_HUGEPAGE
+        constexpr std::uintptr_t huge = std::uintptr_t{2} << 20;
+        const auto begin = reinterpret_cast<std::uintptr_t>(b.data()), end = begin + bytes;
+        const std::uintptr_t first = (begin + huge - 1) / huge * huge, last = end / huge * huge;
+        if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+    }
+
+    void run() {
+        std::unique_lock<std::mutex> lock(m_mutex);
+        for (;;) {
+            m_wake.wait(lock, [this] { return m_closing || !m_tasks.empty(); });
+            if (m_tasks.empty()) return;  // closing, nothing left
+            std::function<void()> task = std::move(m_tasks.front());
+            m_tasks.pop_front();
+            if (m_error) continue;  // dropped (its captures, buffers included, are freed here)
+            m_busy = true;
+            lock.unlock();
+            std::exception_ptr error;
+            try {
+                task();
+            } catch (...) {
+                error = std::current_exception();
+            }
+            task = nullptr;
+            lock.lock();
+            m_busy = false;
+            if (error && !m_error) m_error = error;
+            m_wake.notify_all();
+        }
+    }
+
+    std::mutex m_mutex;
+    std::condition_variable m_wake;
+    std::deque<std::function<void()>> m_tasks;
+    std::vector<std::vector<unsigned char>> m_pool;
+    std::exception_ptr m_error;
+    bool m_busy = false;
+    bool m_closing = false;
+    std::thread m_thread;  // last: started once everything above is initialised
 };
 
 /// The checksum of bytes [begin, end) of the file at `path`; nullopt when it is shorter.
@@ -159,12 +384,22 @@ inline std::optional<std::string> range_checksum(const std::filesystem::path& pa
 /// records (see the file comment). `progress` is called before each item with its index within
 /// the segment and the segment's size. Parts that an interrupted join already moved into
 /// `joined_dir` are left for join_parts to check.
+///
+/// Overlap: `rewrite` (and `progress`) run on the calling thread, item after item; the output runs
+/// on one writer thread (WriterThread) in the same order: a rewritten item's bytes are written,
+/// checksummed, flushed (fdatasync) and journaled there while the caller rewrites the next ones,
+/// and unchanged items are copied there entirely (pread(2) through the writer's own 16 MiB buffer).
+/// Two item buffers alternate, so memory is about twice the largest rewritten item;
+/// `buffer_bytes` (that largest item, if known) allocates them once up front. Every guarantee of
+/// the file comment holds as in a sequential run: a record is appended only after the bytes it
+/// describes are flushed, in item order.
 /// \throws io_error when reading or writing fails; whatever `rewrite` throws (the journal then
-///         holds the items completed so far).
+///         holds the items completed before it: the writer finishes them first).
 inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layout, std::size_t first, std::size_t last,
                                  const std::filesystem::path& parts_dir, Journal& journal, const nlohmann::json& plan,
                                  bool resume, const ItemRewrite& rewrite, const NoteCheck& check_note,
-                                 const RewriteProgress& progress = {}, const std::filesystem::path& joined_dir = {}) {
+                                 const RewriteProgress& progress = {}, const std::filesystem::path& joined_dir = {},
+                                 std::uint64_t buffer_bytes = 0) {
     constexpr std::uint64_t record_every = std::uint64_t{256} << 20;  // bytes of copied tensors per record
     constexpr std::uint64_t copy_piece = std::uint64_t{16} << 20;
     SegmentReport report;
@@ -218,12 +453,14 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
     report.resumed_items = next - first;
     if (journal.records().back().contains("done")) return report;
 
-    std::vector<unsigned char> buffer;
+    // The writer thread's state: the part being written, its running checksum and the open record.
+    // Once the loop runs, only tasks on the writer thread touch it (and the journal).
     std::unique_ptr<detail::PartFile> out;
     std::string out_name;
     Checksum sum;
     std::uint64_t record_begin = 0;
     std::size_t record_from = next;
+    std::vector<unsigned char> copy_buffer;  // the writer's, for unchanged tensors
     auto record = [&](std::size_t to, const std::string& note) {
         out->flush();
         nlohmann::json rec = {{"from", record_from},   {"to", to},           {"part", out_name},
@@ -235,51 +472,71 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
         record_begin = out->size();
         sum = Checksum();
     };
+    // Declared after everything its tasks use: on an exception its destructor finishes the queued
+    // tasks (so the journal holds every item handed over before it) and joins the thread first.
+    detail::WriterThread writer(2, static_cast<std::size_t>(buffer_bytes));
+    std::string current_part;  // the main thread's view of which part the writer is on
     for (std::size_t i = next; i < last; ++i) {
         const auto& item = layout.items[i];
         const auto& file = layout.files[item.file];
         const SafetensorsFile& shard = *in.shards()[item.file];
         const TensorInfo& t = shard.tensors()[item.tensor];
-        if (part_of(i) != out_name) {
-            out_name = part_of(i);
-            const bool continuing = out_name == part;  // resuming inside the part of the last record
-            out = std::make_unique<detail::PartFile>(parts_dir / out_name, continuing ? part_end : 0);
-            record_begin = out->size();
-            record_from = i;
-            sum = Checksum();
-            if (!continuing && item.tensor == 0 && i == std::max(first, file.first_item)) {
-                out->write(file.header.data(), file.header.size());
-                sum.update(file.header.data(), file.header.size());
-            }
+        if (part_of(i) != current_part) {
+            current_part = part_of(i);
+            const bool continuing = current_part == part;  // resuming inside the part of the last record
+            const bool header = !continuing && item.tensor == 0 && i == std::max(first, file.first_item);
+            writer.post([&, &file = file, i, name = current_part, continuing, header] {
+                out_name = name;
+                out = std::make_unique<detail::PartFile>(parts_dir / out_name, continuing ? part_end : 0);
+                record_begin = out->size();
+                record_from = i;
+                sum = Checksum();
+                if (header) {
+                    out->write(file.header.data(), file.header.size());
+                    sum.update(file.header.data(), file.header.size());
+                }
+            });
         }
         if (i == next) shard.prefetch(t);
         if (item.tensor + 1 < file.items && i + 1 < last) shard.prefetch(shard.tensors()[item.tensor + 1]);
         throw_if_cancelled();
         if (progress) progress(i - first, last - first, t);
+        const bool part_ends = i + 1 == last || layout.items[i + 1].file != item.file;
         std::string note;
-        bool recorded_now = false;
-        if (rewrite && rewrite(i, shard, t, buffer, note)) {
-            pissa::detail::require(buffer.size() == t.nbytes(), shard.path().string(), ": tensor '", t.name,
-                                   "': the rewrite gave ", buffer.size(), " bytes, its shape and dtype need ",
+        std::vector<unsigned char> bytes = writer.take_buffer();
+        if (rewrite && rewrite(i, shard, t, bytes, note)) {
+            pissa::detail::require(bytes.size() == t.nbytes(), shard.path().string(), ": tensor '", t.name,
+                                   "': the rewrite gave ", bytes.size(), " bytes, its shape and dtype need ",
                                    t.nbytes());
-            out->write(buffer.data(), buffer.size());
-            sum.update(buffer.data(), buffer.size());
-            record(i + 1, note);
-            recorded_now = true;
+            // Written, checksummed, flushed and journaled on the writer thread while this thread
+            // goes on with the next items; the buffer comes back to the pool afterwards.
+            writer.post([&, i, b = std::move(bytes), note = std::move(note)]() mutable {
+                out->write(b.data(), b.size());
+                sum.update(b.data(), b.size());
+                record(i + 1, note);
+                writer.return_buffer(std::move(b));
+            });
         } else {
-            for (std::uint64_t at = 0; at < t.nbytes();) {
-                const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
-                if (buffer.size() < piece) buffer.resize(piece);
-                shard.read(t, at, buffer.data(), piece);
-                out->write(buffer.data(), piece);
-                sum.update(buffer.data(), piece);
-                at += piece;
-            }
+            writer.return_buffer(std::move(bytes));
+            // Copied by the writer thread: read with pread(2) through its own buffer (a shard
+            // truncated meanwhile is an io_error, not SIGBUS), written and checksummed.
+            writer.post([&, i, part_ends, &shard = shard, &t = t] {
+                for (std::uint64_t at = 0; at < t.nbytes();) {
+                    const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
+                    if (copy_buffer.size() < piece) copy_buffer.resize(piece);
+                    shard.read(t, at, copy_buffer.data(), piece);
+                    out->write(copy_buffer.data(), piece);
+                    sum.update(copy_buffer.data(), piece);
+                    at += piece;
+                }
+                shard.release(t);
+                if (part_ends || out->size() - record_begin >= record_every) record(i + 1, "");
+            });
+            continue;
         }
         shard.release(t);
-        const bool part_ends = i + 1 == last || layout.items[i + 1].file != item.file;
-        if (!recorded_now && (part_ends || out->size() - record_begin >= record_every)) record(i + 1, "");
     }
+    writer.finish();
     nlohmann::json parts = nlohmann::json::object();
     for (const auto& [name, size] : report.parts) parts[name] = size;
     journal.append({{"done", true}, {"parts", parts}});
