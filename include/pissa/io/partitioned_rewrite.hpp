@@ -284,7 +284,7 @@ public:
         m_thread.join();
     }
 
-    /// Queues `task`. 	hrows whatever an earlier task threw.
+    /// Queues `task`. \throws whatever an earlier task threw.
     void post(std::function<void()> task) {
         std::lock_guard<std::mutex> lock(m_mutex);
         if (m_error) std::rethrow_exception(m_error);
