@@ -77,8 +77,9 @@ scipy, sklearn, threadpoolctl from PyPI), else this interpreter; the main proces
 standard library. --cases takes row names (sq_r16_bf16) or base names (sq_r16: its row in every
 --dtypes); tiny_r8 is a smoke test of the script. --json writes every raw result and derived figure
 (to regenerate tables and plots); --plot draws the ratios (SVG, no plotting library needed).
---whole-job runs bench/whole_job.py's main(ARGS) after the tables (every argument after
---whole-job goes to it), when that file exists.
+--whole-job runs bench/whole_job.py ARGS after the tables, in the peers' interpreter (every
+argument after --whole-job goes to it; e.g. --whole-job --pissa build/tools/pissa/pissa), when
+that file exists.
 """
 import argparse
 import datetime
@@ -912,18 +913,18 @@ def main():
             json.dump({"info": info, "results": results, "randomized": rand, "efficiency": eff, "exact": ex}, f, indent=1)
         print(f"(raw results: {args.json})")
     if whole_job_argv is not None:
-        run_whole_job(whole_job_argv)
+        run_whole_job(python, whole_job_argv)
 
 
-def run_whole_job(argv):
-    """The whole-job comparison (bench/whole_job.py, when present) with the arguments after --whole-job."""
-    if not os.path.exists(os.path.join(HERE, "whole_job.py")):
+def run_whole_job(python, argv):
+    """The whole-job comparison (bench/whole_job.py, when present) with the arguments after
+    --whole-job, in the peers' interpreter (it needs torch, transformers and peft)."""
+    script = os.path.join(HERE, "whole_job.py")
+    if not os.path.exists(script):
         print("\n# note: --whole-job: bench/whole_job.py is not there; whole-job comparison skipped")
         return
-    sys.path.insert(0, HERE)
-    import whole_job  # noqa: E402 -- optional module beside this script
-
-    whole_job.main(argv)
+    print("\n### The whole job: pissa init against peft's path (bench/whole_job.py)\n", flush=True)
+    subprocess.run([python, script] + list(argv), check=True)
 
 
 if __name__ == "__main__":
