@@ -382,36 +382,34 @@ struct Bf16Kernels {
     Bf16Product multiply, multiply_transposed;
 };
 
+/// The family of the products `Multiply` (`Y = W X`) and `Transposed` (`Z = W^T Y`), which expect
+/// their output sized.
+template <auto Multiply, auto Transposed>
+Bf16Kernels bf16_family(const char* name) {
+    return {name,
+            [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
+               pissa::detail::KernelWorkspace& workspace) {
+                Y.resize(W.rows, X.cols());
+                Multiply(W, X, Y, workspace);
+            },
+            [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
+               pissa::detail::KernelWorkspace& workspace) {
+                Z.resize(W.cols, Y.cols());
+                Transposed(W, Y, Z, workspace);
+            }};
+}
+
 /// The bfloat16 product kernels this machine can run.
 std::vector<Bf16Kernels> bf16_kernel_families() {
     std::vector<Bf16Kernels> out;
 #if PISSA_HAVE_AVX512_KERNELS
     if (pissa::detail::cpu_supports_bf16_products())
-        out.push_back({"vdpbf16ps",
-                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
-                          pissa::detail::KernelWorkspace& workspace) {
-                           Y.resize(W.rows, X.cols());
-                           pissa::detail::multiply_bf16_avx512(W, X, Y, workspace);
-                       },
-                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
-                          pissa::detail::KernelWorkspace& workspace) {
-                           Z.resize(W.cols, Y.cols());
-                           pissa::detail::multiply_transposed_bf16_avx512(W, Y, Z, workspace);
-                       }});
+        out.push_back(bf16_family<pissa::detail::multiply_bf16_avx512, pissa::detail::multiply_transposed_bf16_avx512>(
+            "vdpbf16ps"));
 #endif
 #if PISSA_HAVE_AMX_KERNELS
     if (pissa::detail::cpu_supports_amx_bf16())
-        out.push_back({"amx",
-                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& X, Matrix<float>& Y,
-                          pissa::detail::KernelWorkspace& workspace) {
-                           Y.resize(W.rows, X.cols());
-                           pissa::detail::multiply_amx(W, X, Y, workspace);
-                       },
-                       [](const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
-                          pissa::detail::KernelWorkspace& workspace) {
-                           Z.resize(W.cols, Y.cols());
-                           pissa::detail::multiply_transposed_amx(W, Y, Z, workspace);
-                       }});
+        out.push_back(bf16_family<pissa::detail::multiply_amx, pissa::detail::multiply_transposed_amx>("amx"));
 #endif
     return out;
 }
