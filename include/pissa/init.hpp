@@ -21,9 +21,7 @@
 ///   (leading_qr.hpp), `B = Q_r`, `A = R_r` (no square roots, no division by s), `W_res = W - s B A`.
 #pragma once
 
-#include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/huge_pages.hpp>
-#include <pissa/detail/kernels_avx512.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/leading_qr.hpp>
 #include <pissa/lora.hpp>
@@ -38,7 +36,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <type_traits>
 #include <vector>
 
 namespace pissa {
@@ -189,31 +186,6 @@ void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::Matri
     const Index rows = source.rows(), block = 64;
     const Index blocks = (rows + block - 1) / block;
     std::vector<double> weight_sq(static_cast<std::size_t>(blocks)), residual_sq(weight_sq.size());
-    // The AVX-512 rank-r update (kernels_avx512.hpp) for row-major float / half / bfloat16
-    // storage: the consumer's Eigen GEMM is compiled for the baseline ISA (no -march on pissa).
-    constexpr bool eligible = std::is_same_v<Scalar, float> && !std::is_same_v<Storage, double> &&
-                              std::is_same_v<typename SourceDerived::Scalar, Storage> &&
-                              int(SourceDerived::IsRowMajor) == 1 && int(TargetDerived::IsRowMajor) == 1 &&
-                              (int(Eigen::internal::traits<SourceDerived>::Flags) & Eigen::DirectAccessBit) != 0 &&
-                              (int(Eigen::internal::traits<TargetDerived>::Flags) & Eigen::DirectAccessBit) != 0;
-    [[maybe_unused]] bool fast = false;
-    [[maybe_unused]] const Storage* source_data = nullptr;
-    [[maybe_unused]] Storage* target_data = nullptr;
-    [[maybe_unused]] Index source_stride = 0, target_stride = 0;
-    RowMatrix<float> right_rows;
-#if PISSA_HAVE_AVX512_KERNELS
-    if constexpr (eligible) {
-        if (active_kernel_isa() == KernelIsa::avx512 && source.derived().innerStride() == 1 &&
-            target.derived().innerStride() == 1 && rows > 0 && source.cols() > 0) {
-            fast = true;
-            source_data = source.derived().data();
-            target_data = target.derived().data();
-            source_stride = source.derived().outerStride();
-            target_stride = target.derived().outerStride();
-            right_rows = right;
-        }
-    }
-#endif
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
@@ -226,20 +198,6 @@ void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::Matri
 #endif
         for (Index b = 0; b < blocks; ++b) {
             const Index r0 = b * block, nr = std::min(block, rows - r0);
-#if PISSA_HAVE_AVX512_KERNELS
-            if constexpr (eligible) {
-                if (fast) {
-                    double w = 0, t = 0;
-                    avx512::subtract_low_rank(source_data + r0 * source_stride, source_stride,
-                                              target_data + r0 * target_stride, target_stride, nr, source.cols(),
-                                              left.data() + r0, left.rows(), right_rows.data(), right_rows.cols(),
-                                              right_rows.rows(), w, t);
-                    weight_sq[static_cast<std::size_t>(b)] = w;
-                    residual_sq[static_cast<std::size_t>(b)] = t;
-                    continue;
-                }
-            }
-#endif
             residual = source.middleRows(r0, nr).template cast<Scalar>();
             weight_sq[static_cast<std::size_t>(b)] = residual.template cast<double>().squaredNorm();
             residual.noalias() -= left.middleRows(r0, nr) * right;
