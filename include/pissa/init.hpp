@@ -21,7 +21,9 @@
 ///   (leading_qr.hpp), `B = Q_r`, `A = R_r` (no square roots, no division by s), `W_res = W - s B A`.
 #pragma once
 
+#include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/huge_pages.hpp>
+#include <pissa/detail/kernels_avx512.hpp>
 #include <pissa/errors.hpp>
 #include <pissa/leading_qr.hpp>
 #include <pissa/lora.hpp>
@@ -36,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 namespace pissa {
@@ -172,9 +175,73 @@ PissaAdapter<compute_scalar_t<typename Derived::Scalar>> initial_adapter(const E
     return adapter_from_svd(pissa_svd(stored, config), config);
 }
 
+#if PISSA_HAVE_AVX512_KERNELS
+/// write_residual's block loop by the AVX-512 rank-r update (kernels_avx512.hpp): Eigen's GEMM is
+/// compiled for the consumer's baseline ISA (no -march on pissa) and at r = 128 costs as much as
+/// the SVD. Each element is the same chain of fused multiply-subtracts whatever the layout, so
+/// init() and init_in_place() give the same bits: a row-major source is updated by row blocks
+/// (into a column-major target through a row-major staging block), a column-major one as its
+/// row-major transpose by column blocks. Fills the per-block squared norms; returns false (and
+/// does nothing) for double, a column-major source with a row-major target, or without AVX-512.
+template <class Scalar, class SourceDerived, class TargetDerived>
+bool write_residual_avx512(const Eigen::MatrixBase<SourceDerived>& source, Eigen::MatrixBase<TargetDerived>& target,
+                           const Matrix<Scalar>& left, const Matrix<Scalar>& right, std::vector<double>& weight_sq,
+                           std::vector<double>& residual_sq) {
+    using Storage = typename TargetDerived::Scalar;
+    constexpr bool source_rows = SourceDerived::IsRowMajor, target_rows = TargetDerived::IsRowMajor;
+    constexpr bool direct = (int(Eigen::internal::traits<SourceDerived>::Flags) & Eigen::DirectAccessBit) != 0 &&
+                            (int(Eigen::internal::traits<TargetDerived>::Flags) & Eigen::DirectAccessBit) != 0;
+    if constexpr (!std::is_same_v<Scalar, float> || std::is_same_v<Storage, double> ||
+                  !std::is_same_v<typename SourceDerived::Scalar, Storage> || !direct ||
+                  (!source_rows && target_rows)) {
+        return false;
+    } else {
+        if (active_kernel_isa() != KernelIsa::avx512 || source.derived().innerStride() != 1 ||
+            target.derived().innerStride() != 1 || source.size() == 0)
+            return false;
+        // The row-major view [rows, cols] = view - L R: L col-major (leading dimension ldl), R
+        // row-major (ldr). For a column-major source the view is W^T = W^T - right^T left^T.
+        const RowMatrix<float> right_rows = right;
+        const Index rows = source_rows ? source.rows() : source.cols();
+        const Index cols = source_rows ? source.cols() : source.rows();
+        const float* L = source_rows ? left.data() : right_rows.data();
+        const float* R = source_rows ? right_rows.data() : left.data();
+        const Index ldl = source_rows ? left.rows() : right_rows.cols();
+        const Index ldr = source_rows ? right_rows.cols() : left.rows();
+        const Storage* source_data = source.derived().data();
+        Storage* target_data = target.derived().data();
+        const Index source_stride = source.derived().outerStride(), target_stride = target.derived().outerStride();
+        const Index block = 64, blocks = (rows + block - 1) / block;
+        weight_sq.assign(static_cast<std::size_t>(blocks), 0.0);
+        residual_sq.assign(weight_sq.size(), 0.0);
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+        {
+            constexpr bool staged = source_rows && !target_rows;
+            std::vector<Storage> staging(staged ? static_cast<std::size_t>(block * cols) : 0);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (Index b = 0; b < blocks; ++b) {
+                const Index r0 = b * block, nr = std::min(block, rows - r0);
+                Storage* out = staged ? staging.data() : target_data + r0 * target_stride;
+                const auto i = static_cast<std::size_t>(b);
+                avx512::subtract_low_rank(source_data + r0 * source_stride, source_stride, out,
+                                          staged ? cols : target_stride, nr, cols, L + r0, ldl, R, ldr, left.cols(),
+                                          weight_sq[i], residual_sq[i]);
+                if constexpr (staged)
+                    target.middleRows(r0, nr) = Eigen::Map<const RowMatrix<Storage>>(staging.data(), nr, cols);
+            }
+        }
+        return true;
+    }
+}
+#endif
+
 /// Writes `target = source - s B A` (stored layout) block by block, and fills the quality report.
-/// `target` may alias `source` (the in-place form). Row blocks are fixed-size and norms are summed
-/// in block order, so the result does not depend on the thread count.
+/// `target` may alias `source` (the in-place form). Blocks are fixed-size and norms are summed in
+/// block order, so the result does not depend on the thread count.
 template <class Scalar, class SourceDerived, class TargetDerived>
 void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::MatrixBase<TargetDerived>& target,
                     PissaAdapter<Scalar>& adapter, bool fan_in_fan_out) {
@@ -183,26 +250,35 @@ void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::Matri
     const Matrix<Scalar> left = fan_in_fan_out ? Matrix<Scalar>(adapter.A.transpose() * adapter.scaling)
                                                : Matrix<Scalar>(adapter.B * adapter.scaling);
     const Matrix<Scalar> right = fan_in_fan_out ? Matrix<Scalar>(adapter.B.transpose()) : adapter.A;
-    const Index rows = source.rows(), block = 64;
-    const Index blocks = (rows + block - 1) / block;
-    std::vector<double> weight_sq(static_cast<std::size_t>(blocks)), residual_sq(weight_sq.size());
+    std::vector<double> weight_sq, residual_sq;
+    bool done = false;
+#if PISSA_HAVE_AVX512_KERNELS
+    done = write_residual_avx512(source, target, left, right, weight_sq, residual_sq);
+#endif
+    if (!done) {
+        const Index rows = source.rows(), block = 64;
+        const Index blocks = (rows + block - 1) / block;
+        weight_sq.assign(static_cast<std::size_t>(blocks), 0.0);
+        residual_sq.assign(weight_sq.size(), 0.0);
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
-    {
-        // Row-major like the weights the tool streams (no transposing copies), and reused from
-        // block to block (no fresh pages per block).
-        RowMatrix<Scalar> residual;
+        {
+            // Row-major like the weights the tool streams (no transposing copies), and reused from
+            // block to block (no fresh pages per block).
+            RowMatrix<Scalar> residual;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (Index b = 0; b < blocks; ++b) {
-            const Index r0 = b * block, nr = std::min(block, rows - r0);
-            residual = source.middleRows(r0, nr).template cast<Scalar>();
-            weight_sq[static_cast<std::size_t>(b)] = residual.template cast<double>().squaredNorm();
-            residual.noalias() -= left.middleRows(r0, nr) * right;
-            target.middleRows(r0, nr) = residual.template cast<Storage>();  // source rows r0.. already read
-            residual_sq[static_cast<std::size_t>(b)] = target.middleRows(r0, nr).template cast<double>().squaredNorm();
+            for (Index b = 0; b < blocks; ++b) {
+                const Index r0 = b * block, nr = std::min(block, rows - r0);
+                residual = source.middleRows(r0, nr).template cast<Scalar>();
+                weight_sq[static_cast<std::size_t>(b)] = residual.template cast<double>().squaredNorm();
+                residual.noalias() -= left.middleRows(r0, nr) * right;
+                target.middleRows(r0, nr) = residual.template cast<Storage>();  // source rows r0.. already read
+                residual_sq[static_cast<std::size_t>(b)] =
+                    target.middleRows(r0, nr).template cast<double>().squaredNorm();
+            }
         }
     }
     double weight_total = 0, residual_total = 0;

@@ -4,6 +4,7 @@
 // every bad input.
 #include "support.hpp"
 
+#include <pissa/detail/cpu_features.hpp>
 #include <pissa/detail/huge_pages.hpp>
 #include <pissa/init.hpp>
 
@@ -11,6 +12,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 using namespace pissa_test;
 
@@ -164,6 +168,75 @@ TEST_CASE_TEMPLATE("init_in_place overwrites W with the same residual init retur
         CHECK(relative_error(Matrix<S>(buffer), copy.residual, 1.0) < 100 * eps<S>());
         CHECK(relative_error(Matrix<S>(adapter.B * adapter.A), Matrix<S>(copy.B * copy.A)) < 100 * eps<S>());
         CHECK(adapter.quality.residual_norm == doctest::Approx(copy.quality.residual_norm).epsilon(1e-6));
+    }
+}
+
+TEST_CASE_TEMPLATE("init and init_in_place give the same bits whatever the layouts", T, float, Eigen::half,
+                   Eigen::bfloat16) {
+    // The tool splits in place while the seed rule promises init()'s bits, so the residual update
+    // (the AVX-512 one where the CPU has it) may not depend on the source's or the target's layout.
+    for (const bool fan_in_fan_out : {false, true}) {
+        CAPTURE(fan_in_fan_out);
+        const pissa::RowMatrix<T> W = (gaussian<float>(67, 131, 3) * 3.0f).template cast<T>();
+        pissa::PissaConfig config;
+        config.rank = 9;
+        config.lora_alpha = 5;
+        config.fan_in_fan_out = fan_in_fan_out;
+        const auto from_rows = pissa::init(W, config);  // row-major source, column-major residual
+        pissa::RowMatrix<T> rows = W;
+        const auto rows_adapter = pissa::init_in_place(rows, config);
+        CHECK(Matrix<T>(rows) == from_rows.residual);
+        CHECK(rows_adapter.quality.residual_norm == from_rows.quality.residual_norm);
+        CHECK(rows_adapter.quality.weight_norm == from_rows.quality.weight_norm);
+        const Matrix<T> W_cols = W;
+        const auto from_cols = pissa::init(W_cols, config);  // column-major both
+        Matrix<T> cols = W_cols;
+        const auto cols_adapter = pissa::init_in_place(cols, config);
+        CHECK(cols == from_cols.residual);
+        CHECK(cols_adapter.quality.residual_norm == from_cols.quality.residual_norm);
+        CHECK(cols_adapter.quality.weight_norm == from_cols.quality.weight_norm);
+    }
+}
+
+TEST_CASE_TEMPLATE("the AVX-512 residual update agrees with the portable one to a rounding of the storage dtype", T,
+                   float, Eigen::half, Eigen::bfloat16) {
+    // init_in_place takes the AVX-512 rank-r update where the CPU has it (a column-major W as its
+    // row-major transpose): the float32 residual rounded once to T, like the portable Eigen path,
+    // summed in another order.
+    const auto check_layout = [](auto W, Index r, bool fan_in_fan_out) {
+        pissa::PissaConfig config;
+        config.rank = r;
+        config.lora_alpha = 2.0 * double(r);
+        config.fan_in_fan_out = fan_in_fan_out;
+        auto automatic = W, portable = W;
+        const auto a = pissa::init_in_place(automatic, config);
+        pissa::detail::set_kernel_isa_override(pissa::detail::KernelIsa::portable);
+        const auto b = pissa::init_in_place(portable, config);
+        pissa::detail::set_kernel_isa_override(pissa::detail::KernelIsa::portable, true);
+        // Each residual against the exact W - s B A of its own adapter: within half a unit of T's
+        // precision (plus float32 sums), the same bound for both paths.
+        const double unit = std::is_same_v<T, float> ? 1e-6 : std::is_same_v<T, Eigen::half> ? 1.0 / 1024 : 1.0 / 128;
+        for (const auto& [stored, adapter] : {std::pair{&automatic, &a}, std::pair{&portable, &b}}) {
+            const Matrix<double> low =
+                (adapter->B.template cast<double>() * adapter->A.template cast<double>()) * double(adapter->scaling);
+            const Matrix<double> exact = W.template cast<float>().template cast<double>() -
+                                         (fan_in_fan_out ? Matrix<double>(low.transpose()) : low);
+            const Matrix<double> got = stored->template cast<float>().template cast<double>();
+            CHECK(((got - exact).cwiseAbs().array() <= unit * exact.cwiseAbs().array() + 1e-5).all());
+        }
+        CHECK(a.quality.residual_norm == doctest::Approx(b.quality.residual_norm).epsilon(1e-4));
+        CHECK(a.quality.weight_norm == doctest::Approx(b.quality.weight_norm).epsilon(1e-12));
+    };
+    for (const bool fan_in_fan_out : {false, true}) {
+        for (const auto& [m, n, r] :
+             {std::tuple<Index, Index, Index>{1, 1, 1}, {7, 5, 2}, {67, 131, 9}, {130, 70, 33}}) {
+            CAPTURE(fan_in_fan_out);
+            CAPTURE(m);
+            CAPTURE(n);
+            const pissa::RowMatrix<T> W = (gaussian<float>(m, n, std::uint64_t(m + n)) * 3.0f).template cast<T>();
+            check_layout(W, r, fan_in_fan_out);
+            check_layout(Matrix<T>(W), r, fan_in_fan_out);
+        }
     }
 }
 

@@ -609,6 +609,99 @@ PISSA_AVX512_TARGET void multiply_gram_panel(RowMajorView<Storage> W, const floa
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The residual: T = S - L R, a rank-r update of a weight in its storage dtype
+
+/// 16 floats rounded to the storage dtype (to nearest even, as Eigen's conversions) and stored
+/// at `p` (the first `m` lanes).
+PISSA_AVX512_TARGET inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+PISSA_AVX512_TARGET inline void store16(Eigen::bfloat16* p, __m512 v, __mmask16 m) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtepi32_epi16(kAll, _mm512_maskz_srli_epi32(kAll, rounded, 16)));
+}
+PISSA_AVX512_TARGET inline void store16(Eigen::half* p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(kAll, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/// sum += the squares of the first lanes of v (those of `m`), in double.
+PISSA_AVX512_TARGET inline void add_squares(__m512d& sum, __m512 v, __mmask16 m) {
+    const __m512 live = _mm512_maskz_mov_ps(m, v);
+    const __m512d lo = _mm512_maskz_cvtps_pd(kAll8, _mm512_maskz_extractf32x8_ps(kAll8, live, 0));
+    const __m512d hi = _mm512_maskz_cvtps_pd(kAll8, _mm512_maskz_extractf32x8_ps(kAll8, live, 1));
+    sum = _mm512_fmadd_pd(lo, lo, sum);
+    sum = _mm512_fmadd_pd(hi, hi, sum);
+}
+
+inline constexpr int kUpdateRows = 6;     ///< subtract_low_rank: rows of the register tile
+inline constexpr int kUpdateVectors = 4;  ///< subtract_low_rank: vectors of 16 columns of the register tile
+
+/// Rows [0, rows) of `target = source - L R`, source and target row-major in `Storage` (they may be
+/// the same memory), L `[rows, r]` col-major with leading dimension ldl, R `[r, cols]` row-major
+/// with leading dimension ldr (float). The register tile is 6 rows x 64 columns: the source
+/// widened into 24 accumulators, then for every k one row of R (4 loads) against 6 broadcast
+/// values of L. `weight_sq` / `residual_sq` += the squares of the source and of the stored target.
+template <class Storage>
+PISSA_AVX512_TARGET void subtract_low_rank(const Storage* source, Index source_stride, Storage* target,
+                                           Index target_stride, Index rows, Index cols, const float* L, Index ldl,
+                                           const float* R, Index ldr, Index r, double& weight_sq, double& residual_sq) {
+    __m512d weight_sum = _mm512_setzero_pd(), residual_sum = _mm512_setzero_pd();
+    for (Index j0 = 0; j0 < cols; j0 += kUpdateVectors * kLanes) {
+        __mmask16 m[kUpdateVectors];
+        PISSA_UNROLL
+        for (int v = 0; v < kUpdateVectors; ++v) m[v] = tail_mask(std::clamp<Index>(cols - j0 - v * kLanes, 0, kLanes));
+        for (Index i0 = 0; i0 < rows; i0 += kUpdateRows) {
+            const int live = int(std::min<Index>(kUpdateRows, rows - i0));
+            __m512 acc[kUpdateRows][kUpdateVectors];
+            PISSA_UNROLL
+            for (int i = 0; i < kUpdateRows; ++i) {
+                const Storage* s = source + (i0 + std::min(i, live - 1)) * source_stride + j0;
+                PISSA_UNROLL
+                for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = load16(s + v * kLanes, m[v]);
+            }
+            PISSA_UNROLL
+            for (int i = 0; i < kUpdateRows; ++i) {
+                if (i >= live) break;
+                PISSA_UNROLL
+                for (int v = 0; v < kUpdateVectors; ++v) add_squares(weight_sum, acc[i][v], m[v]);
+            }
+            const float* l = L + i0;
+            for (Index k = 0; k < r; ++k) {
+                __m512 x[kUpdateVectors];
+                PISSA_UNROLL
+                for (int v = 0; v < kUpdateVectors; ++v) {
+                    x[v] = _mm512_maskz_loadu_ps(m[v], R + k * ldr + j0 + v * kLanes);
+                    keep_in_register(x[v]);
+                }
+                PISSA_UNROLL
+                for (int i = 0; i < kUpdateRows; ++i) {
+                    const __m512 b = _mm512_set1_ps(l[k * ldl + std::min(i, live - 1)]);
+                    PISSA_UNROLL
+                    for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = _mm512_fnmadd_ps(b, x[v], acc[i][v]);
+                }
+            }
+            PISSA_UNROLL
+            for (int i = 0; i < kUpdateRows; ++i) {
+                if (i >= live) break;
+                Storage* t = target + (i0 + i) * target_stride + j0;
+                PISSA_UNROLL
+                for (int v = 0; v < kUpdateVectors; ++v) {
+                    store16(t + v * kLanes, acc[i][v], m[v]);
+                    add_squares(residual_sum, load16(t + v * kLanes, m[v]), m[v]);
+                }
+            }
+        }
+    }
+    alignas(64) double w[8], t[8];
+    _mm512_store_pd(w, weight_sum);
+    _mm512_store_pd(t, residual_sum);
+    for (int e = 0; e < 8; ++e) {
+        weight_sq += w[e];
+        residual_sq += t[e];
+    }
+}
+
 }  // namespace pissa::detail::avx512
 
 #endif  // PISSA_HAVE_AVX512_KERNELS
