@@ -200,14 +200,17 @@ bool write_residual_avx512(const Eigen::MatrixBase<SourceDerived>& source, Eigen
             target.derived().innerStride() != 1 || source.size() == 0)
             return false;
         // The row-major view [rows, cols] = view - L R: L col-major (leading dimension ldl), R
-        // row-major (ldr). For a column-major source the view is W^T = W^T - right^T left^T.
+        // packed in strips. For a column-major source the view is W^T = W^T - right^T left^T.
         const RowMatrix<float> right_rows = right;
         const Index rows = source_rows ? source.rows() : source.cols();
         const Index cols = source_rows ? source.cols() : source.rows();
         const float* L = source_rows ? left.data() : right_rows.data();
-        const float* R = source_rows ? right_rows.data() : left.data();
         const Index ldl = source_rows ? left.rows() : right_rows.cols();
-        const Index ldr = source_rows ? right_rows.cols() : left.rows();
+        std::vector<float> strip_buffer;
+        const float* strips =
+            source_rows
+                ? avx512::pack_update_strips(right_rows.data(), right_rows.cols(), left.cols(), cols, strip_buffer)
+                : avx512::pack_update_strips(left.data(), left.rows(), left.cols(), cols, strip_buffer);
         const Storage* source_data = source.derived().data();
         Storage* target_data = target.derived().data();
         const Index source_stride = source.derived().outerStride(), target_stride = target.derived().outerStride();
@@ -228,7 +231,7 @@ bool write_residual_avx512(const Eigen::MatrixBase<SourceDerived>& source, Eigen
                 Storage* out = staged ? staging.data() : target_data + r0 * target_stride;
                 const auto i = static_cast<std::size_t>(b);
                 avx512::subtract_low_rank(source_data + r0 * source_stride, source_stride, out,
-                                          staged ? cols : target_stride, nr, cols, L + r0, ldl, R, ldr, left.cols(),
+                                          staged ? cols : target_stride, nr, cols, L + r0, ldl, strips, left.cols(),
                                           weight_sq[i], residual_sq[i]);
                 if constexpr (staged)
                     target.middleRows(r0, nr) = Eigen::Map<const RowMatrix<Storage>>(staging.data(), nr, cols);

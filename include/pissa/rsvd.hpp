@@ -10,14 +10,15 @@
 ///     B = W Q = Ub diag(S) Vb^T                small SVD of [m, q] (detail/ritz.hpp)
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
-/// That is 2K + 2 passes over W. With `fused_power_iteration` each power step is
-/// `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W
-/// with q <= 24 on the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W
-/// (detail::multiply_gram): K + 2 passes in all. It is a different algorithm (less robust in
-/// float32 when niter is large and the spectrum decays fast: the power step squares the condition
-/// of the basis before it is orthonormalised), so it is opt-in. Its orthonormalisations are
-/// CholeskyQR2 (detail/cholesky_qr.hpp: two Gram matrices and two triangular updates by the
-/// skinny-product kernels) with Householder QR where the block is too ill-conditioned for it.
+/// That is 2K + 2 passes over W. Each `qr` is CholeskyQR2 (detail/cholesky_qr.hpp: two Gram
+/// matrices and two triangular updates, skinny products all) where the AVX-512 kernels run, with
+/// Householder QR where the block is too ill-conditioned for it and on other CPUs: the same
+/// orthonormal columns up to rounding and signs, which the small SVD absorbs. With `fused_power_iteration` each power
+/// step is `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W with q <= 24 on
+/// the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W (detail::multiply_gram): K + 2 passes in all. It is a
+/// different algorithm (less robust in float32 when niter is large and the spectrum decays fast: the power step squares
+/// the condition of the basis before it is orthonormalised), so it is opt-in. Its orthonormalisations are CholeskyQR2
+/// on every CPU.
 ///
 /// For a bfloat16 W the products can round the skinny operand to bfloat16 and multiply on the
 /// AMX tile unit (ProductPrecision; the default where AMX is present): W is stored in bfloat16
@@ -102,16 +103,16 @@ inline void require_valid(const RandomizedSvdOptions& options) {
 
 namespace detail {
 
-/// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats;
-/// the fused power step adds Z and up to 7 partial sums of it, 8 q n, and the CholeskyQR2 buffers,
-/// about 3 q (m + n)).
+/// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats,
+/// plus about 3 q (m + n) where CholeskyQR2 runs; the fused power step adds Z and up to 7 partial
+/// sums of it, 8 q n).
 template <class Scalar>
 struct RandomizedSvdWorkspace {
     KernelWorkspace kernels;
     Matrix<Scalar> G, Q, P;                              ///< test matrix [m, q], basis [n, q], image [m, q]
     Matrix<Scalar> Z;                                    ///< W^T (W Q) [n, q] of the fused power step
     TallQr<Scalar> qr_image, qr_basis;                   ///< factorisations of P and Q
-    CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the fused power step's QRs of P and Q
+    CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the same by CholeskyQR2 (see randomized_svd)
 };
 
 /// The algorithm of the file comment; the triplets go to `out`.
@@ -123,24 +124,28 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     fill_gaussian(ws.G, W.rows(), q, options.seed);
     W.apply_transposed(ws.G, ws.Q);
     require_finite_product(W, ws.Q, "randomized_svd");
-    const auto orthonormalize_basis = [&] {
-        if (options.fused_power_iteration) ws.cholesky_basis.orthonormalize(ws.Q, ws.qr_basis);
-        else ws.qr_basis.orthonormalize(ws.Q);
+    // CholeskyQR2 wherever its four skinny products run on the AVX-512 kernels (Householder QR is
+    // Eigen code for the consumer's baseline ISA: at q = 128 it outweighed the products), and in
+    // the fused power step; Householder QR elsewhere. Either way Q spans the same columns.
+    const bool cholesky = options.fused_power_iteration || use_avx512_kernels<Scalar, Scalar>();
+    const auto orthonormalize = [&](Matrix<Scalar>& X, CholeskyQr2<Scalar>& cholesky_qr, TallQr<Scalar>& qr) {
+        if (cholesky) cholesky_qr.orthonormalize(X, qr);
+        else qr.orthonormalize(X);
     };
-    orthonormalize_basis();
+    orthonormalize(ws.Q, ws.cholesky_basis, ws.qr_basis);
     for (int it = 0; it < options.niter; ++it) {
         if (options.fused_power_iteration) {
             W.apply_gram(ws.Q, ws.Z, ws.P);
             ws.Q.swap(ws.Z);
         } else {
             W.apply(ws.Q, ws.P);
-            ws.qr_image.orthonormalize(ws.P);
+            orthonormalize(ws.P, ws.cholesky_image, ws.qr_image);
             W.apply_transposed(ws.P, ws.Q);
         }
-        orthonormalize_basis();
+        orthonormalize(ws.Q, ws.cholesky_basis, ws.qr_basis);
     }
     W.apply(ws.Q, ws.P);  // B = W Q  [m, q]
-    if (options.fused_power_iteration)
+    if (cholesky)
         ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.cholesky_image, ws.qr_image,
                       ws.kernels);
     else ritz_triplets(ws.Q, ws.P, rank, rank, "randomized_svd", out.U, out.S, out.V, ws.qr_image);

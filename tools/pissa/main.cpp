@@ -32,6 +32,11 @@
 #include <sstream>
 
 #include <unistd.h>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -419,8 +424,20 @@ void print_usage(std::FILE* out) {
 
 }  // namespace
 
+/// Keeps freed memory in the process: every module's decomposition allocates and frees tens of
+/// MB of work space (more at higher ranks), which glibc would otherwise return to the kernel and
+/// fault back in, page by page, for the next module (at rank 128 on a Llama-7B-shaped layer:
+/// 170 000 faults and 0.4 s of system time, against 20 000). Peak memory stays that of one module.
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);  // blocks below 256 MiB from the heap, reused
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);    // the heap's free top kept up to 1 GiB
+#endif
+}
+
 int main(int argc, char** argv) {
     install_signal_handlers();
+    keep_freed_memory();
     if (argc < 2) {
         print_usage(stderr);
         return 2;

@@ -52,6 +52,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 // The register tiles are arrays indexed by constant-trip loops: they must be unrolled completely
 // for the arrays to live in zmm registers (GCC does not at -O2 on its own).
@@ -634,63 +635,114 @@ PISSA_AVX512_TARGET inline void add_squares(__m512d& sum, __m512 v, __mmask16 m)
     sum = _mm512_fmadd_pd(hi, hi, sum);
 }
 
-inline constexpr int kUpdateRows = 6;     ///< subtract_low_rank: rows of the register tile
-inline constexpr int kUpdateVectors = 4;  ///< subtract_low_rank: vectors of 16 columns of the register tile
+inline constexpr int kUpdateRows = 6;                                  ///< subtract_low_rank: rows of the register tile
+inline constexpr int kUpdateVectors = 4;                               ///< subtract_low_rank: vectors of its columns
+inline constexpr Index kUpdateStrip = Index(kUpdateVectors) * kLanes;  ///< subtract_low_rank: columns of a tile
+
+/// The first 64-byte aligned address at or after `p` (buffers of 4-byte elements are
+/// over-allocated by 16 of them).
+template <class T>
+T* aligned_64(T* p) {
+    static_assert(64 % sizeof(T) == 0);
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    return p + ((64 - address % 64) % 64) / sizeof(T);
+}
+
+/// `R [r, cols]` (row-major, leading dimension ldr) as subtract_low_rank reads it: strip after
+/// strip of 64 columns, each `[r, 64]` row-major and zero-padded, so that a step of the register
+/// tile loads 4 aligned vectors from one 256-byte row. Returns the 64-byte aligned start in `out`.
+inline const float* pack_update_strips(const float* R, Index ldr, Index r, Index cols, std::vector<float>& out) {
+    const Index strips = (cols + kUpdateStrip - 1) / kUpdateStrip;
+    out.assign(static_cast<std::size_t>(strips * r * kUpdateStrip + kLanes), 0.0f);
+    float* base = aligned_64(out.data());
+    for (Index s = 0; s < strips; ++s) {
+        const Index j0 = s * kUpdateStrip, width = std::min(kUpdateStrip, cols - j0);
+        for (Index k = 0; k < r; ++k) std::copy_n(R + k * ldr + j0, width, base + (s * r + k) * kUpdateStrip);
+    }
+    return base;
+}
+
+/// One register tile of subtract_low_rank: `live` rows (source[i], target[i]; the entries past
+/// `live` repeat the last live row, computed and not stored, so every loop has a fixed trip count
+/// and the 24 accumulators stay in registers) x the columns of `m`. `l` holds the tile's 6 values
+/// of L per k, `strip` its rows of R (packed, 64 per k).
+template <class Storage>
+PISSA_AVX512_TARGET inline void subtract_tile(const Storage* const (&source)[kUpdateRows],
+                                              Storage* const (&target)[kUpdateRows], int live,
+                                              const __mmask16 (&m)[kUpdateVectors], const float* l, const float* strip,
+                                              Index r, __m512d& weight_sum, __m512d& residual_sum) {
+    __m512 acc[kUpdateRows][kUpdateVectors];
+    PISSA_UNROLL
+    for (int i = 0; i < kUpdateRows; ++i) {
+        PISSA_UNROLL
+        for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = load16(source[i] + v * kLanes, m[v]);
+    }
+    for (Index k = 0; k < r; ++k) {
+        __m512 x[kUpdateVectors];
+        PISSA_UNROLL
+        for (int v = 0; v < kUpdateVectors; ++v) {
+            x[v] = _mm512_load_ps(strip + k * kUpdateStrip + v * kLanes);
+            keep_in_register(x[v]);
+        }
+        PISSA_UNROLL
+        for (int i = 0; i < kUpdateRows; ++i) {
+            const __m512 b = _mm512_set1_ps(l[k * kUpdateRows + i]);
+            PISSA_UNROLL
+            for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = _mm512_fnmadd_ps(b, x[v], acc[i][v]);
+        }
+    }
+    // The squares after the update (the source re-read from L1 before the target overwrites it):
+    // two running sums live across the k loop would spill the accumulators.
+    PISSA_UNROLL
+    for (int i = 0; i < kUpdateRows; ++i) {
+        if (i < live) {
+            PISSA_UNROLL
+            for (int v = 0; v < kUpdateVectors; ++v) {
+                add_squares(weight_sum, load16(source[i] + v * kLanes, m[v]), m[v]);
+                store16(target[i] + v * kLanes, acc[i][v], m[v]);
+                add_squares(residual_sum, load16(target[i] + v * kLanes, m[v]), m[v]);
+            }
+        }
+    }
+}
 
 /// Rows [0, rows) of `target = source - L R`, source and target row-major in `Storage` (they may be
-/// the same memory), L `[rows, r]` col-major with leading dimension ldl, R `[r, cols]` row-major
-/// with leading dimension ldr (float). The register tile is 6 rows x 64 columns: the source
-/// widened into 24 accumulators, then for every k one row of R (4 loads) against 6 broadcast
-/// values of L. `weight_sq` / `residual_sq` += the squares of the source and of the stored target.
+/// the same memory), L `[rows, r]` col-major with leading dimension ldl, R `[r, cols]` as
+/// pack_update_strips left it (float). The register tile is 6 rows x 64 columns: the source
+/// widened into 24 accumulators, then for every k one row of the strip (4 loads) against 6
+/// broadcast values of L (packed here, 6 per k). Each element is the same chain of fused
+/// multiply-subtracts, k = 0, 1, ..., wherever its tile lies. `weight_sq` / `residual_sq` += the
+/// squares of the source and of the stored target.
 template <class Storage>
 PISSA_AVX512_TARGET void subtract_low_rank(const Storage* source, Index source_stride, Storage* target,
                                            Index target_stride, Index rows, Index cols, const float* L, Index ldl,
-                                           const float* R, Index ldr, Index r, double& weight_sq, double& residual_sq) {
+                                           const float* strips, Index r, double& weight_sq, double& residual_sq) {
+    const Index tiles = (rows + kUpdateRows - 1) / kUpdateRows;
+    std::vector<float> l_packed(static_cast<std::size_t>(tiles * r * kUpdateRows));
+    for (Index t = 0; t < tiles; ++t) {
+        for (Index k = 0; k < r; ++k) {
+            for (int i = 0; i < kUpdateRows; ++i)
+                l_packed[static_cast<std::size_t>((t * r + k) * kUpdateRows + i)] =
+                    L[std::min(t * kUpdateRows + i, rows - 1) + k * ldl];
+        }
+    }
     __m512d weight_sum = _mm512_setzero_pd(), residual_sum = _mm512_setzero_pd();
-    for (Index j0 = 0; j0 < cols; j0 += kUpdateVectors * kLanes) {
+    for (Index j0 = 0; j0 < cols; j0 += kUpdateStrip) {
         __mmask16 m[kUpdateVectors];
         PISSA_UNROLL
         for (int v = 0; v < kUpdateVectors; ++v) m[v] = tail_mask(std::clamp<Index>(cols - j0 - v * kLanes, 0, kLanes));
-        for (Index i0 = 0; i0 < rows; i0 += kUpdateRows) {
+        const float* strip = strips + (j0 / kUpdateStrip) * r * kUpdateStrip;
+        for (Index t = 0; t < tiles; ++t) {
+            const Index i0 = t * kUpdateRows;
             const int live = int(std::min<Index>(kUpdateRows, rows - i0));
-            __m512 acc[kUpdateRows][kUpdateVectors];
-            PISSA_UNROLL
+            const Storage* s[kUpdateRows];
+            Storage* d[kUpdateRows];
             for (int i = 0; i < kUpdateRows; ++i) {
-                const Storage* s = source + (i0 + std::min(i, live - 1)) * source_stride + j0;
-                PISSA_UNROLL
-                for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = load16(s + v * kLanes, m[v]);
+                const Index row = i0 + std::min(i, live - 1);
+                s[i] = source + row * source_stride + j0;
+                d[i] = target + row * target_stride + j0;
             }
-            PISSA_UNROLL
-            for (int i = 0; i < kUpdateRows; ++i) {
-                if (i >= live) break;
-                PISSA_UNROLL
-                for (int v = 0; v < kUpdateVectors; ++v) add_squares(weight_sum, acc[i][v], m[v]);
-            }
-            const float* l = L + i0;
-            for (Index k = 0; k < r; ++k) {
-                __m512 x[kUpdateVectors];
-                PISSA_UNROLL
-                for (int v = 0; v < kUpdateVectors; ++v) {
-                    x[v] = _mm512_maskz_loadu_ps(m[v], R + k * ldr + j0 + v * kLanes);
-                    keep_in_register(x[v]);
-                }
-                PISSA_UNROLL
-                for (int i = 0; i < kUpdateRows; ++i) {
-                    const __m512 b = _mm512_set1_ps(l[k * ldl + std::min(i, live - 1)]);
-                    PISSA_UNROLL
-                    for (int v = 0; v < kUpdateVectors; ++v) acc[i][v] = _mm512_fnmadd_ps(b, x[v], acc[i][v]);
-                }
-            }
-            PISSA_UNROLL
-            for (int i = 0; i < kUpdateRows; ++i) {
-                if (i >= live) break;
-                Storage* t = target + (i0 + i) * target_stride + j0;
-                PISSA_UNROLL
-                for (int v = 0; v < kUpdateVectors; ++v) {
-                    store16(t + v * kLanes, acc[i][v], m[v]);
-                    add_squares(residual_sum, load16(t + v * kLanes, m[v]), m[v]);
-                }
-            }
+            subtract_tile(s, d, live, m, l_packed.data() + t * r * kUpdateRows, strip, r, weight_sum, residual_sum);
         }
     }
     alignas(64) double w[8], t[8];

@@ -127,14 +127,7 @@ void multiply_transposed_portable(const RowMajorView<Storage>& W, const Matrix<S
 }
 
 #if PISSA_HAVE_AVX512_KERNELS
-/// The first 64-byte aligned address at or after `p` (buffers of 4-byte elements are
-/// over-allocated by 16 of them).
-template <class T>
-T* aligned_64(T* p) {
-    static_assert(64 % sizeof(T) == 0);
-    const auto address = reinterpret_cast<std::uintptr_t>(p);
-    return p + ((64 - address % 64) % 64) / sizeof(T);
-}
+using avx512::aligned_64;
 
 /// `src [rows, q]` (col-major, leading dimension ld) as ceil(q/8) groups of `[rows, 8]` row-major,
 /// zero-padded: the 8 values of a row of a group are adjacent (the broadcasts of the kernels).
