@@ -10,10 +10,10 @@
 ///     B = W Q = Ub diag(S) Vb^T                small SVD of [m, q] (detail/ritz.hpp)
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
-/// That is 2K + 2 passes over W. Each `qr` is CholeskyQR2 (detail/cholesky_qr.hpp: two Gram
-/// matrices and two triangular updates, skinny products all) where the AVX-512 kernels run, with
-/// Householder QR where the block is too ill-conditioned for it and on other CPUs: the same
-/// orthonormal columns up to rounding and signs, which the small SVD absorbs. With `fused_power_iteration` each power
+/// That is 2K + 2 passes over W. Each `qr` is Householder QR, or CholeskyQR2 (detail/cholesky_qr.hpp:
+/// two Gram matrices and two triangular updates, skinny products all) where that is faster
+/// (detail::prefer_cholesky_qr), with Householder QR where the block is too ill-conditioned for
+/// it: the same orthonormal columns up to rounding and signs. With `fused_power_iteration` each power
 /// step is `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W with q <= 24 on
 /// the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W (detail::multiply_gram): K + 2 passes in all. It is a
 /// different algorithm (less robust in float32 when niter is large and the spectrum decays fast: the power step squares
@@ -115,6 +115,20 @@ struct RandomizedSvdWorkspace {
     CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the same by CholeskyQR2 (see randomized_svd)
 };
 
+/// Whether the standard path orthonormalises by CholeskyQR2: where its four skinny products run on
+/// the AVX-512 kernels and Eigen's own code (Householder QR) is not compiled for AVX-512. Built
+/// for the baseline ISA, Householder QR takes twice as long ([11008, 128] float: 20.5 against
+/// 10.5 ms, two threads) and at rank 128 outweighed the products of a bfloat16 W; with
+/// `-march=native` it is as fast (8.7 against 9.7 ms) and stays.
+template <class Scalar>
+bool prefer_cholesky_qr() {
+#if defined(EIGEN_VECTORIZE_AVX512)
+    return false;
+#else
+    return use_avx512_kernels<Scalar, Scalar>();
+#endif
+}
+
 /// The algorithm of the file comment; the triplets go to `out`.
 template <class Scalar, class Storage>
 void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const RandomizedSvdOptions& options,
@@ -124,10 +138,7 @@ void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const Ran
     fill_gaussian(ws.G, W.rows(), q, options.seed);
     W.apply_transposed(ws.G, ws.Q);
     require_finite_product(W, ws.Q, "randomized_svd");
-    // CholeskyQR2 wherever its four skinny products run on the AVX-512 kernels (Householder QR is
-    // Eigen code for the consumer's baseline ISA: at q = 128 it outweighed the products), and in
-    // the fused power step; Householder QR elsewhere. Either way Q spans the same columns.
-    const bool cholesky = options.fused_power_iteration || use_avx512_kernels<Scalar, Scalar>();
+    const bool cholesky = options.fused_power_iteration || prefer_cholesky_qr<Scalar>();
     const auto orthonormalize = [&](Matrix<Scalar>& X, CholeskyQr2<Scalar>& cholesky_qr, TallQr<Scalar>& qr) {
         if (cholesky) cholesky_qr.orthonormalize(X, qr);
         else qr.orthonormalize(X);

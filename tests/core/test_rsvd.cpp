@@ -90,6 +90,26 @@ TEST_CASE_TEMPLATE("randomized SVD returns orthonormal factors and exact results
     }
 }
 
+TEST_CASE_TEMPLATE("a rank-deficient W: orthonormal factors and W itself, fused or not", S, float, double) {
+    // W of exact rank 3 at r = 8: the blocks to orthonormalise are rank-deficient, where CholeskyQR2
+    // (the standard path's on the AVX-512 kernels, the fused path's everywhere) breaks down and
+    // Householder QR takes over; the factors must still be orthonormal and B A must still be W.
+    const Index m = 300, n = 200, r = 8;
+    const Matrix<S> W = gaussian<S>(m, 3, 5) * gaussian<S>(3, n, 6);
+    for (const bool fused : {false, true}) {
+        CAPTURE(fused);
+        pissa::RandomizedSvdOptions options;
+        options.fused_power_iteration = fused;
+        const auto svd = pissa::randomized_svd(W, r, options);
+        REQUIRE(svd.U.allFinite());
+        REQUIRE(svd.V.allFinite());
+        CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) < 1000 * eps<S>());
+        CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) < 1000 * eps<S>());
+        CHECK(relative_error(Matrix<S>(svd.U * svd.S.asDiagonal() * svd.V.transpose()), W) < 1000 * eps<S>());
+        CHECK(svd.S(3) < 1000 * eps<S>() * svd.S(0));
+    }
+}
+
 TEST_CASE_TEMPLATE("same seed, same bits; another seed, another draw", S, float, double) {
     const Matrix<S> W = gaussian<S>(90, 70, 8);
     pissa::RandomizedSvdOptions options;
