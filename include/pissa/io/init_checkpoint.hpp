@@ -645,10 +645,10 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         const auto path = detail::piece_path(work, job.target_number.at(item));
         return detail::path_exists(path) && checksum_of_file(path) == note;
     };
-    const auto segment = run_segment(checkpoint, job.layout, first, last, work.parts(), journal,
-                                     nlohmann::json(job.digest), options.resume, rewrite, check_note,
-                                     callbacks.progress ? RewriteProgress(callbacks.progress) : RewriteProgress(),
-                                     work.out(), largest_target);
+    const auto segment = run_segment(
+        checkpoint, job.layout, first, last, work.parts(), journal, nlohmann::json(job.digest), options.resume, rewrite,
+        check_note, callbacks.progress ? RewriteProgress(callbacks.progress) : RewriteProgress(), work.out(),
+        largest_target, [&](std::size_t item) { return job.target_number.count(item) == 0; });
     report.resumed_items = segment.resumed_items;
     auto resumed =
         detail::read_piece_reports(work, targets_before(first), targets_before(first + segment.resumed_items));

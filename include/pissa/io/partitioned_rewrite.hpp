@@ -130,6 +130,8 @@ inline bool direct_io_enabled() {
 /// PISSA_DIRECT_IO=0, the same bytes are written with buffered write(2).
 class PartFile {
 public:
+    static constexpr std::size_t block = 4096;  ///< O_DIRECT alignment (offsets, sizes, memory)
+
     PartFile(const std::filesystem::path& path, std::uint64_t keep) : m_path(path) {
         m_fd = -1;
 #ifdef O_DIRECT
@@ -187,9 +189,27 @@ public:
         if (::fdatasync(m_fd) != 0) throw io_error(m_path.string() + ": cannot flush: " + errno_text());
     }
     std::uint64_t size() const { return m_size; }
+    bool direct() const { return m_direct; }
+
+    /// Bytes [from, to) of the file (block-aligned, past size()) are being written ahead through
+    /// another descriptor (WriteAhead). Until skip_written_ahead() or cancel_ahead(), flush() does
+    /// not cut the file back to size(): its padded last block ends at or before `from`.
+    void expect_ahead(std::uint64_t from, std::uint64_t to) {
+        m_ahead_from = from;
+        m_ahead_to = to;
+    }
+    /// Appends the bytes written ahead without writing them: size() must have reached the range.
+    void skip_written_ahead() {
+        pissa::detail::require(m_direct && m_size == m_ahead_from && m_ahead_to > m_ahead_from, m_path.string(),
+                               ": no bytes written ahead at ", m_size);
+        write_stage(false);  // whole blocks only: the range starts at a block boundary, so none stay
+        m_stage_at = m_size = m_ahead_to;
+        m_ahead_from = m_ahead_to = 0;
+    }
+    /// Forgets the bytes written ahead (they are appended again, the same bytes).
+    void cancel_ahead() { m_ahead_from = m_ahead_to = 0; }
 
 private:
-    static constexpr std::size_t block = 4096;                       // O_DIRECT alignment (offsets, sizes, memory)
     static constexpr std::size_t stage_size = std::size_t{8} << 20;  // a multiple of block
 
     void write_buffered(const char* p, std::size_t size) {
@@ -228,7 +248,7 @@ private:
         if (bytes > 0) {
             if (bytes > m_fill) std::memset(m_stage + m_fill, 0, bytes - m_fill);
             pwrite_stage(bytes);
-            if (bytes > m_fill && ::ftruncate(m_fd, static_cast<off_t>(m_size)) != 0)
+            if (bytes > m_fill && m_ahead_to == 0 && ::ftruncate(m_fd, static_cast<off_t>(m_size)) != 0)
                 throw io_error(m_path.string() + ": cannot truncate: " + errno_text());
         }
         if (whole > 0) {
@@ -257,6 +277,106 @@ private:
     unsigned char* m_stage = nullptr;  // direct I/O: the bytes of the file from m_stage_at on
     std::uint64_t m_stage_at = 0;      // a multiple of block
     std::size_t m_fill = 0;
+    std::uint64_t m_ahead_from = 0, m_ahead_to = 0;  // bytes written ahead (expect_ahead), or 0, 0
+};
+
+/// The bytes of a run of items copied unchanged at the end of a part, written ahead of the items
+/// before them through a descriptor of its own (O_DIRECT), so that copying them does not wait for
+/// the last rewrite (a model's output layer after its last split). run_segment posts its pieces
+/// to the writer thread, in order, between the writes of the items before the run; the bytes
+/// before the run's first and after its last block boundary are left to the in-order appends.
+/// It keeps the checksum of the whole run for the run's journal record. Any failure to open or
+/// write (no O_DIRECT, another alignment) only marks it failed: the run is then copied in order.
+class WriteAhead {
+public:
+    static constexpr std::uint64_t piece = std::uint64_t{32} << 20;  ///< bytes per piece (a multiple of the block)
+
+    /// Items [first_item, end_item) of `layout`, in the part that begins at byte `part_origin` of
+    /// their output file.
+    WriteAhead(const Checkpoint& in, const RewriteLayout& layout, std::size_t first_item, std::size_t end_item,
+               std::uint64_t part_origin)
+        : m_in(in), m_layout(layout), m_first(first_item), m_end_item(end_item) {
+        constexpr std::uint64_t block = PartFile::block;
+        m_begin = layout.items[first_item].begin - part_origin;
+        m_end = layout.items[end_item - 1].begin + layout.items[end_item - 1].nbytes - part_origin;
+        m_aligned_begin = std::min((m_begin + block - 1) / block * block, m_end);
+        m_aligned_end = std::max(m_end / block * block, m_aligned_begin);
+        m_done = m_begin;
+    }
+    ~WriteAhead() {
+        if (m_fd >= 0) ::close(m_fd);
+        std::free(m_buffer);
+    }
+    WriteAhead(const WriteAhead&) = delete;
+    WriteAhead& operator=(const WriteAhead&) = delete;
+
+    std::uint64_t begin() const { return m_begin; }  ///< the run's first byte in the part
+    std::uint64_t end() const { return m_end; }      ///< one past its last
+    std::uint64_t aligned_begin() const { return m_aligned_begin; }
+    std::uint64_t aligned_end() const { return m_aligned_end; }
+    /// Whether there is a whole block to write ahead.
+    bool worthwhile() const { return m_aligned_end > m_aligned_begin; }
+
+    /// The end of the piece that starts at `at` (< end()): [begin, aligned_begin), then pieces of
+    /// up to `piece` bytes to aligned_end, then [aligned_end, end).
+    std::uint64_t piece_end(std::uint64_t at) const {
+        if (at < m_aligned_begin) return m_aligned_begin;
+        if (at < m_aligned_end) return std::min(at + piece, m_aligned_end);
+        return m_end;
+    }
+
+    /// Reads and checksums the piece at `at` (the pieces in order) and writes its whole blocks
+    /// into the part file at `path`. 	hrows io_error when a source file cannot be read.
+    void write_piece(const std::filesystem::path& path, std::uint64_t at) {
+        pissa::detail::require(at == m_done, path.string(), ": the pieces written ahead are out of order");
+        const std::uint64_t to = piece_end(at);
+        const auto size = static_cast<std::size_t>(to - at);
+        if (!m_buffer) {
+            m_buffer = static_cast<unsigned char*>(std::aligned_alloc(PartFile::block, piece));
+            if (!m_buffer) throw std::bad_alloc();
+        }
+        read(at, to, m_buffer);
+        m_sum.update(m_buffer, size);
+        m_done = to;
+        if (m_failed || at < m_aligned_begin || to > m_aligned_end) return;
+#ifdef O_DIRECT
+        if (m_fd < 0) m_fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
+#endif
+        for (std::size_t done = 0; !m_failed && done < size;) {
+            const ssize_t n =
+                m_fd < 0 ? -1 : ::pwrite(m_fd, m_buffer + done, size - done, static_cast<off_t>(at + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) m_failed = true;
+            else done += static_cast<std::size_t>(n);
+        }
+    }
+
+    /// Whether every piece was written (and the checksum covers the whole run).
+    bool complete() const { return !m_failed && m_done == m_end; }
+    const Checksum& checksum() const { return m_sum; }
+
+    /// Reads the run's bytes [from, to) (offsets in the part) into `out`.
+    void read(std::uint64_t from, std::uint64_t to, unsigned char* out) const {
+        const std::uint64_t origin = m_layout.items[m_first].begin - m_begin;
+        for (std::size_t i = m_first; i < m_end_item && from < to; ++i) {
+            const auto& item = m_layout.items[i];
+            const std::uint64_t b = item.begin - origin, e = b + item.nbytes;
+            if (e <= from || b >= to) continue;
+            const std::uint64_t lo = std::max(from, b), hi = std::min(to, e);
+            const SafetensorsFile& shard = *m_in.shards()[item.file];
+            shard.read(shard.tensors()[item.tensor], lo - b, out + (lo - from), static_cast<std::size_t>(hi - lo));
+        }
+    }
+
+private:
+    const Checkpoint& m_in;
+    const RewriteLayout& m_layout;
+    std::size_t m_first, m_end_item;
+    std::uint64_t m_begin = 0, m_end = 0, m_aligned_begin = 0, m_aligned_end = 0, m_done = 0;
+    Checksum m_sum;
+    unsigned char* m_buffer = nullptr;
+    int m_fd = -1;
+    bool m_failed = false;
 };
 
 /// One background thread that runs tasks in the order they are posted, so that writing, checksumming
@@ -393,13 +513,18 @@ inline std::optional<std::string> range_checksum(const std::filesystem::path& pa
 /// `buffer_bytes` (that largest item, if known) allocates them once up front. Every guarantee of
 /// the file comment holds as in a sequential run: a record is appended only after the bytes it
 /// describes are flushed, in item order.
+/// `copied_unchanged` names items `rewrite` would decline (it is not called for those of the run
+/// below): the run of them that ends the segment's last part is written ahead (WriteAhead), piece
+/// by piece after each rewritten item of that part, and journaled as one record once it is
+/// reached in order, so that the output layer after a model's last split costs no wait.
 /// \throws io_error when reading or writing fails; whatever `rewrite` throws (the journal then
 ///         holds the items completed before it: the writer finishes them first).
 inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layout, std::size_t first, std::size_t last,
                                  const std::filesystem::path& parts_dir, Journal& journal, const nlohmann::json& plan,
                                  bool resume, const ItemRewrite& rewrite, const NoteCheck& check_note,
                                  const RewriteProgress& progress = {}, const std::filesystem::path& joined_dir = {},
-                                 std::uint64_t buffer_bytes = 0) {
+                                 std::uint64_t buffer_bytes = 0,
+                                 const std::function<bool(std::size_t)>& copied_unchanged = {}) {
     constexpr std::uint64_t record_every = std::uint64_t{256} << 20;  // bytes of copied tensors per record
     constexpr std::uint64_t copy_piece = std::uint64_t{16} << 20;
     SegmentReport report;
@@ -472,9 +597,74 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
         record_begin = out->size();
         sum = Checksum();
     };
+    // Copies item i unchanged (on the writer thread): read with pread(2) through the writer's own
+    // buffer (a shard truncated meanwhile is an io_error, not SIGBUS), written and checksummed.
+    auto copy_item = [&](std::size_t i) {
+        const SafetensorsFile& shard = *in.shards()[layout.items[i].file];
+        const TensorInfo& t = shard.tensors()[layout.items[i].tensor];
+        for (std::uint64_t at = 0; at < t.nbytes();) {
+            const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
+            if (copy_buffer.size() < piece) copy_buffer.resize(piece);
+            shard.read(t, at, copy_buffer.data(), piece);
+            out->write(copy_buffer.data(), piece);
+            sum.update(copy_buffer.data(), piece);
+            at += piece;
+        }
+        shard.release(t);
+    };
+
+    // The run of unchanged items that ends the segment's last part, when an item of that part
+    // precedes it in this segment (the pieces then go out between that part's rewrites).
+    std::unique_ptr<detail::WriteAhead> ahead;
+    std::size_t ahead_item = last;  // where the run starts (last: no run)
+    if (copied_unchanged && next < last && detail::direct_io_enabled()) {
+        const std::string tail_part = part_of(last - 1);
+        std::size_t j = last;
+        while (j > next && part_of(j - 1) == tail_part && copied_unchanged(j - 1)) --j;
+        if (j > next && j < last && part_of(j - 1) == tail_part) {
+            const std::size_t part_first = std::max(first, layout.files[layout.items[j].file].first_item);
+            ahead = std::make_unique<detail::WriteAhead>(in, layout, j, last, layout.part_begin(part_first));
+            if (ahead->worthwhile()) ahead_item = j;
+            else ahead.reset();
+        }
+    }
+    // Writes the run in order: the bytes written ahead are skipped when every piece went out and
+    // the run starts its own record; otherwise the run is copied like any other item.
+    auto finish_ahead = [&] {
+        const bool skip =
+            ahead->complete() && out->direct() && out->size() == ahead->begin() && record_begin == out->size();
+        if (skip) {
+            std::vector<unsigned char> edge(detail::PartFile::block);
+            const auto append = [&](std::uint64_t from, std::uint64_t to) {
+                ahead->read(from, to, edge.data());
+                out->write(edge.data(), static_cast<std::size_t>(to - from));
+            };
+            append(ahead->begin(), ahead->aligned_begin());
+            out->skip_written_ahead();
+            append(ahead->aligned_end(), ahead->end());
+            sum = ahead->checksum();
+            for (std::size_t k = ahead_item; k < last; ++k)
+                in.shards()[layout.items[k].file]->release(
+                    in.shards()[layout.items[k].file]->tensors()[layout.items[k].tensor]);
+        } else {
+            out->cancel_ahead();
+            for (std::size_t k = ahead_item; k < last; ++k) copy_item(k);
+        }
+        record(last, "");
+    };
+
     // Declared after everything its tasks use: on an exception its destructor finishes the queued
     // tasks (so the journal holds every item handed over before it) and joins the thread first.
     detail::WriterThread writer(2, static_cast<std::size_t>(buffer_bytes));
+    std::uint64_t ahead_posted = ahead ? ahead->begin() : 0;  // where the next piece starts
+    auto post_ahead_piece = [&] {
+        const std::uint64_t at = ahead_posted;
+        ahead_posted = ahead->piece_end(at);
+        writer.post([&, at] {
+            if (at == ahead->begin()) out->expect_ahead(ahead->aligned_begin(), ahead->aligned_end());
+            ahead->write_piece(parts_dir / out_name, at);
+        });
+    };
     std::string current_part;  // the main thread's view of which part the writer is on
     for (std::size_t i = next; i < last; ++i) {
         const auto& item = layout.items[i];
@@ -497,6 +687,17 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
                 }
             });
         }
+        if (i == ahead_item) {  // the rest of the segment is the run: its last pieces, then in order
+            while (ahead_posted < ahead->end()) post_ahead_piece();
+            for (std::size_t k = i; k < last; ++k) {
+                throw_if_cancelled();
+                if (progress)
+                    progress(k - first, last - first,
+                             in.shards()[layout.items[k].file]->tensors()[layout.items[k].tensor]);
+            }
+            writer.post(finish_ahead);
+            break;
+        }
         if (i == next) shard.prefetch(t);
         if (item.tensor + 1 < file.items && i + 1 < last) shard.prefetch(shard.tensors()[item.tensor + 1]);
         throw_if_cancelled();
@@ -516,20 +717,11 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
                 record(i + 1, note);
                 writer.return_buffer(std::move(b));
             });
+            if (ahead && ahead_posted < ahead->end() && current_part == part_of(ahead_item)) post_ahead_piece();
         } else {
             writer.return_buffer(std::move(bytes));
-            // Copied by the writer thread: read with pread(2) through its own buffer (a shard
-            // truncated meanwhile is an io_error, not SIGBUS), written and checksummed.
-            writer.post([&, i, part_ends, &shard = shard, &t = t] {
-                for (std::uint64_t at = 0; at < t.nbytes();) {
-                    const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
-                    if (copy_buffer.size() < piece) copy_buffer.resize(piece);
-                    shard.read(t, at, copy_buffer.data(), piece);
-                    out->write(copy_buffer.data(), piece);
-                    sum.update(copy_buffer.data(), piece);
-                    at += piece;
-                }
-                shard.release(t);
+            writer.post([&, i, part_ends] {
+                copy_item(i);
                 if (part_ends || out->size() - record_begin >= record_every) record(i + 1, "");
             });
             continue;
