@@ -10,15 +10,17 @@
 ///     B = W Q = Ub diag(S) Vb^T                small SVD of [m, q] (detail/ritz.hpp)
 ///     U = Ub[:, :r],  V = Q Vb[:, :r]
 ///
-/// That is 2K + 2 passes over W. Each `qr` is Householder QR, or CholeskyQR2 (detail/cholesky_qr.hpp:
-/// two Gram matrices and two triangular updates, skinny products all) where that is faster
-/// (detail::prefer_cholesky_qr), with Householder QR where the block is too ill-conditioned for
-/// it: the same orthonormal columns up to rounding and signs. With `fused_power_iteration` each power
-/// step is `Q = qr(W^T (W Q))` (one orthonormalisation per step instead of two), and for a row-major W with q <= 24 on
-/// the AVX-512 kernels `W^T (W Q)` is computed in ONE pass over W (detail::multiply_gram): K + 2 passes in all. It is a
-/// different algorithm (less robust in float32 when niter is large and the spectrum decays fast: the power step squares
-/// the condition of the basis before it is orthonormalised), so it is opt-in. Its orthonormalisations are CholeskyQR2
-/// on every CPU.
+/// That is 2K + 2 passes over W. Each `qr` is Householder QR, or CholeskyQR2
+/// (detail/cholesky_qr.hpp: two Gram matrices and two triangular updates, skinny products all)
+/// where that is faster (detail::prefer_cholesky_qr), with Householder QR where the block is too
+/// ill-conditioned for it: the same orthonormal columns up to rounding and signs.
+///
+/// With `fused_power_iteration` each power step is `Q = qr(W^T (W Q))` (one orthonormalisation
+/// per step instead of two), and for a row-major W with q <= 24 on the AVX-512 kernels
+/// `W^T (W Q)` is computed in ONE pass over W (detail::multiply_gram): K + 2 passes in all. It is
+/// a different algorithm (less robust in float32 when niter is large and the spectrum decays
+/// fast: the power step squares the condition of the basis before it is orthonormalised), so it
+/// is opt-in. Its orthonormalisations are CholeskyQR2 on every CPU.
 ///
 /// For a bfloat16 W the products can round the skinny operand to bfloat16 and multiply on the
 /// AMX tile unit (ProductPrecision; the default where AMX is present): W is stored in bfloat16
