@@ -6,8 +6,9 @@
 //   BM_multiply_bf16<T>              the bfloat16 products of a bfloat16 W (AMX / AVX512_BF16)
 //   BM_multiply_gram                 W^T (W Q) in one pass over W, beside the two products
 //   BM_randomized/<m>/<n>/<r>/<niter>/<weight>   randomized_svd (peft pissa_niter_K), the reference
-//                                    rows; weight 0: float32, 1: bfloat16 with float32 products,
-//                                    2: bfloat16 with the default products
+//                                    rows; weight 0: float32 with the default products, 1: bfloat16
+//                                    with float32 products, 2: bfloat16 with the default products,
+//                                    3: float32 with float32 products
 //   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
 //   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
 //   BM_randomized_vs_machine/<m>/<n>/<r>/<niter>/<fused>   reused object, float32, against the
@@ -379,12 +380,14 @@ template <bool Fused, bool Reused>
 void BM_randomized_impl(benchmark::State& state) {
     const Index m = state.range(0), n = state.range(1), r = state.range(2);
     const int niter = static_cast<int>(state.range(3));
-    const bool bf16 = state.range(4) != 0;
+    const bool bf16 = state.range(4) == 1 || state.range(4) == 2;
     pissa::RandomizedSvdOptions options;
     options.niter = niter;
     options.fused_power_iteration = Fused;
-    if (state.range(4) == 1) options.products = pissa::ProductPrecision::float32;
-    state.SetLabel(bf16 && pissa::uses_bf16_products<Eigen::bfloat16>(options) ? "bf16 products" : "float32 products");
+    if (state.range(4) == 1 || state.range(4) == 3) options.products = pissa::ProductPrecision::float32;
+    const bool bf16_products =
+        bf16 ? pissa::uses_bf16_products<Eigen::bfloat16>(options) : pissa::uses_bf16_products<float>(options);
+    state.SetLabel(bf16_products ? "bf16 products" : "float32 products");
     pissa::RandomizedSvd<float> reused(options);
     if (bf16) weight_bf16(m, n);  // generated once per shape, outside the timed loop
     else weight(m, n);
@@ -514,9 +517,10 @@ constexpr std::array<std::array<Index, 4>, 6> kReferenceRows{{{4096, 4096, 16, 4
                                                               {4096, 4096, 16, 16}}};
 
 /// The reference table, W in float32 (last argument 0) and in bfloat16 with float32 products (1)
-/// and with the default products (2: bfloat16 on a CPU with AMX): {m, n, r, niter, weight}.
+/// and with the default products (2: bfloat16 on a CPU with AMX), and W in float32 with float32
+/// products (3): {m, n, r, niter, weight}.
 void randomized_args(benchmark::internal::Benchmark* b) {
-    for (const Index weight_kind : {0, 1, 2})
+    for (const Index weight_kind : {0, 1, 2, 3})
         for (const auto& [m, n, r, niter] : kReferenceRows) b->Args({m, n, r, niter, weight_kind});
     b->Unit(benchmark::kMillisecond)->UseRealTime();
 }

@@ -22,10 +22,12 @@
 /// fast: the power step squares the condition of the basis before it is orthonormalised), so it
 /// is opt-in. Its orthonormalisations are CholeskyQR2 on every CPU.
 ///
-/// For a bfloat16 W the products can round the skinny operand to bfloat16 and multiply on the
-/// AMX tile unit (ProductPrecision; the default where AMX is present): W is stored in bfloat16
-/// anyway, the sums stay float32, and the orthonormalisations and the small SVD are float32 as
-/// before. The error against the optimum moves by less than 1e-4 relative (docs/math.md).
+/// The products can round to bfloat16 and multiply on the AMX tile unit (ProductPrecision; the
+/// default where AMX is present): for a bfloat16 W the skinny operand is rounded (W is stored in
+/// bfloat16 anyway); a float32 W is rounded to bfloat16 once, and that copy makes every product
+/// but the last two (`W^T P` of the last power step, so that Q lies in W's own row space, and
+/// `B = W Q`), which are float32. The sums, the orthonormalisations and the small SVD stay float32.
+/// The error against the optimum moves by less than 1e-4 relative (docs/math.md).
 ///
 /// The Gaussian draws come from pissa's own splitmix64 stream (not torch's generator), so the
 /// result is a deterministic function of (W, rank, options) on every platform and thread count.
@@ -50,19 +52,20 @@
 
 namespace pissa {
 
-/// The arithmetic of the randomized SVD's products with W. The skinny operand is the only
-/// thing rounded: W is used exactly as stored, and sums are float32 in every mode.
+/// The arithmetic of the randomized SVD's products with W. Sums are float32 in every mode.
 enum class ProductPrecision {
     /// `bfloat16` where the CPU has AMX (about 5x the float32 products' speed at q = 128 there),
     /// `float32` elsewhere. The default.
     automatic,
     /// W widened to float32 and float32 products, as torch.svd_lowrank computes.
     float32,
-    /// For a bfloat16 W: the skinny operand rounded to bfloat16, float32 accumulation: AMX
-    /// (`tdpbf16ps`) where present, else AVX512_BF16 (`vdpbf16ps`; on the Intel Xeon measured
-    /// it is 0.75x the float32 products' speed, see docs/performance.md), else float32. Other
-    /// storage dtypes: float32. The error against the Eckart-Young optimum moves by less than
-    /// 1e-4 relative on the measured shapes (docs/math.md, "Products in bfloat16").
+    /// Operands rounded to bfloat16, float32 accumulation: AMX (`tdpbf16ps`) where present, else
+    /// AVX512_BF16 (`vdpbf16ps`; on the Intel Xeon measured it is 0.75x the float32 products'
+    /// speed, see docs/performance.md), else float32. A bfloat16 W: the skinny operand is rounded,
+    /// W used as stored. A float32 W: a bfloat16 copy of W makes every product but the last two,
+    /// which are float32 (see the file comment). float16 and double W: float32 (double) products.
+    /// The error against the Eckart-Young optimum moves by less than 1e-4 relative on the
+    /// measured shapes (docs/math.md, "Products in bfloat16").
     bfloat16,
 };
 
@@ -89,10 +92,12 @@ struct RandomizedSvdOptions {
     ProductPrecision products = ProductPrecision::automatic;  ///< see ProductPrecision
 };
 
-/// Whether randomized_svd with these options multiplies a `Storage` W in bfloat16 on this machine.
+/// Whether randomized_svd with these options multiplies a `Storage` W (or, for float, its
+/// bfloat16 copy) in bfloat16 on this machine.
 template <class Storage>
 bool uses_bf16_products(const RandomizedSvdOptions& options) {
-    if (!detail::bf16_products_available<Storage, compute_scalar_t<Storage>>()) return false;
+    using Multiplied = std::conditional_t<std::is_same_v<Storage, float>, Eigen::bfloat16, Storage>;
+    if (!detail::bf16_products_available<Multiplied, compute_scalar_t<Storage>>()) return false;
     return options.products == ProductPrecision::bfloat16 ||
            (options.products == ProductPrecision::automatic && detail::cpu_supports_amx_bf16());
 }
@@ -107,7 +112,7 @@ namespace detail {
 
 /// What randomized_svd allocates, kept between calls by RandomizedSvd (about 8 q (m + n) floats,
 /// plus about 3 q (m + n) where CholeskyQR2 runs; the fused power step adds Z and up to 7 partial
-/// sums of it, 8 q n).
+/// sums of it, 8 q n; a float32 W with bfloat16 products its rounded copy, m n bfloat16).
 template <class Scalar>
 struct RandomizedSvdWorkspace {
     KernelWorkspace kernels;
@@ -115,6 +120,7 @@ struct RandomizedSvdWorkspace {
     Matrix<Scalar> Z;                                    ///< W^T (W Q) [n, q] of the fused power step
     TallQr<Scalar> qr_image, qr_basis;                   ///< factorisations of P and Q
     CholeskyQr2<Scalar> cholesky_image, cholesky_basis;  ///< the same by CholeskyQR2 (see randomized_svd)
+    RoundedWeight rounded;                               ///< a float32 W in bfloat16, for the range finder
 };
 
 /// Whether the standard path orthonormalises by CholeskyQR2: where its four skinny products run on
@@ -131,31 +137,59 @@ bool prefer_cholesky_qr() {
 #endif
 }
 
-/// The algorithm of the file comment; the triplets go to `out`.
-template <class Scalar, class Storage>
-void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const RandomizedSvdOptions& options,
-                    RandomizedSvdWorkspace<Scalar>& ws, SvdResult<Scalar>& out) {
-    const WeightOperator<Storage> W{weight, ws.kernels, uses_bf16_products<Storage>(options)};
-    const Index q = std::min(std::min(W.rows(), W.cols()), rank + options.oversampling);
-    fill_gaussian(ws.G, W.rows(), q, options.seed);
-    W.apply_transposed(ws.G, ws.Q);
-    require_finite_product(W, ws.Q, "randomized_svd");
-    const bool cholesky = options.fused_power_iteration || prefer_cholesky_qr<Scalar>();
+/// The range finder of the file comment: Q = qr(W^T G), then the K power steps; the basis goes
+/// to `ws.Q`. `rough` makes every product but the last; `exact` (W as stored) the last,
+/// `Q = qr(W^T P)`, so that Q lies in the row space of W itself: then `B = W Q` captures W to
+/// float32 precision whatever `rough` rounded (W rounded to bfloat16 misses 2^-9 of W's norm).
+template <class Scalar, class Rough, class Exact>
+void find_range(const Rough& rough, const Exact& exact, Index q, const RandomizedSvdOptions& options, bool cholesky,
+                RandomizedSvdWorkspace<Scalar>& ws) {
+    constexpr bool distinct = !std::is_same_v<Rough, Exact>;
+    PISSA_ASSERT(!distinct || options.niter > 0);
+    fill_gaussian(ws.G, rough.rows(), q, options.seed);
+    rough.apply_transposed(ws.G, ws.Q);
+    require_finite_product(rough, ws.Q, "randomized_svd");
     const auto orthonormalize = [&](Matrix<Scalar>& X, CholeskyQr2<Scalar>& cholesky_qr, TallQr<Scalar>& qr) {
         if (cholesky) cholesky_qr.orthonormalize(X, qr);
         else qr.orthonormalize(X);
     };
     orthonormalize(ws.Q, ws.cholesky_basis, ws.qr_basis);
     for (int it = 0; it < options.niter; ++it) {
+        const bool last = it + 1 == options.niter;
         if (options.fused_power_iteration) {
-            W.apply_gram(ws.Q, ws.Z, ws.P);
+            if (distinct && last) {
+                rough.apply(ws.Q, ws.P);
+                exact.apply_transposed(ws.P, ws.Z);
+            } else {
+                rough.apply_gram(ws.Q, ws.Z, ws.P);
+            }
             ws.Q.swap(ws.Z);
         } else {
-            W.apply(ws.Q, ws.P);
+            rough.apply(ws.Q, ws.P);
             orthonormalize(ws.P, ws.cholesky_image, ws.qr_image);
-            W.apply_transposed(ws.P, ws.Q);
+            if (last) exact.apply_transposed(ws.P, ws.Q);
+            else rough.apply_transposed(ws.P, ws.Q);
         }
         orthonormalize(ws.Q, ws.cholesky_basis, ws.qr_basis);
+    }
+}
+
+/// The algorithm of the file comment; the triplets go to `out`.
+template <class Scalar, class Storage>
+void randomized_svd(const PreparedWeight<Storage>& weight, Index rank, const RandomizedSvdOptions& options,
+                    RandomizedSvdWorkspace<Scalar>& ws, SvdResult<Scalar>& out) {
+    const bool bf16 = uses_bf16_products<Storage>(options);
+    // A float32 W is multiplied in bfloat16 only through its rounded copy, by the range finder.
+    const WeightOperator<Storage> W{weight, ws.kernels, bf16 && !std::is_same_v<Storage, float>};
+    const Index q = std::min(std::min(W.rows(), W.cols()), rank + options.oversampling);
+    const bool cholesky = options.fused_power_iteration || prefer_cholesky_qr<Scalar>();
+    if constexpr (std::is_same_v<Storage, float>) {
+        if (bf16 && options.niter > 0 && round_weight_bf16(weight, ws.rounded))
+            find_range(WeightOperator<Eigen::bfloat16>{ws.rounded.weight, ws.kernels, true}, W, q, options, cholesky,
+                       ws);
+        else find_range(W, W, q, options, cholesky, ws);
+    } else {
+        find_range(W, W, q, options, cholesky, ws);
     }
     W.apply(ws.Q, ws.P);  // B = W Q  [m, q]
     if (cholesky)

@@ -185,9 +185,10 @@ def init(W: Array, rank: int = 8, lora_alpha: Optional[float] = None, method: Op
             no singular values; ``method`` does not apply).
         components: "principal" (PiSSA) or "minor" (MiLoRA: the r smallest triplets; needs the
             exact decomposition, which ``method=None`` then picks).
-        products: the randomized SVD's products with a bfloat16 W: "auto" (bfloat16 operands and
-            float32 sums on a CPU with AMX, float32 elsewhere), "float32" (as torch.svd_lowrank) or
-            "bfloat16" (also with AVX512_BF16 alone). Other dtypes are multiplied in float32.
+        products: the randomized SVD's products: "auto" (bfloat16 operands and float32 sums on a
+            CPU with AMX, float32 elsewhere), "float32" (as torch.svd_lowrank) or "bfloat16" (also
+            with AVX512_BF16 alone). A bfloat16 W is used as stored; a float32 W is rounded to
+            bfloat16 for all but the last two products. float16 W: float32 products.
 
     Returns:
         PissaSplit with A, B, residual (same kind as W: NumPy or torch), scaling, the singular

@@ -6,6 +6,7 @@
 #include <pissa/svd.hpp>
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -65,28 +66,33 @@ TEST_CASE_TEMPLATE("randomized SVD returns orthonormal factors and exact results
     for (const auto& [m, n] : {std::pair<Index, Index>{30, 30}, {45, 20}, {20, 45}, {700, 300}}) {
         const Index k = std::min(m, n);
         const Matrix<S> W = gaussian<S>(m, n, 4);
+        // bfloat16: a float W's range finder runs on its rounded copy (where the CPU has the
+        // kernels); the last two products keep the full-rank result exact.
         for (const Index r : {Index(1), k / 2, k})
-            for (const bool fused : {false, true}) {  // fused: CholeskyQR2 and the kernels' Ritz products
-                CAPTURE(m);
-                CAPTURE(n);
-                CAPTURE(r);
-                CAPTURE(fused);
-                pissa::RandomizedSvdOptions options;
-                options.fused_power_iteration = fused;
-                const auto svd = pissa::randomized_svd(W, r, options);
-                REQUIRE(svd.U.rows() == m);
-                REQUIRE(svd.V.rows() == n);
-                REQUIRE(svd.S.size() == r);
-                CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) <
-                      100 * eps<S>());
-                CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) <
-                      100 * eps<S>());
-                for (Index i = 0; i + 1 < r; ++i) CHECK(svd.S(i) >= svd.S(i + 1));
-                if (r == k) {  // q = min(m, n): the range is the whole space and the result is exact
-                    const Matrix<S> product = svd.U * svd.S.asDiagonal() * svd.V.transpose();
-                    CHECK(relative_error(product, W) < 100 * eps<S>());
+            for (const bool fused : {false, true})  // fused: CholeskyQR2 and the kernels' Ritz products
+                for (const auto products : {pissa::ProductPrecision::float32, pissa::ProductPrecision::bfloat16}) {
+                    CAPTURE(m);
+                    CAPTURE(n);
+                    CAPTURE(r);
+                    CAPTURE(fused);
+                    CAPTURE(pissa::product_precision_name(products));
+                    pissa::RandomizedSvdOptions options;
+                    options.fused_power_iteration = fused;
+                    options.products = products;
+                    const auto svd = pissa::randomized_svd(W, r, options);
+                    REQUIRE(svd.U.rows() == m);
+                    REQUIRE(svd.V.rows() == n);
+                    REQUIRE(svd.S.size() == r);
+                    CHECK(relative_error(Matrix<S>(svd.U.transpose() * svd.U), Matrix<S>::Identity(r, r), 1.0) <
+                          100 * eps<S>());
+                    CHECK(relative_error(Matrix<S>(svd.V.transpose() * svd.V), Matrix<S>::Identity(r, r), 1.0) <
+                          100 * eps<S>());
+                    for (Index i = 0; i + 1 < r; ++i) CHECK(svd.S(i) >= svd.S(i + 1));
+                    if (r == k) {  // q = min(m, n): the range is the whole space and the result is exact
+                        const Matrix<S> product = svd.U * svd.S.asDiagonal() * svd.V.transpose();
+                        CHECK(relative_error(product, W) < 100 * eps<S>());
+                    }
                 }
-            }
     }
 }
 
@@ -298,13 +304,52 @@ TEST_CASE("bfloat16 products: the error against the Eckart-Young optimum moves b
         for (const double e : {error(pissa::randomized_svd(W, r, bf16)), error(pissa::randomized_svd(W_col, r, bf16))})
             CHECK(std::abs(e - reference) / reference < 1e-3);
     }
-    // Only a bfloat16 W is multiplied in bfloat16: a float W gives the same bits in every mode.
-    const Matrix<float> widened = W.cast<float>();
+}
+
+TEST_CASE("a float32 W with bfloat16 products: the range finder on W rounded to bfloat16, B = W Q in float32") {
+    // Same bound as a bfloat16 W, row- and column-major; the last product is float32, so the
+    // result is as accurate as the float32 products' on a W that bfloat16 cannot hold.
+    const Index m = 700, n = 520, r = 16;
+    Vector<double> sigma(n);
+    for (Index i = 0; i < n; ++i) sigma(i) = 0.05 + std::exp(-double(i) / 20.0);
+    const pissa::RowMatrix<float> W = with_spectrum<float>(m, n, sigma, 62);
+    const Matrix<float> W_col = W;
+    const Matrix<double> exact = W.cast<double>();
+    const double opt = std::sqrt(exact.squaredNorm() - pissa::truncated_svd(exact, r).S.squaredNorm());
+    const auto error = [&](const pissa::SvdResult<float>& svd) {
+        return (exact - (svd.U * svd.S.asDiagonal() * svd.V.transpose()).cast<double>()).norm();
+    };
     pissa::RandomizedSvdOptions f32, bf16;
     f32.products = pissa::ProductPrecision::float32;
     bf16.products = pissa::ProductPrecision::bfloat16;
-    CHECK(!pissa::uses_bf16_products<float>(bf16));
-    CHECK(pissa::randomized_svd(widened, r, f32).U == pissa::randomized_svd(widened, r, bf16).U);
+    CHECK(pissa::uses_bf16_products<float>({}) == pissa::detail::cpu_supports_amx_bf16());
+    CHECK(pissa::uses_bf16_products<float>(bf16) == pissa::detail::bf16_products_available<Eigen::bfloat16, float>());
+    CHECK(!pissa::uses_bf16_products<float>(f32));
+    CHECK(!pissa::uses_bf16_products<Eigen::half>(bf16));
+    for (std::uint64_t seed = 0; seed < 5; ++seed) {
+        CAPTURE(seed);
+        f32.seed = bf16.seed = seed;
+        const double reference = error(pissa::randomized_svd(W, r, f32));
+        CHECK(reference / opt < 1.05);
+        for (const double e : {error(pissa::randomized_svd(W, r, bf16)), error(pissa::randomized_svd(W_col, r, bf16))})
+            CHECK(std::abs(e - reference) / reference < 1e-3);
+    }
+    // A reused object gives the bits of the function (the rounded copy is reused, not stale).
+    pissa::RandomizedSvd<float> reused(bf16);
+    reused.compute(W_col.topRows(300), r);
+    CHECK(reused.compute(W, r).matrix_u() == pissa::randomized_svd(W, r, bf16).U);
+
+    // A float beyond bfloat16's largest finite value (3.39e38) cannot be rounded: the float32
+    // products take over, and report the overflow of W's squares as they do, not NaN factors.
+    Matrix<float> large = W.cast<float>() * 1e-30f;
+    large(3, 5) = std::numeric_limits<float>::max();
+    for (const auto& options : {f32, bf16})
+        CHECK_THROWS_WITH_AS(pissa::randomized_svd(large, 2, options),
+                             doctest::Contains("non-finite values from an overflow"), pissa::numerical_error);
+    // and a NaN is still named where it is
+    large(3, 5) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(pissa::randomized_svd(large, 2, bf16), doctest::Contains("at row 3, column 5"),
+                         pissa::invalid_argument);
 }
 
 TEST_CASE("a finite W whose squares overflow float: a clear error from both algorithms, not NaN factors") {

@@ -102,9 +102,15 @@ def test_bfloat16_products_option():
               for p, s in splits.items()}
     for p in ("auto", "bfloat16"):
         assert abs(errors[p] - errors["float32"]) / errors["float32"] < 1e-3
-    # A float32 W is multiplied in float32 whatever the option: the same bits.
-    W32 = W.astype(np.float32)
-    assert np.array_equal(pissa.init(W32, rank=8, products="bfloat16").A, pissa.init(W32, rank=8, products="float32").A)
+    # A float32 W (values bfloat16 cannot hold): "bfloat16" multiplies its bfloat16 copy in all but
+    # the last two products, and is as accurate; float16 is multiplied in float32 (the same bits).
+    W32 = random_weight(m=300, n=200, dtype=np.float32) * 10
+    wide32 = W32.astype(np.float64)
+    errors32 = {p: np.linalg.norm(wide32 - s.scaling * (s.B.astype(np.float64) @ s.A.astype(np.float64)))
+                for p, s in ((p, pissa.init(W32, rank=8, seed=1, products=p)) for p in ("float32", "bfloat16"))}
+    assert abs(errors32["bfloat16"] - errors32["float32"]) / errors32["float32"] < 1e-3
+    W16 = W32.astype(np.float16)
+    assert np.array_equal(pissa.init(W16, rank=8, products="bfloat16").A, pissa.init(W16, rank=8, products="float32").A)
     with pytest.raises(ValueError, match="products must be auto, float32 or bfloat16"):
         pissa.init(W, rank=8, products="fp8")
 

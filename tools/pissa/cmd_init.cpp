@@ -146,9 +146,10 @@ int cmd_init(int argc, char** argv) {
               "                           step up to rank 24 (K + 2 passes instead of 2K + 2). Not peft's\n"
               "                           algorithm: the same subspace in exact arithmetic, other rounding")
         .option("products", "auto|float32|bfloat16",
-                "randomized SVD: the arithmetic of the products with a bfloat16 W. auto: bfloat16 operands\n"
-                "                           with float32 sums on a CPU with AMX, float32 elsewhere; float32:\n"
-                "                           as torch.svd_lowrank; bfloat16: also with AVX512_BF16 alone",
+                "randomized SVD: the arithmetic of the products with W. auto: bfloat16 operands with\n"
+                "                           float32 sums on a CPU with AMX (a float32 W: all but the last two\n"
+                "                           products), float32 elsewhere; float32: as torch.svd_lowrank;\n"
+                "                           bfloat16: also with AVX512_BF16 alone",
                 "auto")
         .option("init", "pissa|olora",
                 "the factorisation: pissa (singular triplets), or olora (peft's \"olora\": B = Q_r, A = R_r of\n"

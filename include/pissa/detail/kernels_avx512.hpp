@@ -616,14 +616,36 @@ PISSA_AVX512_TARGET void multiply_gram_panel(RowMajorView<Storage> W, const floa
 /// 16 floats rounded to the storage dtype (to nearest even, as Eigen's conversions) and stored
 /// at `p` (the first `m` lanes).
 PISSA_AVX512_TARGET inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-PISSA_AVX512_TARGET inline void store16(Eigen::bfloat16* p, __m512 v, __mmask16 m) {
-    const __m512i bits = _mm512_castps_si512(v);
+/// The bits of 16 finite floats rounded to bfloat16 (to nearest even) in the upper halves of the lanes.
+PISSA_AVX512_TARGET inline __m512i round_bits_bf16(__m512i bits) {
     const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+}
+/// Stores the upper halves of the lanes of `rounded` (round_bits_bf16) as bfloat16.
+PISSA_AVX512_TARGET inline void store_bf16_bits(Eigen::bfloat16* p, __m512i rounded, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtepi32_epi16(kAll, _mm512_maskz_srli_epi32(kAll, rounded, 16)));
+}
+PISSA_AVX512_TARGET inline void store16(Eigen::bfloat16* p, __m512 v, __mmask16 m) {
+    store_bf16_bits(p, round_bits_bf16(_mm512_castps_si512(v)), m);
 }
 PISSA_AVX512_TARGET inline void store16(Eigen::half* p, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(kAll, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/// Rounds `count` floats to bfloat16 (to nearest even, as store16) at `dst`. Returns false if a
+/// value is not finite, or rounds to infinity (above bfloat16's largest finite value).
+PISSA_AVX512_TARGET inline bool round_to_bf16(const float* src, Eigen::bfloat16* dst, Index count) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    __mmask16 bad = 0;
+    for (Index j = 0; j < count; j += kLanes) {
+        const __mmask16 m = tail_mask(std::min<Index>(kLanes, count - j));
+        const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + j));
+        const __m512i rounded = round_bits_bf16(bits);
+        bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(bits, exponent), exponent);
+        bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(rounded, exponent), exponent);
+        store_bf16_bits(dst + j, rounded, m);
+    }
+    return bad == 0;
 }
 
 /// sum += the squares of the first lanes of v (those of `m`), in double.

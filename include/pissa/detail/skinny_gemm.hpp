@@ -19,6 +19,7 @@
 
 #include <pissa/cancel.hpp>
 #include <pissa/detail/cpu_features.hpp>
+#include <pissa/detail/huge_pages.hpp>
 #include <pissa/detail/kernels_amx.hpp>
 #include <pissa/detail/kernels_avx512.hpp>
 #include <pissa/detail/kernels_avx512_bf16.hpp>
@@ -29,7 +30,9 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -495,6 +498,50 @@ void multiply_transposed_bf16(const RowMajorView<Storage>& W, const Matrix<Scala
     }
 #endif
     multiply_transposed(W, Y, Z, workspace);
+}
+
+/// A float32 W rounded to bfloat16 (to nearest even), for the products that ProductPrecision lets
+/// round W: half W's bytes per pass, and the bfloat16 kernels (AMX) multiply it. Kept between the
+/// decompositions of a reused RandomizedSvd, so same-shaped weights reuse the memory.
+struct RoundedWeight {
+    std::unique_ptr<std::uint16_t[]> storage;  ///< uninitialised until written (no page touched twice)
+    std::size_t capacity = 0;
+    PreparedWeight<Eigen::bfloat16> weight;  ///< views `storage`, in the orientation of the source
+};
+
+/// Rounds W into `out` (row-major, the source's orientation). Returns false, leaving `out`
+/// unusable, where a value is not finite in bfloat16: W has a NaN or Inf, or a float above
+/// bfloat16's largest finite value (3.39e38), which the float32 products still handle.
+inline bool round_weight_bf16(const PreparedWeight<float>& W, RoundedWeight& out) {
+    const RowMajorView<float>& v = W.view;
+    const std::size_t size = std::size_t(v.rows) * std::size_t(v.cols);
+    if (size > out.capacity) {
+        out.storage.reset();
+        out.storage.reset(new std::uint16_t[size]);
+        out.capacity = size;
+        advise_huge_pages(out.storage.get(), sizeof(std::uint16_t) * size);
+    }
+    auto* data = reinterpret_cast<Eigen::bfloat16*>(out.storage.get());
+    out.weight.view = {data, v.rows, v.cols, v.cols};
+    out.weight.transposed = W.transposed;
+    bool finite = true;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(&& : finite) if (size > (std::size_t(1) << 16))
+#endif
+    for (Index i = 0; i < v.rows; ++i) {
+        Eigen::bfloat16* row = data + i * v.cols;
+#if PISSA_HAVE_AVX512_KERNELS
+        if (active_kernel_isa() == KernelIsa::avx512) {
+            finite = avx512::round_to_bf16(v.row(i), row, v.cols) && finite;
+            continue;
+        }
+#endif
+        for (Index j = 0; j < v.cols; ++j) {
+            row[j] = Eigen::bfloat16(v.row(i)[j]);
+            finite = finite && (Eigen::numext::isfinite)(row[j]);
+        }
+    }
+    return finite;
 }
 
 /// `Z = W^T (W Q)`: W `[m, n]`, Q `[n, q]`, Z `[n, q]` (resized); `Y` `[m, q]` is scratch. One pass
