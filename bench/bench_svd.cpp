@@ -11,7 +11,7 @@
 //                                    3: float32 with float32 products
 //   BM_randomized_reused/...         the same through one RandomizedSvd object (buffers kept)
 //   BM_randomized_fused/...          the same with fused_power_iteration (RandomizedSvd object)
-//   BM_randomized_vs_machine/<m>/<n>/<r>/<niter>/<fused>   reused object, float32, against the
+//   BM_randomized_vs_machine/<m>/<n>/<r>/<niter>/<fused>   reused object, float32 products, against the
 //                                    limits probed around each run (x_machine_roofline)
 //   BM_exact_krylov/<m>/<n>/<r>      exact top-r by block Krylov (float32 accuracy test)
 //   BM_exact_full/<m>/<n>/<r>        exact top-r by a full BDCSVD (smaller size)
@@ -428,8 +428,9 @@ MachineNow probe_machine() {
             double(buffer.size() * sizeof(float)) / std::chrono::duration<double>(t2 - t1).count()};
 }
 
-/// BM_randomized_reused / BM_randomized_fused (args {m, n, r, niter, fused}, float32) against the
-/// roofline of the limits probed just before and just after each run (their mean): the counter
+/// BM_randomized_reused / BM_randomized_fused (args {m, n, r, niter, fused}, float32 W and float32
+/// products: the FMA units' roofline) against the roofline of the limits probed just before and
+/// just after each run (their mean): the counter
 /// `x_machine_roofline` is time / that roofline (median over runs: the aggregate rows), the
 /// figure a "within 1.5x of the roofline" target is about, on whatever machine this runs. Only the
 /// decomposition is timed (manual time); the probes run between the runs.
@@ -438,6 +439,7 @@ void BM_randomized_vs_machine(benchmark::State& state) {
     pissa::RandomizedSvdOptions options;
     options.niter = static_cast<int>(state.range(3));
     options.fused_power_iteration = state.range(4) != 0;
+    options.products = pissa::ProductPrecision::float32;
     pissa::RandomizedSvd<float> svd(options);
     const double passes = 2.0 * options.niter + 2;
     const double bytes = passes * double(m) * double(n) * 4.0;

@@ -326,7 +326,7 @@ public:
     }
 
     /// Reads and checksums the piece at `at` (the pieces in order) and writes its whole blocks
-    /// into the part file at `path`. 	hrows io_error when a source file cannot be read.
+    /// into the part file at `path`. \throws io_error when a source file cannot be read.
     void write_piece(const std::filesystem::path& path, std::uint64_t at) {
         pissa::detail::require(at == m_done, path.string(), ": the pieces written ahead are out of order");
         const std::uint64_t to = piece_end(at);
