@@ -113,10 +113,12 @@ struct PissaResult : PissaAdapter<Scalar> {
 
 namespace detail {
 
-/// The top-r triplets of the [out, in] view of the stored weight, by the configured method.
+/// The top-r triplets of the [out, in] view of the stored weight, by the configured method; the
+/// randomized SVD on `workspace`'s buffers when given (kept from one weight to the next).
 template <class Derived>
-SvdResult<compute_scalar_t<typename Derived::Scalar>> pissa_svd(const Eigen::MatrixBase<Derived>& stored,
-                                                                const PissaConfig& config) {
+SvdResult<compute_scalar_t<typename Derived::Scalar>> pissa_svd(
+    const Eigen::MatrixBase<Derived>& stored, const PissaConfig& config,
+    RandomizedSvdWorkspace<compute_scalar_t<typename Derived::Scalar>>* workspace = nullptr) {
     const Index out = config.fan_in_fan_out ? stored.cols() : stored.rows();
     const Index in = config.fan_in_fan_out ? stored.rows() : stored.cols();
     check_rank(out, in, config.rank, "pissa::init");
@@ -130,8 +132,11 @@ SvdResult<compute_scalar_t<typename Derived::Scalar>> pissa_svd(const Eigen::Mat
             minor.report = all.report;
             return minor;
         }
-        return config.method == SvdMethod::exact ? truncated_svd(W, config.rank, config.exact)
-                                                 : randomized_svd(W, config.rank, config.randomized);
+        if (config.method == SvdMethod::exact) return truncated_svd(W, config.rank, config.exact);
+        if (workspace == nullptr) return randomized_svd(W, config.rank, config.randomized);
+        SvdResult<compute_scalar_t<typename Derived::Scalar>> svd;
+        randomized_svd(W, config.rank, config.randomized, *workspace, svd);
+        return svd;
     };
     return config.fan_in_fan_out ? decompose(stored.transpose()) : decompose(stored);
 }
@@ -167,12 +172,13 @@ PissaAdapter<compute_scalar_t<typename Derived::Scalar>> olora_adapter(const Eig
     return adapter;
 }
 
-/// The adapter of a split, by the configured method (file comment).
+/// The adapter of a split, by the configured method (file comment); see pissa_svd for `workspace`.
 template <class Derived>
-PissaAdapter<compute_scalar_t<typename Derived::Scalar>> initial_adapter(const Eigen::MatrixBase<Derived>& stored,
-                                                                         const PissaConfig& config) {
+PissaAdapter<compute_scalar_t<typename Derived::Scalar>> initial_adapter(
+    const Eigen::MatrixBase<Derived>& stored, const PissaConfig& config,
+    RandomizedSvdWorkspace<compute_scalar_t<typename Derived::Scalar>>* workspace = nullptr) {
     if (config.init == InitMethod::olora) return olora_adapter(stored, config);
-    return adapter_from_svd(pissa_svd(stored, config), config);
+    return adapter_from_svd(pissa_svd(stored, config, workspace), config);
 }
 
 #if PISSA_HAVE_AVX512_KERNELS
@@ -302,6 +308,18 @@ void write_residual(const Eigen::MatrixBase<SourceDerived>& source, Eigen::Matri
     q.adapter_energy_fraction = weight_total > 0 ? std::min(1.0, adapter_sq / weight_total) : 0.0;
 }
 
+/// init_in_place, the randomized SVD on `workspace`'s buffers when given (see pissa_svd): a model's
+/// many weights reuse one set instead of faulting in fresh pages for each.
+template <class Derived>
+PissaAdapter<compute_scalar_t<typename Derived::Scalar>> init_in_place(
+    Eigen::MatrixBase<Derived>& W, const PissaConfig& config,
+    RandomizedSvdWorkspace<compute_scalar_t<typename Derived::Scalar>>* workspace) {
+    require_valid(config);
+    auto adapter = initial_adapter(W, config, workspace);
+    write_residual(W, W, adapter, config.fan_in_fan_out);
+    return adapter;
+}
+
 }  // namespace detail
 
 /// PiSSA split of a pretrained weight (see the file comment).
@@ -330,15 +348,13 @@ PissaResult<compute_scalar_t<typename Derived::Scalar>, typename Derived::Scalar
 /// In-place PiSSA split for large weights: overwrites `W` (e.g. an Eigen::Map over a checkpoint
 /// buffer) with its residual, in its own dtype and layout, and returns the adapter. No copy of W
 /// is made beyond what the SVD method needs (none for the randomized and block Krylov methods on
-/// directly addressable W).
+/// directly addressable W, but the bfloat16 copy of a float32 W that the randomized SVD's
+/// bfloat16 products multiply).
 /// \throws as init; W is left untouched when anything is thrown.
 template <class Derived>
 PissaAdapter<compute_scalar_t<typename Derived::Scalar>> init_in_place(Eigen::MatrixBase<Derived>& W,
                                                                        const PissaConfig& config) {
-    require_valid(config);
-    auto adapter = detail::initial_adapter(W, config);
-    detail::write_residual(W, W, adapter, config.fan_in_fan_out);
-    return adapter;
+    return detail::init_in_place(W, config, nullptr);
 }
 
 }  // namespace pissa

@@ -211,6 +211,18 @@ void check_randomized_svd_arguments(const Eigen::MatrixBase<Derived>& W, Index r
     require_valid(options);
 }
 
+/// randomized_svd on the buffers of `workspace`, kept between calls (what RandomizedSvd does for
+/// one set of options; the checkpoint pipeline varies the seed and rank per module).
+template <class Derived>
+void randomized_svd(const Eigen::MatrixBase<Derived>& W, Index rank, const RandomizedSvdOptions& options,
+                    RandomizedSvdWorkspace<compute_scalar_t<typename Derived::Scalar>>& workspace,
+                    SvdResult<compute_scalar_t<typename Derived::Scalar>>& out) {
+    check_randomized_svd_arguments(W, rank, options);
+    PreparedWeight<typename Derived::Scalar> prepared;
+    prepare_weight(W, prepared);
+    randomized_svd(prepared, rank, options, workspace, out);
+}
+
 }  // namespace detail
 
 /// Randomized top-`rank` triplets of `W [m, n]` (see the file comment), S descending.
@@ -225,14 +237,10 @@ void check_randomized_svd_arguments(const Eigen::MatrixBase<Derived>& W, Index r
 template <class Derived>
 SvdResult<compute_scalar_t<typename Derived::Scalar>> randomized_svd(const Eigen::MatrixBase<Derived>& W, Index rank,
                                                                      const RandomizedSvdOptions& options = {}) {
-    using Storage = typename Derived::Scalar;
-    using Scalar = compute_scalar_t<Storage>;
-    detail::check_randomized_svd_arguments(W, rank, options);
-    detail::PreparedWeight<Storage> prepared;
-    detail::prepare_weight(W, prepared);
+    using Scalar = compute_scalar_t<typename Derived::Scalar>;
     detail::RandomizedSvdWorkspace<Scalar> workspace;
     SvdResult<Scalar> result;
-    detail::randomized_svd(prepared, rank, options, workspace, result);
+    detail::randomized_svd(W, rank, options, workspace, result);
     return result;
 }
 
@@ -259,10 +267,7 @@ public:
         static_assert(std::is_same_v<compute_scalar_t<typename Derived::Scalar>, Scalar>,
                       "pissa::RandomizedSvd: W's compute scalar must match the class's Scalar");
         this->m_computed = false;  // a throwing call leaves no stale result behind
-        detail::check_randomized_svd_arguments(W, rank, m_options);
-        detail::PreparedWeight<typename Derived::Scalar> prepared;
-        detail::prepare_weight(W, prepared);
-        detail::randomized_svd(prepared, rank, m_options, m_workspace, this->m_result);
+        detail::randomized_svd(W, rank, m_options, m_workspace, this->m_result);
         this->m_computed = true;
         return *this;
     }

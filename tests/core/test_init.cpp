@@ -198,6 +198,31 @@ TEST_CASE_TEMPLATE("init and init_in_place give the same bits whatever the layou
     }
 }
 
+TEST_CASE("init_in_place on a reused SVD workspace gives the bits of a fresh one, weight after weight") {
+    // The checkpoint pipeline keeps one workspace for all modules: shapes, ranks, seeds, layouts
+    // and storage dtypes (float32: its bfloat16 copy where AMX runs) change between calls.
+    pissa::detail::RandomizedSvdWorkspace<float> workspace;
+    const auto check = [&](auto W, pissa::Index rank, std::uint64_t seed) {
+        CAPTURE(W.rows());
+        CAPTURE(rank);
+        pissa::PissaConfig config;
+        config.rank = rank;
+        config.randomized.seed = seed;
+        auto fresh = W, reused = W;
+        const auto a = pissa::init_in_place(fresh, config);
+        const auto b = pissa::detail::init_in_place(reused, config, &workspace);
+        CHECK(fresh == reused);
+        CHECK(a.A == b.A);
+        CHECK(a.B == b.B);
+    };
+    const pissa::RowMatrix<float> big = gaussian<float>(300, 200, 5);
+    check(big, 16, 1);
+    check(pissa::RowMatrix<float>(big.topLeftCorner(120, 90)), 8, 2);
+    check(Matrix<float>(big.transpose()), 24, 3);
+    check(pissa::RowMatrix<Eigen::bfloat16>(big.cast<Eigen::bfloat16>()), 16, 4);
+    check(big, 4, 5);
+}
+
 TEST_CASE_TEMPLATE("the AVX-512 residual update agrees with the portable one to a rounding of the storage dtype", T,
                    float, Eigen::half, Eigen::bfloat16) {
     // init_in_place takes the AVX-512 rank-r update where the CPU has it (a column-major W as its

@@ -53,6 +53,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace pissa::io {
@@ -243,23 +244,36 @@ inline void require_finite_split(const std::string& module, const std::string& f
         "): lora_alpha or the weight's magnitude is outside what the dtype can represent");
 }
 
+/// The randomized SVD's buffers, kept from one module to the next (float32 compute for 16- and
+/// 32-bit weights, double for float64 ones): a fresh set per module costs a page fault per 4 KiB.
+struct SplitWorkspace {
+    pissa::detail::RandomizedSvdWorkspace<float> f32;
+    pissa::detail::RandomizedSvdWorkspace<double> f64;
+
+    template <class Scalar>
+    pissa::detail::RandomizedSvdWorkspace<Scalar>& get() {
+        if constexpr (std::is_same_v<Scalar, float>) return f32;
+        else return f64;
+    }
+};
+
 /// Splits target `t` of `file` in place in `bytes` (its stored dtype; the bytes left there are the
 /// residual's) and returns its adapter; fills `row`'s quality (or quantisation errors).
 inline LoraModule split_module(const SafetensorsFile& file, const TensorInfo& t, std::vector<unsigned char>& bytes,
                                const PissaConfig& config, const std::optional<QuantInitConfig>& quantize,
-                               ModuleReport& row) {
+                               ModuleReport& row, SplitWorkspace& workspace) {
     LoraModule module;
     module.name = row.name;
     const std::string where = file.path().string() + ": tensor '" + t.name + "'";
     visit_float_dtype(t.dtype, t.name, [&](auto tag) {
         using Storage = decltype(tag);
+        using Scalar = compute_scalar_t<Storage>;
         auto W = copy_matrix_into<Storage>(file, t, bytes);
         file.release(t);
         try {
             if (quantize) {
                 QuantInitConfig module_quant = *quantize;
                 module_quant.pissa = config;
-                using Scalar = compute_scalar_t<Storage>;
                 QuantizedInit<Scalar> qpissa;
                 row.quant = compare_quantization_errors(W, module_quant, false, &qpissa);
                 const bool finite = qpissa.adapter.A.allFinite() && qpissa.adapter.B.allFinite();
@@ -273,7 +287,7 @@ inline LoraModule split_module(const SafetensorsFile& file, const TensorInfo& t,
                 W = dequantize_nf4<float>(qpissa.base).template cast<Storage>();
                 return;
             }
-            auto result = init_in_place(W, config);
+            auto result = pissa::detail::init_in_place(W, config, &workspace.get<Scalar>());
             module.A = result.A.template cast<float>();
             module.B = result.B.template cast<float>();
             module.scaling = static_cast<float>(result.scaling);
@@ -617,6 +631,7 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         const auto it = job.target_number.lower_bound(item);
         return it == job.target_number.end() ? job.target_number.size() : it->second;
     };
+    detail::SplitWorkspace workspace;
     const ItemRewrite rewrite = [&](std::size_t item, const SafetensorsFile& file, const TensorInfo& t,
                                     std::vector<unsigned char>& bytes, std::string& note) {
         const auto number = job.target_number.find(item);
@@ -629,7 +644,7 @@ inline InitCheckpointReport init_checkpoint(const std::filesystem::path& model, 
         row.rank = split.rank;
         row.seed = module_seed(options.seed, number->second);
         split.randomized.seed = row.seed;
-        const LoraModule module = detail::split_module(file, t, bytes, split, quantize, row);
+        const LoraModule module = detail::split_module(file, t, bytes, split, quantize, row, workspace);
         row.seconds = seconds_since(t0);
         const auto piece = detail::piece_path(work, number->second);
         write_safetensors(piece,
