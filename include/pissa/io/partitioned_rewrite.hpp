@@ -44,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fcntl.h>
@@ -190,6 +191,22 @@ public:
     }
     std::uint64_t size() const { return m_size; }
     bool direct() const { return m_direct; }
+
+    /// Direct I/O only: where the next appended bytes go in the staging buffer, and how many fit
+    /// there. A caller that reads its bytes straight into it (commit() then appends them) saves
+    /// write()'s copy.
+    std::pair<unsigned char*, std::size_t> stage_space() {
+        pissa::detail::require(m_direct, m_path.string(), ": no staging buffer without direct I/O");
+        return {m_stage + m_fill, stage_size - m_fill};
+    }
+    /// Appends the `bytes` just placed at stage_space().
+    void commit(std::size_t bytes) {
+        pissa::detail::require(m_direct && bytes <= stage_size - m_fill, m_path.string(), ": commit of ", bytes,
+                               " bytes beyond the staging buffer");
+        m_fill += bytes;
+        m_size += bytes;
+        if (m_fill == stage_size) write_stage(false);
+    }
 
     /// Bytes [from, to) of the file (block-aligned, past size()) are being written ahead through
     /// another descriptor (WriteAhead). Until skip_written_ahead() or cancel_ahead(), flush() does
@@ -597,11 +614,24 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
         record_begin = out->size();
         sum = Checksum();
     };
-    // Copies item i unchanged (on the writer thread): read with pread(2) through the writer's own
-    // buffer (a shard truncated meanwhile is an io_error, not SIGBUS), written and checksummed.
+    // Copies item i unchanged (on the writer thread): read with pread(2) (a shard truncated
+    // meanwhile is an io_error, not SIGBUS) straight into the part's staging buffer with direct
+    // I/O, else through the writer's own buffer; written and checksummed.
     auto copy_item = [&](std::size_t i) {
         const SafetensorsFile& shard = *in.shards()[layout.items[i].file];
         const TensorInfo& t = shard.tensors()[layout.items[i].tensor];
+        if (out->direct()) {
+            for (std::uint64_t at = 0; at < t.nbytes();) {
+                const auto [stage, room] = out->stage_space();
+                const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, room));
+                shard.read(t, at, stage, piece);
+                sum.update(stage, piece);
+                out->commit(piece);
+                at += piece;
+            }
+            shard.release(t);
+            return;
+        }
         for (std::uint64_t at = 0; at < t.nbytes();) {
             const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
             if (copy_buffer.size() < piece) copy_buffer.resize(piece);
