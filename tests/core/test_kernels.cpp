@@ -507,6 +507,44 @@ TEST_CASE("bfloat16 products are bit-identical across 1, 2 and 3 threads and thr
 #endif
 }
 
+TEST_CASE("a float32 W rounded to bfloat16: Eigen's rounding, every row length, and what it cannot hold") {
+    if (pissa::detail::active_kernel_isa() != pissa::detail::KernelIsa::avx512) {
+        MESSAGE("no AVX-512 kernels on this CPU: the bfloat16 copy is never made");
+        return;
+    }
+    // Row lengths around the 16-lane vector, a stride beyond the row, values across the ranges
+    // that round differently (ties to even included).
+    for (const Index cols : {Index(1), Index(15), Index(16), Index(17), Index(333)}) {
+        CAPTURE(cols);
+        Matrix<float> values = gaussian<float>(37, cols, 8) * 1e3f;
+        values(0, 0) = 1.0f + std::ldexp(1.0f, -8);         // a tie: rounds to even (1.0)
+        values(1, 0) = 1.0f + 3.0f * std::ldexp(1.0f, -8);  // a tie: rounds up
+        values(2, 0) = std::numeric_limits<float>::denorm_min();
+        pissa::RowMatrix<float> storage = pissa::RowMatrix<float>::Zero(37, cols + 5);
+        storage.leftCols(cols) = values;
+        pissa::detail::PreparedWeight<float> W;
+        W.view = {storage.data(), 37, cols, cols + 5};
+        pissa::detail::RoundedWeight rounded;
+        REQUIRE(pissa::detail::round_weight_bf16(W, rounded));
+        for (Index i = 0; i < 37; ++i)
+            for (Index j = 0; j < cols; ++j)
+                REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(rounded.weight.view.row(i)[j]) ==
+                        Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(values(i, j))));
+        // NaN, infinity and a float that rounds past bfloat16's largest finite value are refused,
+        // wherever they sit; the largest float that rounds to a finite bfloat16 is not.
+        storage(36, cols - 1) = 3.38e38f;
+        CHECK(pissa::detail::round_weight_bf16(W, rounded));
+        for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity(),
+                                std::numeric_limits<float>::max()}) {
+            storage(36, cols - 1) = bad;
+            CHECK_FALSE(pissa::detail::round_weight_bf16(W, rounded));
+        }
+        storage(36, cols) = std::numeric_limits<float>::quiet_NaN();  // past the row: not read
+        storage(36, cols - 1) = 1.0f;
+        CHECK(pissa::detail::round_weight_bf16(W, rounded));
+    }
+}
+
 TEST_CASE_TEMPLATE("orthonormalize: well conditioned, ill conditioned and rank deficient columns", Scalar, float,
                    double) {
     const double tolerance = 200 * eps<Scalar>();

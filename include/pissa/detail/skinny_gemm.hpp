@@ -509,10 +509,13 @@ struct RoundedWeight {
     PreparedWeight<Eigen::bfloat16> weight;  ///< views `storage`, in the orientation of the source
 };
 
-/// Rounds W into `out` (row-major, the source's orientation). Returns false, leaving `out`
-/// unusable, where a value is not finite in bfloat16: W has a NaN or Inf, or a float above
-/// bfloat16's largest finite value (3.39e38), which the float32 products still handle.
-inline bool round_weight_bf16(const PreparedWeight<float>& W, RoundedWeight& out) {
+/// Rounds W into `out` (row-major, the source's orientation) on the AVX-512 kernels, which the
+/// bfloat16 products need (bf16_products_available). Returns false, leaving `out` unusable, where
+/// a value is not finite in bfloat16: W has a NaN or Inf, or a float above bfloat16's largest
+/// finite value (3.39e38), which the float32 products still handle.
+inline bool round_weight_bf16([[maybe_unused]] const PreparedWeight<float>& W, [[maybe_unused]] RoundedWeight& out) {
+#if PISSA_HAVE_AVX512_KERNELS
+    PISSA_ASSERT(active_kernel_isa() == KernelIsa::avx512);
     const RowMajorView<float>& v = W.view;
     const std::size_t size = std::size_t(v.rows) * std::size_t(v.cols);
     if (size > out.capacity) {
@@ -528,20 +531,11 @@ inline bool round_weight_bf16(const PreparedWeight<float>& W, RoundedWeight& out
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(&& : finite) if (size > (std::size_t(1) << 16))
 #endif
-    for (Index i = 0; i < v.rows; ++i) {
-        Eigen::bfloat16* row = data + i * v.cols;
-#if PISSA_HAVE_AVX512_KERNELS
-        if (active_kernel_isa() == KernelIsa::avx512) {
-            finite = avx512::round_to_bf16(v.row(i), row, v.cols) && finite;
-            continue;
-        }
-#endif
-        for (Index j = 0; j < v.cols; ++j) {
-            row[j] = Eigen::bfloat16(v.row(i)[j]);
-            finite = finite && (Eigen::numext::isfinite)(row[j]);
-        }
-    }
+    for (Index i = 0; i < v.rows; ++i) finite = avx512::round_to_bf16(v.row(i), data + i * v.cols, v.cols) && finite;
     return finite;
+#else
+    return false;
+#endif
 }
 
 /// `Z = W^T (W Q)`: W `[m, n]`, Q `[n, q]`, Z `[n, q]` (resized); `Y` `[m, q]` is scratch. One pass

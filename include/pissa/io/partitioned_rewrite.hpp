@@ -44,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -525,7 +526,8 @@ inline std::optional<std::string> range_checksum(const std::filesystem::path& pa
 /// Overlap: `rewrite` (and `progress`) run on the calling thread, item after item; the output runs
 /// on one writer thread (WriterThread) in the same order: a rewritten item's bytes are written,
 /// checksummed, flushed (fdatasync) and journaled there while the caller rewrites the next ones,
-/// and unchanged items are copied there entirely (pread(2) through the writer's own 16 MiB buffer).
+/// and unchanged items are copied there entirely (pread(2) into the part's direct-I/O staging
+/// buffer, or through the writer's own 16 MiB buffer where writes are buffered).
 /// Two item buffers alternate, so memory is about twice the largest rewritten item;
 /// `buffer_bytes` (that largest item, if known) allocates them once up front. Every guarantee of
 /// the file comment holds as in a sequential run: a record is appended only after the bytes it
@@ -620,24 +622,22 @@ inline SegmentReport run_segment(const Checkpoint& in, const RewriteLayout& layo
     auto copy_item = [&](std::size_t i) {
         const SafetensorsFile& shard = *in.shards()[layout.items[i].file];
         const TensorInfo& t = shard.tensors()[layout.items[i].tensor];
-        if (out->direct()) {
-            for (std::uint64_t at = 0; at < t.nbytes();) {
-                const auto [stage, room] = out->stage_space();
-                const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, room));
-                shard.read(t, at, stage, piece);
-                sum.update(stage, piece);
-                out->commit(piece);
-                at += piece;
-            }
-            shard.release(t);
-            return;
-        }
         for (std::uint64_t at = 0; at < t.nbytes();) {
-            const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(t.nbytes() - at, copy_piece));
-            if (copy_buffer.size() < piece) copy_buffer.resize(piece);
-            shard.read(t, at, copy_buffer.data(), piece);
-            out->write(copy_buffer.data(), piece);
-            sum.update(copy_buffer.data(), piece);
+            const std::uint64_t left = t.nbytes() - at;
+            unsigned char* bytes = nullptr;
+            std::size_t room = 0;
+            if (out->direct()) {
+                std::tie(bytes, room) = out->stage_space();
+            } else {
+                room = static_cast<std::size_t>(std::min(left, copy_piece));
+                if (copy_buffer.size() < room) copy_buffer.resize(room);
+                bytes = copy_buffer.data();
+            }
+            const auto piece = static_cast<std::size_t>(std::min<std::uint64_t>(left, room));
+            shard.read(t, at, bytes, piece);
+            sum.update(bytes, piece);
+            if (out->direct()) out->commit(piece);
+            else out->write(bytes, piece);
             at += piece;
         }
         shard.release(t);
