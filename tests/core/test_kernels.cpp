@@ -445,8 +445,9 @@ TEST_CASE("bfloat16 products: exact products of the rounded operands, float32 su
     for (const Bf16Kernels& kernels : families) {
         CAPTURE(kernels.name);
         // Around the tiles: 16-row tiles, 32-row panels and 32-value k steps (AMX), 48-row panels and
-        // 256-column blocks (AVX512_BF16), 512-column strips of 256-row chunks (AMX), 192-column
-        // strips of 128-row chunks (AVX512_BF16); odd m and n leave a pair without a partner.
+        // 256-column blocks (AVX512_BF16), 512-column strips of 256-row chunks (AMX; 32-row chunks
+        // and W read in place up to q = 16), 192-column strips of 128-row chunks (AVX512_BF16); odd
+        // m and n leave a pair without a partner.
         for (const auto& [m, n] : {std::pair<Index, Index>{1, 1},
                                    {3, 17},
                                    {31, 33},
@@ -462,7 +463,8 @@ TEST_CASE("bfloat16 products: exact products of the rounded operands, float32 su
                                     std::uint64_t(q));
             }
             // Row stride beyond the row: the padding is NaN and must never be read.
-            check_bf16_products(kernels, StridedWeight<Eigen::bfloat16>(m, n, n + 13, 9), 17, 3);
+            for (const Index q : {16, 17})
+                check_bf16_products(kernels, StridedWeight<Eigen::bfloat16>(m, n, n + 13, 9), q, 3);
         }
     }
 }
@@ -474,7 +476,7 @@ TEST_CASE("bfloat16 products are bit-identical across 1, 2 and 3 threads and thr
     const int saved = omp_get_max_threads();
     for (const Bf16Kernels& kernels : bf16_kernel_families()) {
         CAPTURE(kernels.name);
-        for (const Index q : {19, 70}) {
+        for (const Index q : {5, 16, 19, 70}) {
             CAPTURE(q);
             const Matrix<float> X = gaussian<float>(1100, q, 4);
             const Matrix<float> Yin = gaussian<float>(301, q, 5);
@@ -542,6 +544,25 @@ TEST_CASE("a float32 W rounded to bfloat16: Eigen's rounding, every row length, 
         storage(36, cols) = std::numeric_limits<float>::quiet_NaN();  // past the row: not read
         storage(36, cols - 1) = 1.0f;
         CHECK(pissa::detail::round_weight_bf16(W, rounded));
+
+        // A column-major W (prepared as a view of W^T) gives the same row-major copy of W.
+        pissa::RowMatrix<float> transposed = pissa::RowMatrix<float>::Zero(cols, 37 + 3);
+        transposed.leftCols(37) = values.transpose();
+        transposed.rightCols(3).setConstant(std::numeric_limits<float>::quiet_NaN());  // past the rows: not read
+        pissa::detail::PreparedWeight<float> Wt;
+        Wt.view = {transposed.data(), cols, 37, 37 + 3};
+        Wt.transposed = true;
+        pissa::detail::RoundedWeight from_columns;
+        REQUIRE(pissa::detail::round_weight_bf16(Wt, from_columns));
+        CHECK_FALSE(from_columns.weight.transposed);
+        REQUIRE(from_columns.weight.view.rows == 37);
+        REQUIRE(from_columns.weight.view.cols == cols);
+        for (Index i = 0; i < 37; ++i)
+            for (Index j = 0; j < cols; ++j)
+                REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(from_columns.weight.view.row(i)[j]) ==
+                        Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(values(i, j))));
+        transposed(cols - 1, 36) = std::numeric_limits<float>::infinity();
+        CHECK_FALSE(pissa::detail::round_weight_bf16(Wt, from_columns));
     }
 }
 

@@ -269,10 +269,14 @@ TEST_CASE_TEMPLATE("the fused power step: one pass over a row-major W, two produ
     fused.fused_power_iteration = true;
     const auto a = pissa::randomized_svd(row_major, r, fused);
     const auto b = pissa::randomized_svd(col_major, r, fused);
-    CHECK(relative_error(a.S, b.S) < 1e-5);
+    // A bfloat16 W's two products may round Q to bfloat16 (AMX, AVX512_BF16) where the one pass
+    // keeps it in float32: the two then agree to that rounding (2^-9), far inside the
+    // algorithm's own error here (1.7e-2 from the optimum: niter 4 on a slowly decaying spectrum).
+    const bool bf16 = std::is_same_v<Storage, Eigen::bfloat16>;
+    CHECK(relative_error(a.S, b.S) < (bf16 ? 0x1p-9 : 1e-5));
     const Matrix<float> pa = a.U * a.S.asDiagonal() * a.V.transpose();
     const Matrix<float> pb = b.U * b.S.asDiagonal() * b.V.transpose();
-    CHECK(relative_error(pa, pb) < 1e-4);
+    CHECK(relative_error(pa, pb) < (bf16 ? 0x1p-9 : 1e-4));
     // and as accurate as the standard algorithm
     const Matrix<float> widened = col_major.template cast<float>();
     CHECK(std::abs(captured_energy(widened, a, sigma) -

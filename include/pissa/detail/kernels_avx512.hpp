@@ -648,6 +648,31 @@ PISSA_AVX512_TARGET inline bool round_to_bf16(const float* src, Eigen::bfloat16*
     return bad == 0;
 }
 
+/// round_to_bf16 of columns [c0, c0 + count) of `src` (`rows` rows, `ld` floats apart), count <= 16,
+/// written transposed: `dst[(c0 + c) * ldd + i] = bf16(src[i * ld + c0 + c])`.
+PISSA_AVX512_TARGET inline bool round_to_bf16_transposed(const float* src, Index ld, Index rows, Index c0, Index count,
+                                                         Eigen::bfloat16* dst, Index ldd) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    const __mmask16 columns = tail_mask(count);
+    __mmask16 bad = 0;
+    for (Index i0 = 0; i0 < rows; i0 += kLanes) {
+        const Index live = std::min<Index>(kLanes, rows - i0);
+        __m512 r[16];
+        for (Index i = 0; i < kLanes; ++i)
+            r[i] = i < live ? _mm512_maskz_loadu_ps(columns, src + (i0 + i) * ld + c0) : _mm512_setzero_ps();
+        transpose16(r);  // r[c] lane i = src(i0 + i, c0 + c)
+        const __mmask16 m = tail_mask(live);
+        for (Index c = 0; c < count; ++c) {
+            const __m512i bits = _mm512_castps_si512(r[c]);
+            const __m512i rounded = round_bits_bf16(bits);
+            bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(bits, exponent), exponent);
+            bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(rounded, exponent), exponent);
+            store_bf16_bits(dst + (c0 + c) * ldd + i0, rounded, m);
+        }
+    }
+    return bad == 0;
+}
+
 /// sum += the squares of the first lanes of v (those of `m`), in double.
 PISSA_AVX512_TARGET inline void add_squares(__m512d& sum, __m512 v, __mmask16 m) {
     const __m512 live = _mm512_maskz_mov_ps(m, v);

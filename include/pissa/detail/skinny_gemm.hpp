@@ -316,27 +316,47 @@ inline void multiply_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<fl
     }
 }
 
-/// AMX `Z = W^T Y` for a bfloat16 W, Y rounded to bfloat16 (kernels_amx.hpp); work unit: a strip
-/// of amx::kStripCols columns of W, static schedule.
-inline void multiply_transposed_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
-                                    KernelWorkspace& workspace) {
-    const Index m = W.rows, q = Y.cols(), ldyt = amx::padded_depth(m);
-    workspace.halves.assign(static_cast<std::size_t>(amx::column_groups(q) * amx::kTileRows * ldyt + 32), 0);
-    std::uint16_t* yt = aligned_64(workspace.halves.data());
-    amx::pack_transposed(Y.data(), Y.rows(), m, q, ldyt, yt);
-    const Index units = (W.cols + amx::kStripCols - 1) / amx::kStripCols;
+/// Runs `strip(u, scratch)` for the strips u < units of an AMX `Z = W^T Y` (static schedule),
+/// each thread with its tile configuration and a `Scratch` of its own.
+template <class Scratch, class Strip>
+void amx_strips(Index units, const Strip& strip) {
 #ifdef _OPENMP
 #pragma omp parallel if (units > 1)
 #endif
     {
         const amx::TileScope tiles;
-        amx::StripScratch scratch;
+        Scratch scratch;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (Index u = 0; u < units; ++u)
-            amx::multiply_transposed_strip(W, yt, ldyt, q, Z.data(), Z.rows(), u * amx::kStripCols, scratch);
+        for (Index u = 0; u < units; ++u) strip(u, scratch);
     }
+}
+
+/// AMX `Z = W^T Y` for a bfloat16 W, Y rounded to bfloat16 (kernels_amx.hpp): W read in place up
+/// to 16 columns of Y, packed as row pairs beyond; work unit: a strip of amx::kStripCols columns
+/// of W.
+inline void multiply_transposed_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
+                                    KernelWorkspace& workspace) {
+    const Index m = W.rows, q = Y.cols();
+    const Index units = (W.cols + amx::kStripCols - 1) / amx::kStripCols;
+    if (q <= amx::kTileRows) {
+        const Index ld = (m + amx::kTileRows - 1) / amx::kTileRows * amx::kTileRows;
+        workspace.pairs.assign(static_cast<std::size_t>(amx::column_groups(2 * q) * amx::kTileRows * ld + 16), 0u);
+        std::uint32_t* yd = aligned_64(workspace.pairs.data());
+        amx::pack_parity_rows(Y.data(), Y.rows(), m, q, ld, yd);
+        amx_strips<amx::DirectScratch>(units, [&](Index u, amx::DirectScratch& scratch) {
+            amx::multiply_transposed_direct(W, yd, ld, q, Z.data(), Z.rows(), u * amx::kStripCols, scratch);
+        });
+        return;
+    }
+    const Index ldyt = amx::padded_depth(m);
+    workspace.halves.assign(static_cast<std::size_t>(amx::column_groups(q) * amx::kTileRows * ldyt + 32), 0);
+    std::uint16_t* yt = aligned_64(workspace.halves.data());
+    amx::pack_transposed(Y.data(), Y.rows(), m, q, ldyt, yt);
+    amx_strips<amx::StripScratch>(units, [&](Index u, amx::StripScratch& scratch) {
+        amx::multiply_transposed_strip(W, yt, ldyt, q, Z.data(), Z.rows(), u * amx::kStripCols, scratch);
+    });
 }
 #endif
 
@@ -506,13 +526,14 @@ void multiply_transposed_bf16(const RowMajorView<Storage>& W, const Matrix<Scala
 struct RoundedWeight {
     std::unique_ptr<std::uint16_t[]> storage;  ///< uninitialised until written (no page touched twice)
     std::size_t capacity = 0;
-    PreparedWeight<Eigen::bfloat16> weight;  ///< views `storage`, in the orientation of the source
+    PreparedWeight<Eigen::bfloat16> weight;  ///< views `storage`: W row-major, whatever the source's layout
 };
 
-/// Rounds W into `out` (row-major, the source's orientation) on the AVX-512 kernels, which the
-/// bfloat16 products need (bf16_products_available). Returns false, leaving `out` unusable, where
-/// a value is not finite in bfloat16: W has a NaN or Inf, or a float above bfloat16's largest
-/// finite value (3.39e38), which the float32 products still handle.
+/// Rounds W into `out` (W row-major, also from a column-major source: the products then run the
+/// same kernels in the same roles for both layouts, which give the same bits) on the AVX-512
+/// kernels, which the bfloat16 products need (bf16_products_available). Returns false, leaving
+/// `out` unusable, where a value is not finite in bfloat16: W has a NaN or Inf, or a float above
+/// bfloat16's largest finite value (3.39e38), which the float32 products still handle.
 inline bool round_weight_bf16([[maybe_unused]] const PreparedWeight<float>& W, [[maybe_unused]] RoundedWeight& out) {
 #if PISSA_HAVE_AVX512_KERNELS
     PISSA_ASSERT(active_kernel_isa() == KernelIsa::avx512);
@@ -525,9 +546,21 @@ inline bool round_weight_bf16([[maybe_unused]] const PreparedWeight<float>& W, [
         advise_huge_pages(out.storage.get(), sizeof(std::uint16_t) * size);
     }
     auto* data = reinterpret_cast<Eigen::bfloat16*>(out.storage.get());
-    out.weight.view = {data, v.rows, v.cols, v.cols};
-    out.weight.transposed = W.transposed;
+    out.weight.transposed = false;
     bool finite = true;
+    if (W.transposed) {  // v is W^T: its columns are W's rows
+        out.weight.view = {data, v.cols, v.rows, v.rows};
+        const Index blocks = (v.cols + avx512::kLanes - 1) / avx512::kLanes;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(&& : finite) if (size > (std::size_t(1) << 16))
+#endif
+        for (Index b = 0; b < blocks; ++b) {
+            const Index c0 = b * avx512::kLanes, count = std::min(avx512::kLanes, v.cols - c0);
+            finite = avx512::round_to_bf16_transposed(v.data, v.stride, v.rows, c0, count, data, v.rows) && finite;
+        }
+        return finite;
+    }
+    out.weight.view = {data, v.rows, v.cols, v.cols};
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(&& : finite) if (size > (std::size_t(1) << 16))
 #endif
