@@ -27,7 +27,8 @@
 /// at the other), so that C(2c + s, p) = Z(2p + s, c). Half of the tile products are with zeros,
 /// but packing W as row pairs moves W through the core twice, which costs more at small q
 /// (4096 x 4096, q = 16, 2 threads: 0.9 ms against 1.4 ms for the packed kernel, `Y = W X`
-/// 0.65 ms). The strip's C tiles wait in a buffer between chunks of 32 rows.
+/// 0.65 ms). The strip's C tiles wait in a buffer between chunks of 32 rows; strips are up to
+/// 2048 columns wide, as many as the threads need (direct_strip_width).
 ///
 /// Every output element is a sum over k in order, 32 (the direct kernel: 16) at a time as
 /// `tdpbf16ps` adds them; the partition depends only on the shapes, never on the thread count.
@@ -73,12 +74,13 @@ namespace pissa::detail::amx {
 
 using avx512_bf16::Pair;
 
-inline constexpr Index kTileRows = 16;         ///< rows of every tile
-inline constexpr Index kTileDepth = 32;        ///< bfloat16 values of k per A row (64 bytes)
-inline constexpr Index kPanelRows = 32;        ///< Y = W X: rows of W per work unit (two row tiles)
-inline constexpr Index kStripCols = 512;       ///< Z = W^T Y: columns of W per work unit (32 column tiles)
-inline constexpr Index kChunkRows = 256;       ///< Z = W^T Y: rows of a strip per packed chunk (256 KiB)
-inline constexpr Index kDirectChunkRows = 32;  ///< Z = W^T Y, q <= 16: rows of W per pass over a strip
+inline constexpr Index kTileRows = 16;          ///< rows of every tile
+inline constexpr Index kTileDepth = 32;         ///< bfloat16 values of k per A row (64 bytes)
+inline constexpr Index kPanelRows = 32;         ///< Y = W X: rows of W per work unit (two row tiles)
+inline constexpr Index kStripCols = 512;        ///< Z = W^T Y: columns of W per work unit (32 column tiles)
+inline constexpr Index kChunkRows = 256;        ///< Z = W^T Y: rows of a strip per packed chunk (256 KiB)
+inline constexpr Index kDirectChunkRows = 32;   ///< Z = W^T Y, q <= 16: rows of W per pass over a strip
+inline constexpr Index kDirectMaxStrip = 2048;  ///< Z = W^T Y, q <= 16: most columns per strip
 
 /// Rounds `n` up to a multiple of kTileDepth (the padded length of a packed k dimension).
 constexpr Index padded_depth(Index n) { return (n + kTileDepth - 1) / kTileDepth * kTileDepth; }
@@ -396,16 +398,26 @@ struct DirectScratch {
     std::vector<Eigen::bfloat16> edge;  ///< W's last rows or columns, zero-padded to whole tiles
 };
 
-/// Rows [j0, j0 + min(kStripCols, n - j0)) of `Z = W^T Y` for q <= 16, with no packing of W:
+/// Columns per strip of multiply_transposed_direct for `threads` threads: as wide as
+/// kDirectMaxStrip allows with a multiple of `threads` strips of about equal width (a whole
+/// multiple of 32 columns). Wider strips read more of each row of W per visit (4 KiB pages cost
+/// a TLB entry per row and chunk); the sums do not depend on the width.
+constexpr Index direct_strip_width(Index n, Index threads) {
+    const Index per_round = threads * kDirectMaxStrip;
+    const Index strips = threads * ((n + per_round - 1) / per_round);
+    return std::max<Index>(32, ((n + strips - 1) / strips + 31) / 32 * 32);
+}
+
+/// Rows [j0, j0 + min(strip, n - j0)) of `Z = W^T Y` for q <= 16, with no packing of W:
 /// a row of W, 32 values, is read as 16 pairs of adjacent columns (a B tile row), and the A operand
 /// is Y^T doubled (pack_parity_rows, `ld` pairs per row, zero-padded to whole tiles), so that the
 /// pair product of row 2c + s picks column 2 n + s of the pair: C(2c + s, n) = Z(j + 2n + s, c).
 /// Twice the tile work of packing W as row pairs, which at q <= 16 is far below the cost of
 /// moving W. Every element is the sum over the rows of W in order, 16 per tdpbf16ps.
 PISSA_AVX512_TARGET inline void multiply_transposed_direct(RowMajorView<Eigen::bfloat16> W, const Pair* yd, Index ld,
-                                                           Index q, float* Z, Index ldz, Index j0,
+                                                           Index q, float* Z, Index ldz, Index j0, Index strip,
                                                            DirectScratch& scratch) {
-    const Index m = W.rows, width = std::min(kStripCols, W.cols - j0), groups = column_groups(2 * q);
+    const Index m = W.rows, width = std::min(strip, W.cols - j0), groups = column_groups(2 * q);
     const Index blocks = (width + 31) / 32;
     scratch.sums.resize(static_cast<std::size_t>(blocks * groups * 256 + 16));
     scratch.edge.resize(static_cast<std::size_t>(2 * kDirectChunkRows * 32 + 32));

@@ -36,6 +36,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace pissa::detail {
 
 /// Scratch memory of the products, reused across the passes of one decomposition (a
@@ -334,22 +338,27 @@ void amx_strips(Index units, const Strip& strip) {
 }
 
 /// AMX `Z = W^T Y` for a bfloat16 W, Y rounded to bfloat16 (kernels_amx.hpp): W read in place up
-/// to 16 columns of Y, packed as row pairs beyond; work unit: a strip of amx::kStripCols columns
-/// of W.
+/// to 16 columns of Y, packed as row pairs beyond; work unit: a strip of columns of W.
 inline void multiply_transposed_amx(const RowMajorView<Eigen::bfloat16>& W, const Matrix<float>& Y, Matrix<float>& Z,
                                     KernelWorkspace& workspace) {
     const Index m = W.rows, q = Y.cols();
-    const Index units = (W.cols + amx::kStripCols - 1) / amx::kStripCols;
     if (q <= amx::kTileRows) {
         const Index ld = (m + amx::kTileRows - 1) / amx::kTileRows * amx::kTileRows;
         workspace.pairs.assign(static_cast<std::size_t>(amx::column_groups(2 * q) * amx::kTileRows * ld + 16), 0u);
         std::uint32_t* yd = aligned_64(workspace.pairs.data());
         amx::pack_parity_rows(Y.data(), Y.rows(), m, q, ld, yd);
-        amx_strips<amx::DirectScratch>(units, [&](Index u, amx::DirectScratch& scratch) {
-            amx::multiply_transposed_direct(W, yd, ld, q, Z.data(), Z.rows(), u * amx::kStripCols, scratch);
+#ifdef _OPENMP
+        const Index threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+        const Index threads = 1;
+#endif
+        const Index strip = amx::direct_strip_width(W.cols, threads);
+        amx_strips<amx::DirectScratch>((W.cols + strip - 1) / strip, [&](Index u, amx::DirectScratch& scratch) {
+            amx::multiply_transposed_direct(W, yd, ld, q, Z.data(), Z.rows(), u * strip, strip, scratch);
         });
         return;
     }
+    const Index units = (W.cols + amx::kStripCols - 1) / amx::kStripCols;
     const Index ldyt = amx::padded_depth(m);
     workspace.halves.assign(static_cast<std::size_t>(amx::column_groups(q) * amx::kTileRows * ldyt + 32), 0);
     std::uint16_t* yt = aligned_64(workspace.halves.data());
