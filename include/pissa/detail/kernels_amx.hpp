@@ -258,6 +258,30 @@ PISSA_AVX512_TARGET inline void pack_row_pairs(RowMajorView<Eigen::bfloat16> W, 
     }
 }
 
+/// C tiles 0-3 before a chunk of rows: zero for the first chunk, else the sums so far, read from
+/// `c[t]` for tile t (a null address: a tile the chunk does not use).
+inline void start_sums(bool first, float* const (&c)[4]) {
+    if (first) {
+        PISSA_TILE_ZERO(0);
+        PISSA_TILE_ZERO(1);
+        PISSA_TILE_ZERO(2);
+        PISSA_TILE_ZERO(3);
+        return;
+    }
+    if (c[0] != nullptr) PISSA_TILE_LOAD(0, c[0], 64);
+    if (c[1] != nullptr) PISSA_TILE_LOAD(1, c[1], 64);
+    if (c[2] != nullptr) PISSA_TILE_LOAD(2, c[2], 64);
+    if (c[3] != nullptr) PISSA_TILE_LOAD(3, c[3], 64);
+}
+
+/// C tiles 0-3 after a chunk of rows, to `c[t]` for tile t (null: not used).
+inline void keep_sums(float* const (&c)[4]) {
+    if (c[0] != nullptr) PISSA_TILE_STORE(0, c[0], 64);
+    if (c[1] != nullptr) PISSA_TILE_STORE(1, c[1], 64);
+    if (c[2] != nullptr) PISSA_TILE_STORE(2, c[2], 64);
+    if (c[3] != nullptr) PISSA_TILE_STORE(3, c[3], 64);
+}
+
 /// C tiles 0..(2 Groups - 1) (tile 2 g + t: column group g of Y, column tile t of 32 columns of
 /// the strip) += Y^T's rows (`a`: 16 rows per group, `stride` elements apart) times the packed
 /// strip (`T` at those 32 columns), over `count` rows of W (a multiple of 32); `a` starts at the
@@ -308,27 +332,11 @@ PISSA_AVX512_TARGET inline void multiply_transposed_strip(RowMajorView<Eigen::bf
                 float* c = sums + b * block_floats + g * 2 * 256;
                 const std::uint16_t* a = yt + g * kTileRows * ldyt + i0;
                 const bool two = g + 1 < groups;
-                if (i0 == 0) {
-                    PISSA_TILE_ZERO(0);
-                    PISSA_TILE_ZERO(1);
-                    PISSA_TILE_ZERO(2);
-                    PISSA_TILE_ZERO(3);
-                } else {
-                    PISSA_TILE_LOAD(0, c, 64);
-                    PISSA_TILE_LOAD(1, c + 256, 64);
-                    if (two) {
-                        PISSA_TILE_LOAD(2, c + 512, 64);
-                        PISSA_TILE_LOAD(3, c + 768, 64);
-                    }
-                }
+                float* const tiles[4] = {c, c + 256, two ? c + 512 : nullptr, two ? c + 768 : nullptr};
+                start_sums(i0 == 0, tiles);
                 if (two) strip_steps<2>(a, ldyt, T + 32 * b, count);
                 else strip_steps<1>(a, ldyt, T + 32 * b, count);
-                PISSA_TILE_STORE(0, c, 64);
-                PISSA_TILE_STORE(1, c + 256, 64);
-                if (two) {
-                    PISSA_TILE_STORE(2, c + 512, 64);
-                    PISSA_TILE_STORE(3, c + 768, 64);
-                }
+                keep_sums(tiles);
             }
         }
     }
@@ -448,19 +456,9 @@ PISSA_AVX512_TARGET inline void multiply_transposed_direct(RowMajorView<Eigen::b
             }
             float* c0 = sums + b * groups * 256;
             float* c1 = c0 + groups * 256;
-            if (i0 == 0) {
-                PISSA_TILE_ZERO(0);
-                PISSA_TILE_ZERO(1);
-                PISSA_TILE_ZERO(2);
-                PISSA_TILE_ZERO(3);
-            } else {
-                PISSA_TILE_LOAD(0, c0, 64);
-                if (two) PISSA_TILE_LOAD(1, c1, 64);
-                if (groups == 2) {
-                    PISSA_TILE_LOAD(2, c0 + 256, 64);
-                    if (two) PISSA_TILE_LOAD(3, c1 + 256, 64);
-                }
-            }
+            float* const tiles[4] = {c0, two ? c1 : nullptr, groups == 2 ? c0 + 256 : nullptr,
+                                     groups == 2 && two ? c1 + 256 : nullptr};
+            start_sums(i0 == 0, tiles);
             const Pair* a = yd + i0;
             if (groups == 2) {
                 if (two) direct_steps<2, true>(a, ld, src[0], stride[0], src[1], stride[1], count);
@@ -469,12 +467,7 @@ PISSA_AVX512_TARGET inline void multiply_transposed_direct(RowMajorView<Eigen::b
                 if (two) direct_steps<1, true>(a, ld, src[0], stride[0], src[1], stride[1], count);
                 else direct_steps<1, false>(a, ld, src[0], stride[0], nullptr, 0, count);
             }
-            PISSA_TILE_STORE(0, c0, 64);
-            if (two) PISSA_TILE_STORE(1, c1, 64);
-            if (groups == 2) {
-                PISSA_TILE_STORE(2, c0 + 256, 64);
-                if (two) PISSA_TILE_STORE(3, c1 + 256, 64);
-            }
+            keep_sums(tiles);
         }
     }
     for (Index b = 0; b < blocks; ++b) {
